@@ -1,0 +1,96 @@
+"""The ControlBus interface: publish control events with a key, subscribe to topics.
+
+Two implementations: :mod:`qmtl.bus.inproc` (embedded, one process) and
+:mod:`qmtl.bus.kafka` (production, aiokafka). Both keep the same contract:
+
+* ``publish`` validates the event against its schema (via the injected
+  ``EventValidator``) and raises :class:`InvalidEvent` when it does not conform;
+  nothing invalid is ever put on the bus.
+* A subscription yields :class:`BusMessage` in order per key (per partition).
+  Events that fail validation on consume are counted and skipped (and their
+  offset committed), never yielded and never fatal.
+* Delivery is at-least-once: a consumer commits after it applied an event; a new
+  subscription with the same ``consumer_id`` resumes after the last commit.
+* Every consumer identity receives every event (fan-out, not work-sharing).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Mapping, Sequence
+
+# The three control topics (SPEC §5).
+TOPIC_ACTIVATION = "control.activation"
+TOPIC_POLICY = "control.policy"
+TOPIC_QUEUES = "control.queues"
+CONTROL_TOPICS = (TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES)
+
+# Validates one event for one topic; raises InvalidEvent (or any ValueError) when invalid.
+EventValidator = Callable[[str, Mapping], None]
+
+
+class InvalidEvent(ValueError):
+    """An event that does not conform to its topic's schema."""
+
+
+@dataclass(frozen=True)
+class BusMessage:
+    topic: str
+    key: str
+    value: dict
+    headers: Mapping[str, str] = field(default_factory=dict)
+    partition: int = 0
+    offset: int = 0
+    timestamp_ms: int = 0
+
+
+class Subscription(abc.ABC):
+    """An open subscription; iterate it, commit what you applied, close it."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[BusMessage]: ...
+
+    @abc.abstractmethod
+    async def commit(self, message: BusMessage) -> None:
+        """Mark ``message`` (and everything before it on its partition) as applied."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class ControlBus(abc.ABC):
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        topic: str,
+        value: Mapping,
+        *,
+        key: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        *,
+        consumer_id: str,
+        from_beginning: bool = True,
+    ) -> Subscription:
+        """Subscribe ``consumer_id`` to ``topics``.
+
+        Resumes after the last offset committed by ``consumer_id``; with no commit,
+        starts at the beginning (``from_beginning``) or at the end.
+        """
+
+    @property
+    def invalid_events(self) -> int:
+        """How many invalid events were refused on publish or skipped on consume."""
+        return getattr(self, "_invalid_events", 0)

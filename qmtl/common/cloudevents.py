@@ -1,0 +1,88 @@
+"""CloudEvents 1.0 in the structured JSON format: the frames of ``/ws`` and ``/ws/evt`` (SPEC §5).
+
+Build an event once with :func:`make_event`, serialise it once with :func:`encode`, and send
+the same bytes to every subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["SPECVERSION", "encode", "is_cloudevent", "make_event"]
+
+SPECVERSION = "1.0"
+
+_EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
+# Context attributes defined by the CloudEvents spec; an extension may not reuse them.
+_RESERVED = frozenset(
+    {"specversion", "id", "source", "type", "time", "datacontenttype", "dataschema", "subject", "data", "data_base64"}
+)
+# Stateless, built once: json.dumps(**kwargs) would build a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _rfc3339(moment: datetime) -> str:
+    """UTC RFC 3339 timestamp with a 'Z' suffix; naive datetimes are taken to be UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def make_event(
+    type: str,  # noqa: A002 - the CloudEvents attribute name
+    data: Any,
+    *,
+    source: str,
+    id: str | None = None,  # noqa: A002
+    time: datetime | None = None,
+    subject: str | None = None,
+    extensions: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A CloudEvents 1.0 event as a dict, ready for :func:`encode`.
+
+    Extension attribute names must match ``^[a-z0-9]{1,20}$`` and not shadow a spec
+    attribute; values must be str, int or bool (CloudEvents has no null/object extension type).
+    Raises ValueError otherwise, or when ``type``/``source``/``id`` is empty.
+    """
+    if not type or not isinstance(type, str):
+        raise ValueError("event type must be a non-empty string")
+    if not source or not isinstance(source, str):
+        raise ValueError("event source must be a non-empty string")
+    if id is not None and (not id or not isinstance(id, str)):
+        raise ValueError("event id must be a non-empty string")
+    event: dict[str, Any] = {
+        "specversion": SPECVERSION,
+        "id": id if id is not None else uuid.uuid4().hex,
+        "source": source,
+        "type": type,
+        "time": _rfc3339(time if time is not None else datetime.now(timezone.utc)),
+        "datacontenttype": "application/json",
+    }
+    if subject is not None:
+        event["subject"] = subject
+    if extensions:
+        for name, value in extensions.items():
+            if not isinstance(name, str) or not _EXTENSION_NAME.fullmatch(name) or name in _RESERVED:
+                raise ValueError(f"invalid CloudEvents extension attribute name: {name!r}")
+            if not isinstance(value, (str, int)):  # bool is an int
+                raise ValueError(f"extension {name!r} must be a str, int or bool, not {value.__class__.__name__}")
+            event[name] = value
+    event["data"] = data
+    return event
+
+
+def encode(event: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON of ``event`` (no whitespace, non-ASCII kept as is)."""
+    return _ENCODER.encode(event).encode()
+
+
+def is_cloudevent(obj: Any) -> bool:
+    """True for a mapping with ``specversion == "1.0"`` and non-empty string id, source and type."""
+    if not isinstance(obj, Mapping) or obj.get("specversion") != SPECVERSION:
+        return False
+    return all(isinstance(obj.get(k), str) and obj[k] for k in ("id", "source", "type"))

@@ -1,0 +1,234 @@
+"""One config object, read once at start.
+
+One YAML file with a section per service (``gateway``, ``worldservice``,
+``dagmanager``) plus shared ``controlbus`` and ``data_dir``. Environment variables
+override the file: ``QMTL__<SECTION>__<KEY>=value`` (nested keys joined with ``__``,
+values parsed as YAML scalars, e.g. ``QMTL__GATEWAY__ALLOW_LIVE=true``), and
+``QMTL_CONFIG`` names the file. No file selects the embedded defaults: in-process
+bus, SQLite files under ``data_dir``, the in-memory Redis substitute, development
+auth — each stated in the printed config so nothing is silently permissive.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "QMTL__"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BusConfig:
+    kind: str = "inproc"  # inproc | kafka
+    bootstrap_servers: str = ""
+    num_partitions: int = 4
+    create_topics: bool = True
+
+
+@dataclass
+class BudgetConfig:
+    timeout: float = 0.3
+    retries: int = 2
+
+
+@dataclass
+class BreakerConfig:
+    failure_threshold: int = 5
+    reset_timeout: float = 10.0
+
+
+@dataclass
+class AuthConfig:
+    # "dev": anonymous callers allowed (embedded default, announced at startup);
+    # "jwt": every request needs a valid bearer JWT.
+    mode: str = "dev"
+    jwks_url: str = ""
+    issuer: str = ""
+    audience: str = ""
+    public_keys: list[str] = field(default_factory=list)  # PEM files
+    algorithms: list[str] = field(default_factory=lambda: ["ES256", "RS256"])
+    dev_subject: str = "dev-user"
+    dev_roles: dict[str, list[str]] = field(default_factory=lambda: {"*": ["owner", "operator", "reader"]})
+
+
+@dataclass
+class EventsConfig:
+    signing_keys: list[str] = field(default_factory=list)  # PEM files, newest last
+    token_ttl: float = 300.0
+    algorithm: str = "ES256"
+    client_queue_size: int = 1024
+    heartbeat_interval: float = 15.0
+    replay_buffer: int = 10_000
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""  # default http://{host}:{port}
+    worldservice_url: str = "http://127.0.0.1:8001"
+    dagmanager_url: str = "http://127.0.0.1:8002"
+    kv_url: str = "memory://"
+    database_url: str = ""  # default sqlite under data_dir
+    allow_live: bool = False
+    insert_sentinel: bool = True
+    validate_responses: bool = True
+    decide_default_ttl: float = 300.0
+    status_cache_ttl: float = 2.0
+    service_token: str = ""  # credential for WorldService's trusted identity headers
+    worldservice_budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(0.3, 2))
+    dagmanager_budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(0.5, 1))
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    fallback_queue_size: int = 10_000
+    workers: int = 2
+
+
+@dataclass
+class WorldServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    database_url: str = ""  # default sqlite under data_dir
+    # "dev": callers without forwarded identity act as `dev_subject` with every role
+    # (embedded default, announced at startup); "enforce": roles come only from the
+    # identity the Gateway forwards with the service token.
+    rbac: str = "dev"
+    dev_subject: str = "dev-user"
+    service_token: str = ""
+    validate_responses: bool = True
+    decision_ttl: str = "300s"
+    apply_drain_seconds: float = 0.0
+
+
+@dataclass
+class DagManagerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8002
+    database_url: str = ""  # default sqlite under data_dir
+    gateway_callback_url: str = ""  # legacy HTTP callback to the Gateway (optional)
+    kafka_admin: bool = False  # create data topics through the Kafka admin API
+    queue_ttl_seconds: int = 7 * 24 * 3600
+    gc_interval_seconds: float = 300.0
+    validate_responses: bool = True
+
+
+@dataclass
+class Config:
+    data_dir: str = ".qmtl"
+    log_level: str = "INFO"
+    controlbus: BusConfig = field(default_factory=BusConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    worldservice: WorldServiceConfig = field(default_factory=WorldServiceConfig)
+    dagmanager: DagManagerConfig = field(default_factory=DagManagerConfig)
+
+    def db_url(self, service: str) -> str:
+        section = getattr(self, service)
+        if section.database_url:
+            return section.database_url
+        return f"sqlite+aiosqlite:///{Path(self.data_dir).resolve() / (service + '.db')}"
+
+    def gateway_public_url(self) -> str:
+        g = self.gateway
+        if g.public_url:
+            return g.public_url.rstrip("/")
+        host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
+        return f"http://{host}:{g.port}"
+
+    def ensure_service_token(self) -> str:
+        """One shared credential between Gateway and WorldService; generated when unset."""
+        token = self.gateway.service_token or self.worldservice.service_token or secrets.token_urlsafe(32)
+        self.gateway.service_token = token
+        self.worldservice.service_token = token
+        return token
+
+    def masked(self) -> dict:
+        d = asdict(self)
+        for section in ("gateway", "worldservice"):
+            if d[section].get("service_token"):
+                d[section]["service_token"] = "***"
+        return d
+
+
+def _merge(target: Any, data: Mapping[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(known))}")
+        current = getattr(target, key)
+        if is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{key}: expected a mapping, got {type(value).__name__}")
+            _merge(current, value, f"{where}.{key}")
+            continue
+        expected = type(current)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if current is not None and not isinstance(value, expected) and not (expected is str and value is None):
+            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+        setattr(target, key, copy.deepcopy(value))
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict:
+    out: dict = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """File (if any) → environment → explicit overrides (command-line flags)."""
+    environ = os.environ if environ is None else environ
+    cfg = Config()
+    path = path or environ.get("QMTL_CONFIG") or None
+    if path:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+        _merge(cfg, data, str(p))
+    env = _env_overrides(environ)
+    if env:
+        _merge(cfg, env, "environment")
+    if overrides:
+        _merge(cfg, overrides, "command line")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.controlbus.kind not in ("inproc", "kafka"):
+        raise ConfigError(f"controlbus.kind must be 'inproc' or 'kafka', got {cfg.controlbus.kind!r}")
+    if cfg.controlbus.kind == "kafka" and not cfg.controlbus.bootstrap_servers:
+        raise ConfigError("controlbus.bootstrap_servers is required when controlbus.kind is 'kafka'")
+    if cfg.gateway.auth.mode not in ("dev", "jwt"):
+        raise ConfigError(f"gateway.auth.mode must be 'dev' or 'jwt', got {cfg.gateway.auth.mode!r}")
+    if cfg.worldservice.rbac not in ("dev", "enforce"):
+        raise ConfigError(f"worldservice.rbac must be 'dev' or 'enforce', got {cfg.worldservice.rbac!r}")

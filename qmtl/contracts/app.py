@@ -1,0 +1,243 @@
+"""Build a service's ASGI app from its OpenAPI spec.
+
+Routing and request/response validation come from the spec through Connexion
+(with the 3.1 adapter in :mod:`qmtl.contracts.connexion31`). Operation handlers
+live in ``handlers/<service>/<tag>.py``: the module is the operation's first tag,
+the function its ``operationId``. A handler whose first parameter is ``ctx``
+receives the service object passed to :func:`build_app` (no globals).
+
+The returned app is a small ASGI dispatcher: WebSocket scopes go to a Starlette
+``Router`` of ``WebSocketRoute``s, everything else to the Connexion app (which
+keeps its lifespan and problem+json error handling). An outer middleware sets the
+correlation id for every request and echoes it on the response.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+import logging
+import typing as t
+
+import connexion
+from connexion import AsyncApp
+from connexion.exceptions import ResolverError
+from connexion.lifecycle import ConnexionRequest, ConnexionResponse
+from connexion.options import SwaggerUIOptions
+from connexion.problem import problem
+from connexion.resolver import Resolver
+from starlette.routing import Router, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from qmtl.common import correlation
+from qmtl.common.errors import ServiceError
+from qmtl.contracts.connexion31 import VALIDATOR_MAP, allow_openapi31
+from qmtl.contracts.loader import OpenAPISpec, load_openapi
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class HandlerResolver(Resolver):
+    """operationId + first tag → ``handlers.<service>.<tag>.<operationId>``, ctx bound."""
+
+    def __init__(self, package: str, ctx: t.Any) -> None:
+        super().__init__()
+        self.package = package
+        self.ctx = ctx
+
+    def resolve_operation_id(self, operation: t.Any) -> str:
+        tags = operation._operation.get("tags") or []  # Connexion keeps the raw operation here
+        if not tags:
+            raise ResolverError(f"operation {operation.operation_id!r} has no tag naming its handler module")
+        module = tags[0].lower().replace("-", "_").replace(" ", "_")
+        return f"{self.package}.{module}.{operation.operation_id}"
+
+    def resolve_function_from_operation_id(self, operation_id: str) -> t.Callable:
+        module_name, func_name = operation_id.rsplit(".", 1)
+        try:
+            module = importlib.import_module(module_name)
+            func = getattr(module, func_name)
+        except (ImportError, AttributeError) as exc:
+            raise ResolverError(f"cannot resolve handler {operation_id!r}: {exc}") from exc
+        return bind_ctx(func, self.ctx)
+
+
+def bind_ctx(func: t.Callable, ctx: t.Any) -> t.Callable:
+    """Wrap a handler: bind ``ctx`` as its first argument (when it takes one) and turn a
+    plain return value (``body``, ``(body, status)`` or ``(body, status, headers)``) into
+    a JSON response with an explicit content type, which Connexion needs when an
+    operation declares both ``application/json`` and ``application/problem+json``.
+    Connexion inspects the signature to pass parameters, so the wrapper carries the
+    handler's signature minus ``ctx``."""
+    if not inspect.iscoroutinefunction(func):
+        raise TypeError(f"handler {func.__module__}.{func.__name__} must be async")
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    takes_ctx = bool(params) and params[0].name == "ctx"
+
+    @functools.wraps(func)
+    async def bound(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        result = await (func(ctx, *args, **kwargs) if takes_ctx else func(*args, **kwargs))
+        return to_response(result)
+
+    del bound.__wrapped__  # Connexion unwraps decorators; it must see our signature
+    bound.__signature__ = sig.replace(parameters=params[1:] if takes_ctx else params)  # type: ignore[attr-defined]
+    return bound
+
+
+def to_response(result: t.Any) -> t.Any:
+    if isinstance(result, (ConnexionResponse,)) or hasattr(result, "status_code"):
+        return result
+    status, headers = 200, None
+    if isinstance(result, tuple):
+        if len(result) == 2:
+            result, status = result
+        elif len(result) == 3:
+            result, status, headers = result
+        else:
+            raise TypeError("a handler returns body, (body, status) or (body, status, headers)")
+    if result is None and status in (204, 304):
+        return ConnexionResponse(status_code=status, body=b"", headers=headers or {})
+    return json_response(result, status, headers)
+
+
+def problem_response(status: int, title: str, detail: str, *, ext: dict | None = None, headers: dict | None = None) -> ConnexionResponse:
+    ext = dict(ext or {})
+    cid = correlation.get()
+    if cid:
+        ext.setdefault("correlation_id", cid)
+    return problem(status=status, title=title, detail=detail, ext=ext, headers=headers)
+
+
+def _service_error(_req: ConnexionRequest, exc: ServiceError) -> ConnexionResponse:
+    if exc.status >= 500:
+        logger.warning("%s: %s", exc.title, exc.detail)
+    return problem_response(exc.status, exc.title, exc.detail, ext=exc.ext, headers=exc.headers)
+
+
+def _problem_exception(_req: ConnexionRequest, exc: t.Any) -> ConnexionResponse:
+    ext = dict(exc.ext or {})
+    return problem_response(exc.status, exc.title or "Error", exc.detail or "", ext=ext, headers=exc.headers)
+
+
+def _http_exception(_req: ConnexionRequest, exc: t.Any) -> ConnexionResponse:
+    from connexion.http_facts import HTTP_STATUS_CODES
+
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or HTTP_STATUS_CODES.get(status, "Error")
+    return problem_response(status, HTTP_STATUS_CODES.get(status, "Error"), str(detail), headers=getattr(exc, "headers", None))
+
+
+def _unicode_error(_req: ConnexionRequest, exc: UnicodeDecodeError) -> ConnexionResponse:
+    return problem_response(400, "Bad Request", f"Request is not valid UTF-8: {exc}")
+
+
+def _unexpected(_req: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    logger.exception("unhandled error: %r", exc)
+    return problem_response(500, "Internal Server Error", "An unexpected error occurred; the correlation id identifies it in the logs.")
+
+
+class CorrelationMiddleware:
+    """Outermost middleware: correlation id in, correlation id out (HTTP and WebSocket)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        cid = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-correlation-id":
+                cid = value.decode("latin-1")
+                break
+        if not cid or not correlation.valid(cid):
+            cid = correlation.new_correlation_id()
+        token = correlation.correlation_id.set(cid)
+        header = (b"x-correlation-id", cid.encode())
+
+        async def send_with_cid(message: t.MutableMapping[str, t.Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-correlation-id"]
+                headers.append(header)
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_cid)
+        finally:
+            correlation.correlation_id.reset(token)
+
+
+class Dispatcher:
+    """WebSocket scopes → Starlette router; everything else → the Connexion app."""
+
+    def __init__(self, http_app: AsyncApp, ws_routes: t.Sequence[WebSocketRoute] = ()) -> None:
+        self.http_app = http_app
+        self.ws_router = Router(routes=list(ws_routes)) if ws_routes else None
+        self.inner = CorrelationMiddleware(self._dispatch)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if self.ws_router is None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.ws_router(scope, receive, send)
+            return
+        await self.http_app(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.inner(scope, receive, send)
+
+
+def build_app(
+    service: str,
+    ctx: t.Any,
+    *,
+    lifespan: t.Callable | None = None,
+    validate_responses: bool = True,
+    ws_routes: t.Sequence[WebSocketRoute] = (),
+    spec: OpenAPISpec | None = None,
+) -> Dispatcher:
+    """The ASGI app of ``service`` (``gateway``, ``worldservice`` or ``dagmanager``)."""
+    allow_openapi31()
+    spec = spec or load_openapi(service)
+    app = AsyncApp(
+        f"qmtl.{service}",
+        lifespan=lifespan,
+        swagger_ui_options=SwaggerUIOptions(swagger_ui=True, swagger_ui_path="/docs"),
+    )
+    app.add_api(
+        spec.bundled,
+        resolver=HandlerResolver(f"handlers.{service}", ctx),
+        validator_map=VALIDATOR_MAP,
+        validate_responses=validate_responses,
+        strict_validation=False,
+        pythonic_params=False,
+    )
+    from connexion.exceptions import ProblemException
+    from starlette.exceptions import HTTPException
+
+    app.add_error_handler(ServiceError, _service_error)
+    app.add_error_handler(ProblemException, _problem_exception)
+    app.add_error_handler(HTTPException, _http_exception)
+    app.add_error_handler(UnicodeDecodeError, _unicode_error)
+    app.add_error_handler(Exception, _unexpected)
+    dispatcher = Dispatcher(app, ws_routes)
+    dispatcher.spec = spec  # type: ignore[attr-defined]
+    return dispatcher
+
+
+def json_response(body: t.Any, status: int = 200, headers: dict | None = None, content_type: str = "application/json") -> ConnexionResponse:
+    """A JSON response with an explicit content type (needed when the operation also lists problem+json)."""
+    return ConnexionResponse(
+        status_code=status,
+        body=json.dumps(body, separators=(",", ":")),
+        content_type=content_type,
+        headers=headers or {},
+    )

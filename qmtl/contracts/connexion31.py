@@ -1,0 +1,202 @@
+"""Adapter that lets Connexion 3.3 serve OpenAPI 3.1 documents with Draft 2020-12 validation.
+
+Why this module exists (see DESIGN.md, "Facts measured"): Connexion 3.3 refuses
+OpenAPI 3.1 at load time (it checks documents against its 3.0 meta-schema) and
+validates parameters and bodies with Draft 4, which silently ignores 2020-12
+keywords (``const``, ``$defs``, ``prefixItems``, numeric ``exclusiveMinimum`` ...).
+
+What it does, and nothing more:
+
+* ``allow_openapi31()`` skips Connexion's own meta-schema check for documents that
+  declare ``openapi: 3.1.x`` — those were already validated by openapi-spec-validator
+  (3.1-aware) in :mod:`qmtl.contracts.loader` before they reach Connexion. 3.0
+  documents keep Connexion's check.
+* ``VALIDATOR_MAP`` supplies parameter, request-body and response-body validators
+  built on ``Draft202012Validator`` (with format checking). Body schema violations
+  answer **422** with every error's JSON pointer; unparsable bodies (bad JSON, bad
+  UTF-8) answer **400**.
+
+Drop this module when Connexion supports OpenAPI 3.1 natively.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import typing as t
+
+from connexion.datastructures import MediaTypeDict
+from connexion.exceptions import BadRequestProblem, NonConformingResponseBody, ProblemException
+from connexion.spec import OpenAPISpecification
+from connexion.validators import (
+    AbstractRequestBodyValidator,
+    AbstractResponseBodyValidator,
+    FormDataValidator,
+    MultiPartFormDataValidator,
+    ParameterValidator,
+)
+from connexion.utils import is_null, is_nullable
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_CHECKER = Draft202012Validator.FORMAT_CHECKER
+_MAX_ERRORS = 20
+
+
+def allow_openapi31() -> None:
+    """Make Connexion accept 3.1 documents (validated beforehand by openapi-spec-validator)."""
+    current = OpenAPISpecification._validate_spec  # bound classmethod
+    if getattr(current.__func__, "_qmtl_31", False):
+        return
+    original = current.__func__
+
+    def _validate_spec(cls, spec):  # type: ignore[no-untyped-def]
+        if str(spec.get("openapi", "")).startswith("3.1"):
+            return  # validated up front by qmtl.contracts.loader.validate_openapi
+        return original(cls, spec)
+
+    _validate_spec._qmtl_31 = True  # type: ignore[attr-defined]
+    OpenAPISpecification._validate_spec = classmethod(_validate_spec)  # type: ignore[method-assign]
+
+
+def pointer(path: t.Iterable[t.Any]) -> str:
+    """RFC 6901 JSON pointer of a path."""
+    parts = [str(p).replace("~", "~0").replace("/", "~1") for p in path]
+    return "/" + "/".join(parts) if parts else ""
+
+
+def schema_errors(validator: Draft202012Validator, instance: t.Any, prefix: str = "") -> list[dict]:
+    """Every violation as ``{"pointer", "message"}``, most relevant first, bounded."""
+    errors = list(validator.iter_errors(instance))
+    if not errors:
+        return []
+    first = best_match(errors)
+    ordered = [first] + [e for e in errors if e is not first]
+    return [
+        {"pointer": prefix + pointer(e.absolute_path), "message": e.message}
+        for e in ordered[:_MAX_ERRORS]
+    ]
+
+
+class UnprocessableBodyProblem(ProblemException):
+    def __init__(self, errors: list[dict]):
+        where = errors[0]["pointer"] or "(the whole body)"
+        super().__init__(
+            status=422,
+            title="Unprocessable Content",
+            detail=f"Request body does not conform to the schema: {errors[0]['message']} at {where}",
+            ext={"errors": errors},
+        )
+
+
+class JSONBody2020Validator(AbstractRequestBodyValidator):
+    """Request body validator: JSON, Draft 2020-12, 422 with JSON pointers."""
+
+    def __init__(self, *, schema: dict, **kwargs: t.Any) -> None:
+        super().__init__(schema=schema, **kwargs)
+        self._validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
+
+    async def _parse(self, stream: t.AsyncGenerator[bytes, None], scope: t.Any) -> t.Any:
+        raw = b"".join([chunk async for chunk in stream])
+        if not raw:
+            return None
+        try:
+            text = raw.decode(self._encoding or "utf-8")
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise BadRequestProblem(detail=f"Request body is not valid {self._encoding or 'utf-8'}: {exc}")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequestProblem(
+                detail=f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            )
+
+    def _validate(self, body: t.Any) -> None:
+        if body is None:
+            if not self._nullable:
+                raise BadRequestProblem(detail="Request body must not be empty")
+            return
+        errors = schema_errors(self._validator, body)
+        if errors:
+            raise UnprocessableBodyProblem(errors)
+
+
+class JSONResponse2020Validator(AbstractResponseBodyValidator):
+    """Response body validator: Draft 2020-12 (a non-conforming response is our bug: 500)."""
+
+    def __init__(self, scope: t.Any, *, schema: dict, **kwargs: t.Any) -> None:
+        super().__init__(scope, schema=schema, **kwargs)
+        self._validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
+
+    def _parse(self, stream: t.Generator[bytes, None, None]) -> t.Any:
+        raw = b"".join(stream).decode(self._encoding or "utf-8")
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise NonConformingResponseBody(f"Response body is not JSON: {exc}")
+
+    def _validate(self, body: t.Any) -> None:
+        errors = schema_errors(self._validator, body)
+        if errors:
+            logger.error("response does not conform to the spec: %s", errors)
+            raise NonConformingResponseBody(
+                detail=f"Response body does not conform to specification: {errors[0]['message']} at {errors[0]['pointer'] or '/'}"
+            )
+
+
+class TextResponseValidator(JSONResponse2020Validator):
+    def _parse(self, stream: t.Generator[bytes, None, None]) -> t.Any:
+        return b"".join(stream).decode(self._encoding or "utf-8")
+
+    def _validate(self, body: t.Any) -> None:
+        if isinstance(body, str) and self._schema.get("type") in (None, "string"):
+            return
+        super()._validate(body)
+
+
+class Parameter2020Validator(ParameterValidator):
+    """Parameter validator using Draft 2020-12 instead of Draft 4."""
+
+    _cache: dict[int, Draft202012Validator] = {}
+
+    @staticmethod
+    def validate_parameter(parameter_type, value, param, param_name=None):  # type: ignore[override]
+        if is_nullable(param) and is_null(value):
+            return None
+        if value is not None:
+            schema = param.get("schema", param)
+            key = id(schema)
+            validator = Parameter2020Validator._cache.get(key)
+            if validator is None or validator.schema is not schema:
+                validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
+                Parameter2020Validator._cache[key] = validator
+            error = best_match(validator.iter_errors(value))
+            if error is not None:
+                name = param_name or param.get("name")
+                return f"Invalid {parameter_type} parameter '{name}': {error.message}"
+            return None
+        if param.get("required"):
+            return f"Missing {parameter_type} parameter '{param['name']}'"
+        return None
+
+
+VALIDATOR_MAP = {
+    "parameter": Parameter2020Validator,
+    "body": MediaTypeDict(
+        {
+            "*/*json": JSONBody2020Validator,
+            "application/x-www-form-urlencoded": FormDataValidator,
+            "multipart/form-data": MultiPartFormDataValidator,
+        }
+    ),
+    "response": MediaTypeDict(
+        {
+            "*/*json": JSONResponse2020Validator,
+            "text/plain": TextResponseValidator,
+        }
+    ),
+}

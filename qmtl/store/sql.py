@@ -1,0 +1,101 @@
+"""SQL access for PostgreSQL (production) and SQLite (embedded) through one code path.
+
+SQLAlchemy Core, async: ``postgresql+asyncpg://`` or ``sqlite+aiosqlite:///file.db``.
+Each service declares its tables on its own ``MetaData`` and calls
+:meth:`Database.create_all` at start. A PostgreSQL ``schema`` (namespace) may be
+given so that tests and co-hosted services get their own fresh set of tables.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def normalise_url(url: str) -> str:
+    """Accept plain ``postgresql://`` / ``sqlite:///`` URLs and pick the async drivers."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite:///") and "+aiosqlite" not in url:
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///"):]
+    return url
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite+aiosqlite:///{Path(path)}"
+
+
+class Database:
+    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False) -> None:
+        self.url = normalise_url(url)
+        self.schema = schema
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            path = self.url.split(":///", 1)[1] if ":///" in self.url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            if schema is not None:
+                if not _SCHEMA_RE.match(schema):
+                    raise ValueError(f"invalid PostgreSQL schema name {schema!r}")
+                kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+            kwargs["pool_pre_ping"] = True
+            kwargs["pool_size"] = 10
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            @sa.event.listens_for(self.engine.sync_engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+
+    async def create_all(self, metadata: sa.MetaData) -> None:
+        async with self.engine.begin() as conn:
+            if self.schema is not None and not self.is_sqlite:
+                await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            await conn.run_sync(metadata.create_all)
+
+    def begin(self) -> Any:
+        """A transaction: ``async with db.begin() as conn: ...``."""
+        return self.engine.begin()
+
+    def connect(self) -> Any:
+        return self.engine.connect()
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    """Drop a PostgreSQL schema and everything in it (tests)."""
+    if not _SCHEMA_RE.match(schema):
+        raise ValueError(f"invalid PostgreSQL schema name {schema!r}")
+    engine = create_async_engine(normalise_url(url))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+__all__ = ["Database", "AsyncConnection", "normalise_url", "sqlite_url", "drop_schema"]
