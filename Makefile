@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:
+#   make up     install into .venv and start the whole system on embedded defaults
+#   make test   install into .venv and run every test (what .ci/run runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: up test bench check-specs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/qmtl up $(ARGS)
+
+test: $(STAMP)
+	scripts/ensure-services.sh
+	$(BIN)/qmtl check-specs
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	scripts/ensure-services.sh
+	$(BIN)/python bench/run.py $(ARGS)
+
+check-specs: $(STAMP)
+	$(BIN)/qmtl check-specs
+
+clean:
+	rm -rf $(VENV) .qmtl .pytest_cache
