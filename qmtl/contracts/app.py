@@ -203,8 +203,14 @@ def build_app(
     validate_responses: bool = True,
     ws_routes: t.Sequence[WebSocketRoute] = (),
     spec: OpenAPISpec | None = None,
+    resolver_error: int | None = None,
 ) -> Dispatcher:
-    """The ASGI app of ``service`` (``gateway``, ``worldservice`` or ``dagmanager``)."""
+    """The ASGI app of ``service`` (``gateway``, ``worldservice`` or ``dagmanager``).
+
+    ``resolver_error=501`` lets operations whose handler is not built yet answer 501
+    problem+json (documented in the spec) instead of refusing to start; without it a
+    missing handler stops the service at startup.
+    """
     allow_openapi31()
     spec = spec or load_openapi(service)
     app = AsyncApp(
@@ -219,6 +225,7 @@ def build_app(
         validate_responses=validate_responses,
         strict_validation=False,
         pythonic_params=False,
+        resolver_error=resolver_error,
     )
     from connexion.exceptions import ProblemException
     from starlette.exceptions import HTTPException

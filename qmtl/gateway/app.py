@@ -1,0 +1,123 @@
+"""The Gateway's app factory: one context object holding every component, no globals.
+
+Components (each a module of ``qmtl.gateway`` with a ``build(ctx)`` function returning an
+object with ``async start()`` and ``async stop()``, built in this order, started in this
+order and stopped in reverse):
+
+* ``auth``     – verifies callers' bearer JWTs (``qmtl.gateway.auth``)
+* ``worlds``   – the worlds proxy with caches, live guard, identity propagation (``qmtl.gateway.worlds``)
+* ``events``   – descriptor tokens, ControlBus consumer, state, WebSocket fan-out (``qmtl.gateway.events``)
+* ``ingest``   – strategy ingest FSM, FIFO worker, fallback queue (``qmtl.gateway.ingest``)
+* ``status``   – degradation level and dependency health (``qmtl.gateway.status``)
+
+Handlers reach them as ``ctx.<name>``. Backends (``ctx.worldservice``, ``ctx.dagmanager``)
+carry each backend's budget and circuit breaker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from qmtl.bus.base import ControlBus
+from qmtl.common.config import Config
+from qmtl.contracts.app import build_app
+from qmtl.gateway.backends import Backend, BackendMetrics
+from qmtl.store import Database, make_kv
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("auth", "worlds", "events", "ingest", "status")
+
+
+class GatewayContext:
+    def __init__(self, config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None,
+                 kv_prefix: str = "qmtl:gw:") -> None:
+        self.config = config
+        self.bus = bus
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.kv = kv if kv is not None else make_kv(config.gateway.kv_url)
+        self.kv_prefix = kv_prefix
+        self.db = db if db is not None else Database(config.db_url("gateway"))
+        g = config.gateway
+        backend_metrics = BackendMetrics.create(self.registry)
+        headers = {"X-QMTL-Service-Token": g.service_token} if g.service_token else {}
+        self.worldservice = Backend(
+            "worldservice", g.worldservice_url, timeout=g.worldservice_budget.timeout, retries=g.worldservice_budget.retries,
+            failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=backend_metrics,
+            default_headers=headers,
+        )
+        self.dagmanager = Backend(
+            "dagmanager", g.dagmanager_url, timeout=g.dagmanager_budget.timeout, retries=g.dagmanager_budget.retries,
+            failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=backend_metrics,
+        )
+        self.components: dict[str, Any] = {}
+        for name in COMPONENTS:
+            module = _component_module(name)
+            if module is None:
+                continue
+            component = module.build(self)
+            self.components[name] = component
+            setattr(self, name, component)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in COMPONENTS:
+            from qmtl.common.errors import ServiceError
+
+            err = ServiceError(f"the Gateway's {name} component is not part of this build", title="Not Implemented")
+            err.status = 501
+            raise err
+        raise AttributeError(name)
+
+    async def start(self) -> None:
+        for name, component in self.components.items():
+            await component.start()
+            log.debug("gateway component %s started", name)
+
+    async def stop(self) -> None:
+        for name, component in reversed(list(self.components.items())):
+            try:
+                await component.stop()
+            except Exception:  # keep stopping the others
+                log.exception("stopping gateway component %s failed", name)
+        await self.worldservice.close()
+        await self.dagmanager.close()
+        with contextlib.suppress(Exception):
+            await self.kv.aclose()
+        await self.db.close()
+
+
+def _component_module(name: str) -> Any:
+    try:
+        return importlib.import_module(f"qmtl.gateway.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"qmtl.gateway.{name}":
+            raise
+        log.warning("gateway component %s is not built; its routes answer 501", name)
+        return None
+
+
+def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None, kv_prefix: str = "qmtl:gw:") -> Any:
+    ctx = GatewayContext(config, bus=bus, kv=kv, db=db, kv_prefix=kv_prefix)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any):
+        await bus.start()  # idempotent: services sharing one in-process bus all call it
+        await ctx.start()
+        try:
+            yield
+        finally:
+            await ctx.stop()
+
+    ws_routes = []
+    events = ctx.components.get("events")
+    if events is not None:
+        ws_routes = list(events.ws_routes())
+    app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
+                    resolver_error=501)
+    app.ctx = ctx  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,151 @@
+"""Caller authentication at the Gateway.
+
+``mode: jwt`` — every request needs ``Authorization: Bearer <JWT>`` signed by a key from
+the configured PEM files or JWKS URL, with the configured issuer and audience; anything
+else is a 401 problem. ``mode: dev`` (the embedded default, announced at startup) — a
+request without a token acts as the configured development subject with the configured
+development roles; a request *with* a token is still verified when keys are configured.
+
+The verified identity (subject and claims, including ``world_roles``) is what the
+Gateway forwards to WorldService (trusted there by the service token) and what
+descriptor tokens carry as ``sub``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from qmtl.common.errors import Forbidden, ServiceUnavailable, Unauthorized
+
+log = logging.getLogger(__name__)
+
+ROLE_IMPLIES = {"owner": {"owner", "operator", "reader"}, "operator": {"operator", "reader"}, "reader": {"reader"}}
+
+
+@dataclass(frozen=True)
+class Identity:
+    subject: str
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    anonymous_dev: bool = False
+
+    @property
+    def world_roles(self) -> Mapping[str, list[str]]:
+        roles = self.claims.get("world_roles") or {}
+        return roles if isinstance(roles, Mapping) else {}
+
+    def roles_for(self, world_id: str) -> set[str]:
+        granted: set[str] = set()
+        for key in (world_id, "*"):
+            for role in self.world_roles.get(key, []) or []:
+                granted |= ROLE_IMPLIES.get(role, set())
+        return granted
+
+    def has_role(self, world_id: str, role: str) -> bool:
+        return role in self.roles_for(world_id)
+
+    def require(self, world_id: str, role: str) -> None:
+        if not self.has_role(world_id, role):
+            raise Forbidden(f"{self.subject!r} needs role {role!r} on world {world_id!r}")
+
+    def forward_headers(self) -> dict[str, str]:
+        """Headers WorldService trusts only together with the Gateway's service token."""
+        claims = json.dumps(dict(self.claims), separators=(",", ":"), default=str).encode()
+        return {
+            "X-QMTL-Subject": self.subject,
+            "X-QMTL-Claims": base64.urlsafe_b64encode(claims).decode().rstrip("="),
+        }
+
+
+class Authenticator:
+    def __init__(self, config: Any) -> None:
+        self.config = config  # AuthConfig
+        self.mode = config.mode
+        self._static_keys = [self._load_pem(p) for p in config.public_keys]
+        self._jwks_client = jwt.PyJWKClient(config.jwks_url, cache_keys=True, lifespan=300) if config.jwks_url else None
+        self._dev = Identity(config.dev_subject, {"sub": config.dev_subject, "world_roles": dict(config.dev_roles)}, anonymous_dev=True)
+        if self.mode == "jwt" and not (self._static_keys or self._jwks_client):
+            raise ValueError("gateway.auth.mode is 'jwt' but neither auth.public_keys nor auth.jwks_url is set")
+
+    @staticmethod
+    def _load_pem(path: str) -> Any:
+        try:
+            return load_pem_public_key(Path(path).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load auth public key {path}: {exc}") from exc
+
+    async def start(self) -> None:
+        if self.mode == "dev":
+            log.warning("Gateway auth in DEVELOPMENT mode: callers without a token act as %r with roles %s",
+                        self._dev.subject, dict(self.config.dev_roles))
+
+    async def stop(self) -> None:
+        return None
+
+    @property
+    def verifies_tokens(self) -> bool:
+        return bool(self._static_keys or self._jwks_client)
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Identity:
+        auth = headers.get("authorization") or headers.get("Authorization")
+        if not auth:
+            if self.mode == "dev":
+                return self._dev
+            raise Unauthorized("a bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="qmtl"'})
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'", headers={"WWW-Authenticate": 'Bearer error="invalid_request"'})
+        if not self.verifies_tokens:
+            # dev mode without keys: a token cannot be verified, so it is not trusted
+            raise Unauthorized("this Gateway has no keys to verify bearer tokens (development mode: send no token)")
+        claims = await self.verify(token.strip())
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise Unauthorized("the token has no subject ('sub')", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return Identity(subject, claims)
+
+    async def verify(self, token: str) -> dict:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"malformed token: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
+        alg = header.get("alg")
+        if alg not in self.config.algorithms:
+            raise Unauthorized(f"token algorithm {alg!r} is not allowed", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        keys = list(self._static_keys)
+        if self._jwks_client is not None:
+            try:
+                signing = await asyncio.to_thread(self._jwks_client.get_signing_key_from_jwt, token)
+                keys = [signing.key]
+            except jwt.PyJWKClientConnectionError as exc:
+                raise ServiceUnavailable(f"cannot fetch the JWKS to verify the token: {exc}", retry_after=5) from exc
+            except jwt.PyJWKClientError as exc:
+                if not keys:
+                    raise Unauthorized(f"token key not found: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
+        options = {"require": ["exp", "sub"], "verify_aud": bool(self.config.audience), "verify_iss": bool(self.config.issuer)}
+        last: Exception | None = None
+        for key in keys:
+            try:
+                return jwt.decode(
+                    token, key=key, algorithms=list(self.config.algorithms),
+                    audience=self.config.audience or None, issuer=self.config.issuer or None,
+                    options=options, leeway=5,
+                )
+            except jwt.InvalidSignatureError as exc:
+                last = exc
+                continue
+            except jwt.PyJWTError as exc:
+                raise Unauthorized(f"invalid token: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
+        raise Unauthorized(f"invalid token: {last or 'no key verifies it'}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def build(ctx: Any) -> Authenticator:
+    return Authenticator(ctx.config.gateway.auth)
