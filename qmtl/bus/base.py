@@ -58,6 +58,16 @@ class Subscription(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages not yet delivered per (topic, partition), where known (metrics)."""
+        return {}
+
+    async def __aenter__(self) -> "Subscription":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
 
 class ControlBus(abc.ABC):
     @abc.abstractmethod
@@ -65,6 +75,13 @@ class ControlBus(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    async def __aenter__(self) -> "ControlBus":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     @abc.abstractmethod
     async def publish(
@@ -87,7 +104,9 @@ class ControlBus(abc.ABC):
         """Subscribe ``consumer_id`` to ``topics``.
 
         Resumes after the last offset committed by ``consumer_id``; with no commit,
-        starts at the beginning (``from_beginning``) or at the end.
+        starts at the beginning (``from_beginning``) or at the end. Implementations
+        commit that starting position at once, so ``from_beginning`` only matters the
+        first time an identity subscribes to a partition.
         """
 
     @property

@@ -21,7 +21,6 @@ import json
 import logging
 import typing as t
 
-import connexion
 from connexion import AsyncApp
 from connexion.exceptions import ResolverError
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse

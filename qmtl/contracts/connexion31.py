@@ -91,6 +91,17 @@ class UnprocessableBodyProblem(ProblemException):
         )
 
 
+def _reject_constant(name: str) -> t.Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 class JSONBody2020Validator(AbstractRequestBodyValidator):
     """Request body validator: JSON, Draft 2020-12, 422 with JSON pointers."""
 
@@ -107,11 +118,13 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
         except (UnicodeDecodeError, LookupError) as exc:
             raise BadRequestProblem(detail=f"Request body is not valid {self._encoding or 'utf-8'}: {exc}")
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except json.JSONDecodeError as exc:
             raise BadRequestProblem(
                 detail=f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             )
+        except ValueError as exc:  # NaN / Infinity / a float out of range: not JSON (RFC 8259)
+            raise BadRequestProblem(detail=f"Request body is not valid JSON: {exc}")
 
     def _validate(self, body: t.Any) -> None:
         if body is None:
@@ -158,6 +171,21 @@ class TextResponseValidator(JSONResponse2020Validator):
         super()._validate(body)
 
 
+class StreamingResponseValidator(AbstractResponseBodyValidator):
+    """Streaming media types (``application/x-ndjson``): the body is not buffered or
+    validated, so each line reaches the client as it is sent. Without this entry the
+    ``*/*json`` validator would match ``x-ndjson`` and hold the stream until it ends."""
+
+    def wrap_send(self, send: t.Any) -> t.Any:
+        return send
+
+    def _parse(self, stream: t.Generator[bytes, None, None]) -> t.Any:  # pragma: no cover - never called
+        return None
+
+    def _validate(self, body: t.Any) -> None:  # pragma: no cover - never called
+        return None
+
+
 class Parameter2020Validator(ParameterValidator):
     """Parameter validator using Draft 2020-12 instead of Draft 4."""
 
@@ -196,6 +224,7 @@ VALIDATOR_MAP = {
     "response": MediaTypeDict(
         {
             "*/*json": JSONResponse2020Validator,
+            "application/x-ndjson": StreamingResponseValidator,
             "text/plain": TextResponseValidator,
         }
     ),
