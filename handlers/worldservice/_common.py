@@ -1,0 +1,27 @@
+"""Request plumbing shared by the WorldService handlers (not an operation module)."""
+
+from __future__ import annotations
+
+from connexion import request
+
+from qmtl.worldservice.rbac import Identity
+from qmtl.worldservice.service import WorldService, etag_matches
+
+
+def caller(ctx: WorldService) -> Identity:
+    """The caller's identity from the request headers (see qmtl.worldservice.rbac)."""
+    return ctx.auth.identify(request.headers)
+
+
+def header(name: str) -> str | None:
+    return request.headers.get(name)
+
+
+def not_modified(etag: str) -> bool:
+    """Whether the request's If-None-Match matches ``etag``."""
+    value = request.headers.get("If-None-Match")
+    return value is not None and etag_matches(value, etag)
+
+
+def quoted(etag: str) -> str:
+    return f'"{etag}"'

@@ -1,0 +1,317 @@
+"""The 2-phase apply of a plan to a world's activation set (SPEC §6), as operations of
+:class:`~qmtl.worldservice.service.WorldService` (a mixin: it uses the service's
+transactions, views, audit and outbox).
+
+freeze (the world is flagged frozen: activation reads answer inactive, orders are gated
+off; the activation set is snapshotted into the run's record) → drain
+(``apply_drain_seconds``) → switch (the plan's entries written in one transaction) →
+unfreeze, then one ActivationUpdated per changed entry, published after the commit.
+
+* Idempotent by ``run_id``: runs are stored (``ws_apply_runs``) with their plan checksum
+  and result, so a repeat — also after a restart — returns the stored result.
+* Single flight per world: the world row holds the run_id in flight; another run_id
+  meanwhile is 409 (with Retry-After); the same run_id in this process waits for it.
+* Any failure before unfreeze (an exception, a cancellation, a fault injected through
+  :attr:`apply_hook`) restores the snapshot and unfreezes; the run is marked rolled back
+  and may be applied again. A run left in flight by a process that died is rolled back at
+  the next start (one WorldService process owns a database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from qmtl.common import correlation
+from qmtl.common.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from qmtl.worldservice import policy as pol
+from qmtl.worldservice import store, views
+from qmtl.worldservice.rbac import OPERATOR, Identity
+
+logger = logging.getLogger(__name__)
+
+#: Called between apply phases with (phase, world_id, run_id); phases are "frozen",
+#: "drained" and "switched". Raising from it fails the apply (which is rolled back);
+#: awaiting in it holds the apply in flight. For tests and fault injection.
+ApplyHook = Callable[[str, str, str], Awaitable[None] | None]
+
+
+class ApplyOperations:
+    """Apply operations of WorldService (see the module docstring).
+
+    Relies on the service for: ``_write`` (a write transaction on a live world),
+    ``_entries``, ``_put_entry``, ``_audit``, ``_emit_activation``, ``now`` and
+    ``metrics``; its own state is the hook and the runs in flight in this process.
+    """
+
+    apply_hook: ApplyHook | None
+    drain_seconds: float
+    _inflight: dict[tuple[str, str], asyncio.Future]
+
+    @staticmethod
+    def _normalise_plan(plan: Mapping[str, Any]) -> tuple[dict[tuple[str, str], float], set[tuple[str, str]], str]:
+        """``(activate {key: weight}, deactivate {key}, checksum)``; 422 on contradictions."""
+        errors: list[dict] = []
+        activate: dict[tuple[str, str], float] = {}
+        for sid, side, weight in pol.expand_plan_entries(plan.get("activate") or []):
+            key = (sid, side)
+            if key in activate and not math.isclose(activate[key], weight, abs_tol=1e-12):
+                errors.append({"pointer": "/plan/activate", "message": f"{sid}/{side} is listed twice with different weights"})
+            activate[key] = weight
+        deactivate = {(sid, side) for sid, side, _w in pol.expand_plan_entries(plan.get("deactivate") or [])}
+        for sid, side in sorted(deactivate & activate.keys()):
+            errors.append({"pointer": "/plan", "message": f"{sid}/{side} is in both activate and deactivate"})
+        if errors:
+            raise Unprocessable(f"invalid plan: {errors[0]['message']}", ext={"errors": errors})
+        canonical = {
+            "activate": sorted([sid, side, w] for (sid, side), w in activate.items()),
+            "deactivate": sorted([sid, side] for sid, side in deactivate),
+        }
+        return activate, deactivate, views.digest(canonical, 64)
+
+    async def apply(self, actor: Identity, world_id: str, body: Mapping[str, Any]) -> tuple[dict, bool]:
+        """Apply a plan in two phases; ``(result, replayed)``.
+
+        freeze (the world reads inactive) → drain (``apply_drain_seconds``) → switch (the
+        new activation set in one transaction) → unfreeze, then one ActivationUpdated per
+        changed entry. Idempotent by ``run_id``: a repeat returns the stored result
+        (``replayed``); the same run_id while it is in flight waits for it; another
+        run_id while one is in flight is 409. A failure before unfreeze restores the
+        snapshot taken at freeze and unfreezes (503, or 409 for a conflict); a rolled
+        back run_id may be applied again.
+        """
+        actor.require(world_id, OPERATOR, "applying a plan")
+        views.require_storable_text(body)
+        run_id: str = body["run_id"]
+        activate, deactivate, plan_sum = self._normalise_plan(body["plan"])
+        key = (world_id, run_id)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            result = await asyncio.shield(pending)
+            self.metrics.apply_total.labels("replayed").inc()
+            return result, True
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception was never retrieved"
+        self._inflight[key] = future
+        try:
+            result, replayed = await self._apply(actor, world_id, run_id, body["plan"], activate, deactivate, plan_sum)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else ServiceUnavailable(f"apply {run_id!r} was interrupted"))
+            raise
+        else:
+            future.set_result(result)
+        finally:
+            self._inflight.pop(key, None)
+        self.metrics.apply_total.labels("replayed" if replayed else "succeeded").inc()
+        return result, replayed
+
+    async def _apply(
+        self,
+        actor: Identity,
+        world_id: str,
+        run_id: str,
+        raw_plan: Mapping[str, Any],
+        activate: dict[tuple[str, str], float],
+        deactivate: set[tuple[str, str]],
+        plan_sum: str,
+    ) -> tuple[dict, bool]:
+        r = store.apply_runs
+        request = {"run_id": run_id, "plan": dict(raw_plan)}
+        # -- freeze
+        async with self._write(world_id) as (conn, world):
+            run = (await conn.execute(sa.select(r).where(r.c.world_id == world_id, r.c.run_id == run_id))).mappings().first()
+            if run is not None and run["status"] == "succeeded":
+                if run["plan_checksum"] != plan_sum:
+                    self.metrics.apply_total.labels("conflict").inc()
+                    raise Conflict(f"run_id {run_id!r} was already applied to world {world_id!r} with a different plan")
+                await self._audit(conn, world_id, actor, "apply.replayed", request, {"ok": True, "run_id": run_id})
+                return dict(run["result"]), True
+            if world["apply_run_id"]:
+                other = world["apply_run_id"]
+                if (world_id, other) in self._inflight and other != run_id:
+                    self.metrics.apply_total.labels("conflict").inc()
+                    raise Conflict(
+                        f"apply {other!r} is in flight on world {world_id!r}; only one apply per world at a time",
+                        ext={"run_id_in_flight": other},
+                        headers={"Retry-After": "1"},
+                    )
+                # Left in flight by a process that died (one WorldService owns a database).
+                world = await self._restore(conn, world, other, "abandoned by a previous WorldService process")
+            if world["state"] != "ACTIVE":
+                raise Conflict(f"world {world_id!r} is {world['state']}; apply needs an ACTIVE world")
+            now = self.now()
+            entries = await self._entries(conn, world_id)
+            snapshot = [views.entry_to_json(e) for e in entries]
+            before = views.view(world, entries, include_freeze=False)
+            run_values = {
+                "status": "in_flight",
+                "plan_checksum": plan_sum,
+                "plan": dict(raw_plan),
+                "snapshot": snapshot,
+                "result": None,
+                "error": None,
+                "actor": actor.subject,
+                "correlation_id": correlation.get(),
+                "started_at": now,
+                "finished_at": None,
+            }
+            if run is None:
+                await conn.execute(r.insert().values(world_id=world_id, run_id=run_id, **run_values))
+            else:  # a rolled-back run_id applied again
+                await conn.execute(r.update().where(r.c.world_id == world_id, r.c.run_id == run_id).values(**run_values))
+            await conn.execute(
+                store.worlds.update().where(store.worlds.c.world_id == world_id).values(apply_run_id=run_id, apply_started_at=now)
+            )
+        phase = "frozen"
+        try:
+            await self._hook("frozen", world_id, run_id)
+            phase = "drain"
+            if self.drain_seconds > 0:
+                await asyncio.sleep(self.drain_seconds)
+            await self._hook("drained", world_id, run_id)
+            # -- switch
+            phase = "switch"
+            async with self._write(world_id) as (conn, world):
+                self._check_still_mine(world, run_id)
+                now = self.now()
+                current = {(e["strategy_id"], e["side"]): e for e in await self._entries(conn, world_id)}
+                unchanged = 0
+                targets = [(k, True, w) for k, w in activate.items()] + [(k, False, 0.0) for k in deactivate]
+                for (sid, side), on, weight in sorted(targets):
+                    cur = current.get((sid, side))
+                    if cur is not None and cur["active"] == on and math.isclose(cur["weight"], weight, abs_tol=1e-12):
+                        unchanged += 1
+                        continue
+                    if cur is None and not on:
+                        unchanged += 1  # never active: nothing to switch off
+                        continue
+                    entry = {
+                        "strategy_id": sid, "side": side, "active": on, "weight": weight,
+                        "etag": views.entry_etag(world_id, sid, side, on, weight, world["rev"]),
+                        "run_id": run_id, "ts": now,
+                    }
+                    await self._put_entry(conn, world_id, entry, exists=cur is not None)
+            await self._hook("switched", world_id, run_id)
+            # -- unfreeze
+            phase = "unfreeze"
+            async with self._write(world_id) as (conn, world):
+                self._check_still_mine(world, run_id)
+                now = self.now()
+                await conn.execute(
+                    store.worlds.update().where(store.worlds.c.world_id == world_id).values(apply_run_id=None, apply_started_at=None)
+                )
+                world = dict(world, apply_run_id=None, apply_started_at=None)
+                entries = await self._entries(conn, world_id)
+                after = views.view(world, entries, include_freeze=False)
+                await self._emit_activation(conn, world_id, before, after, run_id=run_id)
+                stored = views.view(dict(world, state="ACTIVE", circuit_breaker=False, gate_epoch=0), entries, include_freeze=False)
+                changed = sorted(k for k, e in after.items() if (before.get(k) or {}).get("etag") != e["etag"])
+                result = {
+                    "ok": True,
+                    "run_id": run_id,
+                    "world_id": world_id,
+                    "activated": [self._result_entry(world, stored[k], after[k]) for k in changed if stored[k]["active"]],
+                    "deactivated": [self._result_entry(world, stored[k], after[k]) for k in changed if not stored[k]["active"]],
+                    "unchanged": unchanged,
+                    "state_hash": views.state_hash(after),
+                    "applied_at": views.iso(now),
+                }
+                await conn.execute(
+                    r.update()
+                    .where(r.c.world_id == world_id, r.c.run_id == run_id)
+                    .values(status="succeeded", result=result, finished_at=now)
+                )
+                await self._audit(
+                    conn, world_id, actor, "apply.succeeded", request,
+                    {"ok": True, "activated": len(result["activated"]), "deactivated": len(result["deactivated"]),
+                     "unchanged": unchanged, "state_hash": result["state_hash"]},
+                )
+            return result, False
+        except BaseException as exc:
+            await asyncio.shield(self._rollback(actor, world_id, run_id, request, phase, exc))
+            self.metrics.apply_total.labels("rolled_back").inc()
+            if isinstance(exc, (Conflict, ServiceUnavailable)):
+                raise
+            if isinstance(exc, Exception):
+                raise ServiceUnavailable(
+                    f"apply {run_id!r} failed during {phase} and was rolled back to the previous activation; "
+                    f"the world is unfrozen; retry with the same run_id ({type(exc).__name__}: {exc})",
+                    ext={"run_id": run_id, "phase": phase},
+                ) from exc
+            raise
+
+    @staticmethod
+    def _result_entry(world: Mapping[str, Any], stored: dict, seen: dict) -> dict:
+        # What the apply stored (weights as applied), with the etag readers will see.
+        return dict(stored, etag=seen["etag"], ts=seen["ts"])
+
+    @staticmethod
+    def _check_still_mine(world: Mapping[str, Any], run_id: str) -> None:
+        if world["apply_run_id"] != run_id:
+            raise Conflict(f"apply {run_id!r} lost its freeze on world {world['world_id']!r} (now {world['apply_run_id']!r})")
+
+    async def _hook(self, phase: str, world_id: str, run_id: str) -> None:
+        hook = self.apply_hook
+        if hook is None:
+            return
+        result = hook(phase, world_id, run_id)
+        if inspect.isawaitable(result):
+            await result
+
+    async def _rollback(self, actor: Identity, world_id: str, run_id: str, request: Mapping, phase: str, exc: BaseException) -> None:
+        """Restore the snapshot taken at freeze and unfreeze (if the freeze is still ours)."""
+        error = f"failed during {phase}: {type(exc).__name__}: {exc}"
+        try:
+            async with self._write(world_id) as (conn, world):
+                if world["apply_run_id"] != run_id:
+                    return
+                await self._restore(conn, world, run_id, error)
+                await self._audit(conn, world_id, actor, "apply.rolled_back", request, {"ok": False, "phase": phase, "error": error})
+        except NotFound:
+            return
+        except Exception:
+            logger.exception("rollback of apply %r on world %r failed; it is retried by the next apply or at restart", run_id, world_id)
+
+    async def _restore(self, conn: Any, world: dict, run_id: str, error: str) -> dict:
+        """In the caller's transaction: put back run ``run_id``'s snapshot, unfreeze, mark it rolled back."""
+        world_id = world["world_id"]
+        r = store.apply_runs
+        run = (await conn.execute(sa.select(r).where(r.c.world_id == world_id, r.c.run_id == run_id))).mappings().first()
+        a = store.activations
+        if run is not None:
+            await conn.execute(a.delete().where(a.c.world_id == world_id))
+            snapshot = [views.entry_from_json(e) for e in run["snapshot"]]
+            if snapshot:
+                await conn.execute(a.insert(), [dict(e, world_id=world_id) for e in snapshot])
+            await conn.execute(
+                r.update().where(r.c.world_id == world_id, r.c.run_id == run_id).values(status="rolled_back", error=error, finished_at=self.now())
+            )
+        await conn.execute(
+            store.worlds.update().where(store.worlds.c.world_id == world_id).values(apply_run_id=None, apply_started_at=None)
+        )
+        return dict(world, apply_run_id=None, apply_started_at=None)
+
+    async def _recover_orphaned_applies(self) -> None:
+        w = store.worlds
+        async with self.db.connect() as conn:
+            frozen = (
+                await conn.execute(sa.select(w.c.world_id, w.c.apply_run_id).where(w.c.apply_run_id.is_not(None)))
+            ).all()
+        for world_id, run_id in frozen:
+            async with self._write(world_id) as (conn, world):
+                if world["apply_run_id"] == run_id:
+                    logger.warning("rolling back apply %r on world %r left in flight by a previous process", run_id, world_id)
+                    await self._restore(conn, world, run_id, "interrupted: WorldService restarted during the apply")
+                    await conn.execute(
+                        store.audit.insert().values(
+                            world_id=world_id, actor="worldservice", event="apply.rolled_back",
+                            request={"run_id": run_id}, result={"ok": False, "error": "interrupted by a restart"},
+                            created_at=self.now(), correlation_id=None,
+                        )
+                    )

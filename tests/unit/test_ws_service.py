@@ -1,0 +1,140 @@
+"""The WorldService object used without HTTP (tests, benchmarks, tools): same rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qmtl.bus.base import TOPIC_ACTIVATION
+from qmtl.bus.inproc import InProcessBus
+from qmtl.common.config import Config
+from qmtl.common.errors import Conflict, Forbidden, NotFound, Unprocessable
+from qmtl.contracts.events import event_validators
+from qmtl.store.sql import Database, sqlite_url
+from qmtl.worldservice.rbac import Identity
+from qmtl.worldservice.service import WorldService, etag_matches
+
+DEV = Identity.development("tester")
+
+
+@pytest.fixture
+async def service(tmp_path):
+    bus = InProcessBus(validator=event_validators())
+    await bus.start()
+    db = Database(sqlite_url(tmp_path / "ws.db"))
+    svc = WorldService(Config(), db=db, bus=bus)
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await db.close()
+
+
+async def test_apply_without_http_and_roles(service):
+    await service.create_world(DEV, {"world_id": "w", "name": "W"})
+    reader = Identity.from_claims("r", {"world_roles": {"w": ["reader"]}})
+    with pytest.raises(Forbidden):
+        await service.apply(reader, "w", {"run_id": "r1", "plan": {"activate": ["s"]}})
+    result, replayed = await service.apply(DEV, "w", {"run_id": "r1", "plan": {"activate": ["s"]}})
+    assert not replayed and len(result["activated"]) == 2
+    assert (await service.get_activation(reader, "w", "s", "short"))["active"] is True
+    with pytest.raises(NotFound):
+        await service.get_world(DEV, "missing")
+    with pytest.raises(Unprocessable, match="NUL"):
+        await service.create_world(DEV, {"world_id": "x", "name": "bad\x00name"})
+
+
+async def test_a_cancelled_apply_is_rolled_back(service):
+    await service.create_world(DEV, {"world_id": "w", "name": "W"})
+    await service.apply(DEV, "w", {"run_id": "base", "plan": {"activate": ["keep"]}})
+    before = await service.get_activations(DEV, "w")
+    entered = asyncio.Event()
+
+    async def hook(phase, world_id, run_id):
+        if phase == "switched":
+            entered.set()
+            await asyncio.Event().wait()  # hangs until cancelled
+
+    service.apply_hook = hook
+    task = asyncio.create_task(service.apply(DEV, "w", {"run_id": "hang", "plan": {"deactivate": ["keep"], "activate": ["new"]}}))
+    await asyncio.wait_for(entered.wait(), 5)
+    assert (await service.get_world(DEV, "w"))["apply_run_id"] == "hang"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await service.get_world(DEV, "w"))["apply_run_id"] is None
+    assert await service.get_activations(DEV, "w") == before
+
+
+async def test_a_conflict_raised_inside_an_apply_stays_a_conflict(service):
+    await service.create_world(DEV, {"world_id": "w", "name": "W"})
+
+    def hook(phase, world_id, run_id):
+        if phase == "drained":
+            raise Conflict("someone else took over")
+
+    service.apply_hook = hook
+    with pytest.raises(Conflict, match="took over"):
+        await service.apply(DEV, "w", {"run_id": "c", "plan": {"activate": ["s"]}})
+    assert (await service.get_activations(DEV, "w"))["activations"] == []
+    sub = await service.bus.subscribe([TOPIC_ACTIVATION], consumer_id="c", from_beginning=True)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(sub.__anext__(), 0.05)
+    await sub.close()
+
+
+@pytest.mark.parametrize(
+    "header,etag,expected",
+    [('"abc"', "abc", True), ("abc", "abc", True), ('W/"abc"', "abc", True), ('"x", "abc"', "abc", True), ("*", "abc", True), ('"abd"', "abc", False)],
+)
+def test_etag_matching(header, etag, expected):
+    assert etag_matches(header, etag) is expected
+
+
+async def test_events_held_back_by_a_bus_outage_are_retried_in_order(tmp_path):
+    class Flaky(InProcessBus):
+        down = True
+
+        async def publish(self, topic, value, *, key, headers=None):
+            if self.down:
+                raise ConnectionError("bus down")
+            await super().publish(topic, value, key=key, headers=headers)
+
+    bus = Flaky(validator=event_validators())
+    await bus.start()
+    db = Database(sqlite_url(tmp_path / "ws.db"))
+    svc = WorldService(Config(), db=db, bus=bus)
+    svc.outbox.retry_interval = 0.05
+    await svc.start()
+    try:
+        sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="t")
+        await svc.create_world(DEV, {"world_id": "w", "name": "W"})
+        await svc.apply(DEV, "w", {"run_id": "r1", "plan": {"activate": ["a"]}})  # committed, not published
+        await svc.apply(DEV, "w", {"run_id": "r2", "plan": {"deactivate": ["a"]}})
+        assert (await svc.health())["outbox_pending"] == 4
+        bus.down = False
+        got = [await asyncio.wait_for(sub.__anext__(), 2) for _ in range(4)]
+        assert [(m.value["run_id"], m.value["side"], m.value["active"]) for m in got] == [
+            ("r1", "long", True), ("r1", "short", True), ("r2", "long", False), ("r2", "short", False)]
+        for _ in range(50):
+            if await svc.outbox.pending() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await svc.outbox.pending() == 0
+        await sub.close()
+    finally:
+        await svc.stop()
+        await db.close()
+
+
+async def test_health_is_503_when_the_database_is_down(service, monkeypatch):
+    from qmtl.common.errors import ServiceUnavailable
+
+    assert (await service.health())["database"] == "ok"
+
+    async def down():
+        return False
+
+    monkeypatch.setattr(service.db, "ping", down)
+    with pytest.raises(ServiceUnavailable, match="database is unreachable"):
+        await service.health()
