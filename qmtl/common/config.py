@@ -69,6 +69,11 @@ class EventsConfig:
     client_queue_size: int = 1024
     heartbeat_interval: float = 15.0
     replay_buffer: int = 10_000
+    # ControlBus consumer identity is "gateway-<instance_id>"; empty = generated per process.
+    # Set it (e.g. to the pod name) so a restarted replica resumes from its committed offsets.
+    instance_id: str = ""
+    fallback_url: str = ""  # descriptor fallback_url; default: this Gateway's /ws (legacy route)
+    ready_timeout: float = 10.0  # how long /ws/evt waits for the state rebuild before 1013
 
 
 @dataclass
@@ -85,6 +90,7 @@ class GatewayConfig:
     validate_responses: bool = True
     decide_default_ttl: float = 300.0
     status_cache_ttl: float = 2.0
+    worlds_cache_size: int = 10_000  # max entries of each worlds cache (decide, activation), LRU
     service_token: str = ""  # credential for WorldService's trusted identity headers
     worldservice_budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(0.3, 2))
     dagmanager_budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(0.5, 1))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -36,7 +36,7 @@ COMPONENTS = ("auth", "worlds", "events", "ingest", "status")
 
 class GatewayContext:
     def __init__(self, config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None,
-                 kv_prefix: str = "qmtl:gw:") -> None:
+                 kv_prefix: str = "qmtl:gw:", components: Sequence[str] | None = None) -> None:
         self.config = config
         self.bus = bus
         self.registry = CollectorRegistry(auto_describe=True)
@@ -57,6 +57,8 @@ class GatewayContext:
         )
         self.components: dict[str, Any] = {}
         for name in COMPONENTS:
+            if components is not None and name not in components:
+                continue  # left out on purpose (focused tests, benchmarks): its routes answer 501
             module = _component_module(name)
             if module is None:
                 continue
@@ -101,8 +103,11 @@ def _component_module(name: str) -> Any:
         return None
 
 
-def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None, kv_prefix: str = "qmtl:gw:") -> Any:
-    ctx = GatewayContext(config, bus=bus, kv=kv, db=db, kv_prefix=kv_prefix)
+def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None, kv_prefix: str = "qmtl:gw:",
+               components: Sequence[str] | None = None) -> Any:
+    """The Gateway's ASGI app. ``components`` (default: all of :data:`COMPONENTS`) selects which
+    components to build — for focused tests and benchmarks; production builds them all."""
+    ctx = GatewayContext(config, bus=bus, kv=kv, db=db, kv_prefix=kv_prefix, components=components)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
@@ -119,5 +124,10 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
         ws_routes = list(events.ws_routes())
     app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
                     resolver_error=501)
+    worlds = ctx.components.get("worlds")
+    if worlds is not None:  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
+        from qmtl.gateway.worlds import DecideFastPath
+
+        app.http_app = DecideFastPath(app.http_app, worlds)
     app.ctx = ctx  # type: ignore[attr-defined]
     return app

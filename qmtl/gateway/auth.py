@@ -17,6 +17,8 @@ import asyncio
 import base64
 import json
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -65,10 +67,47 @@ class Identity:
         }
 
 
+class _VerifiedTokens:
+    """Tokens already verified, so a repeat costs a dictionary lookup instead of a signature
+    check (~130 µs for ES256). An entry lives until the token's ``exp`` (no leeway), at most
+    ``max_age`` seconds (so a key withdrawn from the JWKS stops verifying within that
+    time); bounded LRU."""
+
+    def __init__(self, max_entries: int = 4096, max_age: float = 300.0, clock: Any = time.time) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self.clock = clock
+        self._data: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+
+    def get(self, token: str) -> Identity | None:
+        hit = self._data.get(token)
+        if hit is None:
+            return None
+        until, identity = hit
+        if self.clock() >= until:
+            self._data.pop(token, None)
+            return None
+        self._data.move_to_end(token)
+        return identity
+
+    def put(self, token: str, identity: Identity) -> None:
+        exp = identity.claims.get("exp")
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            return
+        until = min(float(exp), self.clock() + self.max_age)
+        if until <= self.clock():
+            return
+        self._data[token] = (until, identity)
+        self._data.move_to_end(token)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+
 class Authenticator:
     def __init__(self, config: Any) -> None:
         self.config = config  # AuthConfig
         self.mode = config.mode
+        self._verified = _VerifiedTokens()
         self._static_keys = [self._load_pem(p) for p in config.public_keys]
         self._jwks_client = jwt.PyJWKClient(config.jwks_url, cache_keys=True, lifespan=300) if config.jwks_url else None
         self._dev = Identity(config.dev_subject, {"sub": config.dev_subject, "world_roles": dict(config.dev_roles)}, anonymous_dev=True)
@@ -106,11 +145,17 @@ class Authenticator:
         if not self.verifies_tokens:
             # dev mode without keys: a token cannot be verified, so it is not trusted
             raise Unauthorized("this Gateway has no keys to verify bearer tokens (development mode: send no token)")
-        claims = await self.verify(token.strip())
+        token = token.strip()
+        known = self._verified.get(token)
+        if known is not None:
+            return known
+        claims = await self.verify(token)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("the token has no subject ('sub')", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        return Identity(subject, claims)
+        identity = Identity(subject, claims)
+        self._verified.put(token, identity)
+        return identity
 
     async def verify(self, token: str) -> dict:
         try:

@@ -26,11 +26,15 @@ _STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class BackendUnavailable(Exception):
-    def __init__(self, backend: str, reason: str, retry_after: float = 1.0) -> None:
+    """The backend could not answer usefully. ``response`` is its last answer when it did
+    answer (a 5xx or 429 after the retries), so a proxy can pass its problem on."""
+
+    def __init__(self, backend: str, reason: str, retry_after: float = 1.0, response: httpx.Response | None = None) -> None:
         super().__init__(f"{backend} unavailable: {reason}")
         self.backend = backend
         self.reason = reason
         self.retry_after = retry_after
+        self.response = response
 
 
 class _Retryable(Exception):
@@ -143,7 +147,7 @@ class Backend:
         except _Retryable as exc:
             status = str(exc.response.status_code)
             self._count_error(status)
-            raise BackendUnavailable(self.name, f"answered HTTP {exc.response.status_code}") from exc
+            raise BackendUnavailable(self.name, f"answered HTTP {exc.response.status_code}", response=exc.response) from exc
         except httpx.TransportError as exc:
             status = "connect_error"
             self._count_error(status)

@@ -63,7 +63,10 @@ def test_openapi_spec_validates_and_is_complete(service):
         errors = [code for code in responses if code == "default" or code.startswith(("4", "5"))]
         assert errors, f"{where}: no error responses documented"
         for code in errors:
-            content = responses[code].get("content", {})
+            response = responses[code]
+            if "$ref" in response:  # '#/components/responses/X'
+                response = spec.bundled["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+            content = response.get("content", {})
             assert "application/problem+json" in content, f"{where} {code}: errors must be problem+json"
 
 

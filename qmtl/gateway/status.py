@@ -1,0 +1,178 @@
+"""The Gateway's degradation level and dependency health (``GET /status``, SPEC §2, §4).
+
+Dependencies checked: ``redis`` (``ctx.kv``), ``database`` (``ctx.db``), ``dagmanager``
+and ``worldservice`` (``Backend.probe()``: one short ``GET /health`` outside the retry
+budget, no effect on the breaker). Checks run concurrently, each bounded by
+``PROBE_TIMEOUT``; their result is cached for ``gateway.status_cache_ttl`` seconds and
+shared by concurrent callers (one evaluation in flight at a time), so a flood of
+``/status`` calls does not flood the dependencies. Circuit-breaker states are read live
+on every call (they cost nothing).
+
+Degradation rule (documented in ``specs/openapi.yaml`` under ``/status``):
+
+=========  ==============================================================================
+NORMAL     every dependency healthy
+PARTIAL    Redis and the database healthy; the DAG Manager and/or WorldService not
+           (submissions wait in the fallback queue; worlds answers fall back to safe
+           decisions / inactive activation)
+MINIMAL    exactly one of Redis and the database unhealthy (durable ingest state at
+           risk: new submissions are refused with 503)
+STATIC     Redis and the database both unhealthy (only static and cached answers)
+=========  ==============================================================================
+
+``level()`` is synchronous for hot paths (the ingest route): it returns the level of
+the last evaluation and, when that is older than the cache TTL, schedules a refresh in
+the background. ``await current_level()`` waits for a fresh one when stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+NORMAL, PARTIAL, MINIMAL, STATIC = "NORMAL", "PARTIAL", "MINIMAL", "STATIC"
+LEVELS = (NORMAL, PARTIAL, MINIMAL, STATIC)
+PROBE_TIMEOUT = 1.0
+
+
+def degradation_level(health: dict[str, bool]) -> str:
+    """The rule in the module docstring; a dependency missing from ``health`` counts as healthy."""
+    redis_ok = health.get("redis", True)
+    db_ok = health.get("database", True)
+    if not redis_ok and not db_ok:
+        return STATIC
+    if not redis_ok or not db_ok:
+        return MINIMAL
+    if not health.get("dagmanager", True) or not health.get("worldservice", True):
+        return PARTIAL
+    return NORMAL
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class StatusMonitor:
+    def __init__(self, ctx: Any, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ctx = ctx
+        self.ttl = max(0.0, float(ttl))
+        self._clock = clock
+        self._deps: dict[str, dict] | None = None
+        self._level = NORMAL
+        self._checked_at: float | None = None
+        self._inflight: asyncio.Task | None = None
+        self._stopped = False
+
+    # -- component protocol ------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopped = False
+
+    async def stop(self) -> None:
+        self._stopped = True
+        task, self._inflight = self._inflight, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- checks ------------------------------------------------------------------------
+    def _checks(self) -> dict[str, Callable[[], Awaitable[bool]]]:
+        ctx = self.ctx
+        return {
+            "redis": lambda: _kv_ping(ctx.kv),
+            "database": ctx.db.ping,
+            "dagmanager": ctx.dagmanager.probe,
+            "worldservice": ctx.worldservice.probe,
+        }
+
+    async def _evaluate(self) -> dict[str, dict]:
+        checks = self._checks()
+
+        async def run(name: str, fn: Callable[[], Awaitable[bool]]) -> dict:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    ok = bool(await fn())
+                detail = "reachable" if ok else "unreachable or failing"
+            except TimeoutError:
+                ok, detail = False, f"no answer within {PROBE_TIMEOUT * 1000:.0f} ms"
+            except Exception as exc:  # a check never breaks /status
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            took = (time.perf_counter() - started) * 1000
+            return {"healthy": ok, "detail": f"{detail} ({took:.0f} ms)", "checked_at": _now_iso()}
+
+        results = await asyncio.gather(*(run(n, f) for n, f in checks.items()))
+        deps = dict(zip(checks, results))
+        self._deps = deps
+        self._level = degradation_level({n: d["healthy"] for n, d in deps.items()})
+        self._checked_at = self._clock()
+        return deps
+
+    def _fresh(self) -> bool:
+        return self._checked_at is not None and self._clock() - self._checked_at < self.ttl
+
+    async def _dependencies(self) -> tuple[dict[str, dict], bool]:
+        """(dependency health, served from cache?)"""
+        if self._fresh() and self._deps is not None:
+            return self._deps, True
+        task = self._inflight
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._evaluate())
+            self._inflight = task
+        # shield: one caller giving up must not cancel the evaluation others wait for
+        return await asyncio.shield(task), False
+
+    # -- public ------------------------------------------------------------------------
+    def level(self) -> str:
+        """The last evaluated level (NORMAL before the first evaluation); refreshes in the background when stale."""
+        if not self._fresh() and not self._stopped and (self._inflight is None or self._inflight.done()):
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
+                self._inflight = asyncio.get_running_loop().create_task(self._evaluate())
+        return self._level
+
+    async def current_level(self) -> str:
+        await self._dependencies()
+        return self._level
+
+    def breakers(self) -> dict[str, dict]:
+        return {"worldservice": self.ctx.worldservice.snapshot(), "dagmanager": self.ctx.dagmanager.snapshot()}
+
+    async def report(self) -> dict:
+        deps, cached = await self._dependencies()
+        level = self._level
+        out: dict[str, Any] = {
+            "status": "ok" if level == NORMAL else "degraded",
+            "degradation": level,
+            "dependencies": deps,
+            "breakers": self.breakers(),
+            "cached": cached,
+        }
+        fallback = self._fallback_queue_size()
+        if fallback is not None:
+            out["fallback_queue"] = fallback
+        return out
+
+    def _fallback_queue_size(self) -> int | None:
+        ingest = self.ctx.components.get("ingest")
+        size = getattr(ingest, "fallback_queue_size", None) if ingest is not None else None
+        if size is None:
+            return None
+        try:
+            value = size() if callable(size) else size
+            return max(0, int(value))
+        except Exception:
+            return None
+
+
+async def _kv_ping(kv: Any) -> bool:
+    return bool(await kv.ping())
+
+
+def build(ctx: Any) -> StatusMonitor:
+    return StatusMonitor(ctx, ttl=ctx.config.gateway.status_cache_ttl)
