@@ -1,0 +1,25 @@
+"""GET /health, GET /metrics, POST /gc."""
+
+from __future__ import annotations
+
+from connexion.lifecycle import ConnexionResponse
+
+from qmtl.contracts.app import problem_response
+from qmtl.dagmanager.service import DagManagerService
+
+
+async def health(ctx: DagManagerService):
+    ok, body = await ctx.health()
+    if ok:
+        return body
+    return problem_response(503, "Service Unavailable", "the DAG Manager's database does not answer", ext=body,
+                            headers={"Retry-After": "2"})
+
+
+async def metrics(ctx: DagManagerService):
+    payload, content_type = ctx.metrics.render()
+    return ConnexionResponse(status_code=200, body=payload, content_type=content_type)
+
+
+async def run_gc(ctx: DagManagerService):
+    return await ctx.gc()

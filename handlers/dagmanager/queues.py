@@ -1,0 +1,15 @@
+"""GET /queues/by_tag, GET /queues."""
+
+from __future__ import annotations
+
+from qmtl.dagmanager.service import DagManagerService
+
+
+async def queues_by_tag(ctx: DagManagerService, tags: str, interval: int, match_mode: str | None = None, match: str | None = None):
+    # match_mode wins over the deprecated alias `match`; the default is `any`
+    mode = match_mode or match or "any"
+    return await ctx.queues_by_tag(tags.split(","), interval, mode)
+
+
+async def list_queues(ctx: DagManagerService, limit: int = 100, offset: int = 0, tag: str | None = None):
+    return await ctx.list_queues(limit=limit, offset=offset, tag=tag)

@@ -1,0 +1,99 @@
+"""The DAG Manager's ASGI app: ``create_app(config, bus=..., db=..., topic_admin=...)``.
+
+Routes come from ``specs/dagmanager.yaml``; handlers (``handlers/dagmanager/``) call the
+:class:`~qmtl.dagmanager.service.DagManagerService` passed to them as ``ctx``. The
+lifespan creates the tables, starts the topic admin, the Gateway callback sender, the
+tag-index notifier and the periodic GC, and stops all of them on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Callable
+
+from qmtl.bus.base import ControlBus
+from qmtl.common.config import Config
+from qmtl.contracts.app import build_app
+from qmtl.store.sql import Database
+
+from .callbacks import GatewayCallback
+from .metrics import DagManagerMetrics
+from .service import DagManagerService
+from .tagindex import schema_allows_match_mode
+from .topics import TopicAdmin, make_topic_admin
+
+log = logging.getLogger(__name__)
+
+
+def create_service(
+    config: Config,
+    *,
+    bus: ControlBus,
+    db: Database | None = None,
+    topic_admin: TopicAdmin | None = None,
+    clock: Callable[[], float] = time.time,
+    callback_timeout: float = 2.0,
+) -> DagManagerService:
+    """The service without HTTP (benchmarks, embedding). ``service.owns_db`` says whether
+    the caller must not close ``db`` itself."""
+    dm = config.dagmanager
+    owns_db = db is None
+    db = db or Database(config.db_url("dagmanager"))
+    metrics = DagManagerMetrics()
+    service = DagManagerService(
+        db,
+        bus,
+        topic_admin=topic_admin or make_topic_admin(config),
+        callback=GatewayCallback(dm.gateway_callback_url, metrics=metrics, timeout=callback_timeout),
+        metrics=metrics,
+        queue_ttl_seconds=dm.queue_ttl_seconds,
+        partitions=config.controlbus.num_partitions,
+        clock=clock,
+        include_match_mode=schema_allows_match_mode(),
+    )
+    service.owns_db = owns_db  # type: ignore[attr-defined]
+    return service
+
+
+def create_app(
+    config: Config,
+    *,
+    bus: ControlBus,
+    db: Database | None = None,
+    topic_admin: TopicAdmin | None = None,
+    clock: Callable[[], float] = time.time,
+    gc_interval: float | None = None,
+    callback_timeout: float = 2.0,
+) -> Any:
+    """The DAG Manager app. ``clock`` (epoch seconds) is injectable for GC tests;
+    ``gc_interval`` overrides ``dagmanager.gc_interval_seconds`` (0 or less: no periodic GC)."""
+    service = create_service(config, bus=bus, db=db, topic_admin=topic_admin, clock=clock, callback_timeout=callback_timeout)
+    interval = config.dagmanager.gc_interval_seconds if gc_interval is None else gc_interval
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any):
+        await bus.start()  # idempotent: services sharing one in-process bus all call it
+        await service.start()
+        gc_task = asyncio.create_task(service.gc_loop(interval), name="dagmanager-gc") if interval and interval > 0 else None
+        log.info("DAG Manager ready: topic admin %s, GC every %ss, callback %s", service.topic_admin.mode,
+                 interval if gc_task else "never", service.callback.url or "off")
+        try:
+            yield
+        finally:
+            if gc_task is not None:
+                gc_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gc_task
+            await service.stop()
+            if getattr(service, "owns_db", False):
+                await service.db.close()
+
+    app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses)
+    app.ctx = service  # type: ignore[attr-defined]
+    return app
+
+
+__all__ = ["create_app", "create_service"]

@@ -1,0 +1,286 @@
+"""The DAG Manager's graph store: tables and batched SQL helpers (PostgreSQL | SQLite).
+
+Tables (all prefixed ``dm_`` so that the service can share a database):
+
+* ``dm_nodes`` — compute nodes (and TagQueryNodes) by ``node_id``, with the fields
+  their id is computed from, interval, period and tags.
+* ``dm_queues`` — one queue (Kafka topic) per node and namespace (``sim`` = dry-run):
+  unique ``(nid, sim)`` and unique ``topic``. These two constraints are what make
+  concurrent diffs of the same node converge on one queue. ``tags``/``interval`` are
+  the node's when its queue was created; ``released_at`` is when the last strategy
+  reference was dropped (GC clock).
+* ``dm_queue_tags`` — the tag index: one row per (tag, interval, namespace, queue);
+  tag queries read the live ones.
+* ``dm_strategies`` / ``dm_strategy_nodes`` — each strategy's current node references
+  (what keeps queues alive) and its namespace.
+* ``dm_sentinels`` / ``dm_sentinel_nodes`` — version sentinels, their traffic weight,
+  and the sentinel→node edges.
+
+Nodes, queues, strategies and sentinels have an integer surrogate key (``nid``,
+``qid``, ``sid``, ``snid``) next to their id: the edge tables and the tag index are made
+of integers (and the tag), and a new node costs two random-string index entries (its
+id and its topic) instead of one per table it appears in. At 1,000 nodes per diff,
+the number of index pages a transaction dirties is what its cost is made of.
+* ``dm_tag_watches`` — the (tags, interval, match_mode) keys someone asked about, with
+  the etag of the set last announced for each (QueueUpdated is published when it
+  changes).
+
+Times are epoch seconds (float). Lists are JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from qmtl.store.sql import Database
+
+metadata = sa.MetaData()
+
+NODE_ID = sa.String(256)
+TOPIC = sa.String(249)
+# Edge tables hold integer surrogate keys only: at 1,000 edges per diff, rows of two
+# integers are ~10x cheaper to write and index than rows of two 64-character ids.
+_EDGE_TABLE = {"sqlite_with_rowid": False}
+
+nodes = sa.Table(
+    "dm_nodes",
+    metadata,
+    sa.Column("nid", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("node_id", NODE_ID, nullable=False, unique=True),
+    sa.Column("node_type", sa.String(128), nullable=False),
+    sa.Column("code_hash", sa.String(256), nullable=False),
+    sa.Column("config_hash", sa.String(256), nullable=False),
+    sa.Column("schema_hash", sa.String(256), nullable=False),
+    sa.Column("interval", sa.Integer, nullable=True),
+    sa.Column("period", sa.Integer, nullable=True),
+    sa.Column("tags", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+queues = sa.Table(
+    "dm_queues",
+    metadata,
+    sa.Column("qid", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("topic", TOPIC, nullable=False, unique=True),
+    sa.Column("nid", sa.Integer, nullable=False),
+    sa.Column("sim", sa.Boolean, nullable=False),
+    sa.Column("node_type", sa.String(128), nullable=False),
+    sa.Column("tags", sa.Text, nullable=False),
+    sa.Column("interval", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("ttl_seconds", sa.Integer, nullable=False),
+    sa.Column("released_at", sa.Float, nullable=True),
+    sa.Column("creator", sa.String(32), nullable=False),  # token of the diff that created it
+    sa.UniqueConstraint("nid", "sim", name="uq_dm_queues_nid_sim"),
+)
+
+queue_tags = sa.Table(
+    "dm_queue_tags",
+    metadata,
+    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("interval", sa.Integer, primary_key=True),
+    sa.Column("sim", sa.Boolean, primary_key=True),
+    sa.Column("qid", sa.Integer, primary_key=True),
+    sa.Index("ix_dm_queue_tags_qid", "qid"),
+    **_EDGE_TABLE,
+)
+
+strategies = sa.Table(
+    "dm_strategies",
+    metadata,
+    sa.Column("sid", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("strategy_id", sa.String(200), nullable=False, unique=True),
+    sa.Column("sentinel_id", sa.String(256), nullable=False),
+    sa.Column("run_type", sa.String(32), nullable=False),
+    sa.Column("sim", sa.Boolean, nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+strategy_nodes = sa.Table(
+    "dm_strategy_nodes",
+    metadata,
+    sa.Column("sid", sa.Integer, primary_key=True),
+    sa.Column("nid", sa.Integer, primary_key=True),
+    sa.Index("ix_dm_strategy_nodes_nid", "nid"),
+    **_EDGE_TABLE,
+)
+
+sentinels = sa.Table(
+    "dm_sentinels",
+    metadata,
+    sa.Column("snid", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sentinel_id", sa.String(256), nullable=False, unique=True),
+    sa.Column("strategy_id", sa.String(200), nullable=False, index=True),
+    sa.Column("version", sa.String(64), nullable=True, index=True),
+    sa.Column("weight", sa.Float, nullable=True),
+    sa.Column("weight_updated_at", sa.Float, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+sentinel_nodes = sa.Table(
+    "dm_sentinel_nodes",
+    metadata,
+    sa.Column("snid", sa.Integer, primary_key=True),
+    sa.Column("nid", sa.Integer, primary_key=True),
+    sa.Index("ix_dm_sentinel_nodes_nid", "nid"),
+    **_EDGE_TABLE,
+)
+
+tag_watches = sa.Table(
+    "dm_tag_watches",
+    metadata,
+    sa.Column("watch_key", sa.String(64), primary_key=True),
+    sa.Column("tags", sa.Text, nullable=False),
+    sa.Column("interval", sa.Integer, nullable=False, index=True),
+    sa.Column("match_mode", sa.String(3), nullable=False),
+    sa.Column("etag", sa.String(64), nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# ids per IN (...) for SQLAlchemy Core statements on SQLite (its bind limit is 32766);
+# PostgreSQL gets one array parameter instead (``= ANY(...)``).
+IN_CHUNK = 5000
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def loads(text: str | None) -> Any:
+    return json.loads(text) if text else []
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _pg_type(column: sa.Column) -> str:
+    t = column.type
+    if isinstance(t, sa.Boolean):
+        return "bool"
+    if isinstance(t, sa.Integer):
+        return "int4"
+    if isinstance(t, sa.Float):
+        return "float8"
+    return "text"
+
+
+class SqlHelpers:
+    """Statement helpers for one database, dialect-aware.
+
+    The diff's hot statements (bulk INSERTs and SELECTs by a list of ids) are plain
+    driver SQL, because SQLAlchemy's per-row parameter processing and the compilation
+    of an expanding ``IN`` cost more than the database work itself at 1,000 rows:
+
+    * bulk INSERT ... ON CONFLICT DO NOTHING — SQLite: one prepared statement run by
+      ``executemany``; PostgreSQL: one statement over ``unnest`` of one array per column;
+    * WHERE column IN (ids) — SQLite: ``IN (SELECT value FROM json_each(?))`` with the
+      ids as one JSON parameter; PostgreSQL: ``= ANY($n::text[])``.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.is_sqlite = db.is_sqlite
+        self._insert = sqlite.insert if db.is_sqlite else postgresql.insert
+        self._sql: dict[tuple, str] = {}
+
+    def insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT (with ``on_conflict_do_nothing`` / ``on_conflict_do_update``)."""
+        return self._insert(table)
+
+    # -- SQLAlchemy Core helpers (cold paths) ---------------------------------------------
+    def id_batches(self, column: sa.Column, values: Sequence[Any]) -> Iterator[Any]:
+        """WHERE clauses selecting ``column`` in ``values``, as few as the dialect allows."""
+        if not values:
+            return
+        if self.is_sqlite:
+            for chunk in chunks(list(values), IN_CHUNK):
+                yield column.in_(chunk)
+        else:
+            item = sa.Integer if isinstance(column.type, sa.Integer) else sa.String
+            yield column == sa.any_(sa.literal(list(values), type_=postgresql.ARRAY(item)))
+
+    async def insert_ignore_returning(self, conn: Any, table: sa.Table, rows: list[dict], returning: Sequence[sa.Column]) -> list[Any]:
+        """INSERT ... ON CONFLICT DO NOTHING RETURNING, for a few rows (cold paths)."""
+        if not rows:
+            return []
+        stmt = self.insert(table).values(rows).on_conflict_do_nothing().returning(*returning)
+        return list((await conn.execute(stmt)).all())
+
+    async def select_in(self, conn: Any, stmt: Any, column: sa.Column, values: Iterable[str]) -> list[Any]:
+        values = list(values)
+        out: list[Any] = []
+        for clause in self.id_batches(column, values):
+            out.extend((await conn.execute(stmt.where(clause))).all())
+        return out
+
+    # -- driver SQL (hot paths) -------------------------------------------------------------
+    def param(self, n: int) -> str:
+        """The n-th (1-based) positional placeholder."""
+        return "?" if self.is_sqlite else f"${n}"
+
+    def in_list(self, n: int) -> str:
+        """``IN``-like test against the list passed (via :meth:`list_param`) as parameter n."""
+        return "IN (SELECT value FROM json_each(?))" if self.is_sqlite else f"= ANY(${n}::text[])"
+
+    def list_param(self, values: Sequence[Any]) -> Any:
+        return json.dumps(list(values)) if self.is_sqlite else list(values)
+
+    def in_int_list(self, n: int) -> str:
+        return "IN (SELECT value FROM json_each(?))" if self.is_sqlite else f"= ANY(${n}::int4[])"
+
+    async def insert_edges(self, conn: Any, table: sa.Table, head: int, tails: Sequence[int]) -> None:
+        """INSERT ... ON CONFLICT DO NOTHING of the edges (head, tail) for every tail, in
+        one statement whose only list parameter is ``tails`` (no per-row binding)."""
+        if not tails:
+            return
+        a, b = (c.name for c in table.primary_key.columns)
+        if self.is_sqlite:  # "WHERE true" disambiguates INSERT ... SELECT ... ON CONFLICT
+            sql = f"INSERT INTO {table.name} ({a}, {b}) SELECT ?, value FROM json_each(?) WHERE true ON CONFLICT DO NOTHING"
+        else:
+            sql = f"INSERT INTO {table.name} ({a}, {b}) SELECT $1, unnest($2::int4[]) ON CONFLICT DO NOTHING"
+        await conn.exec_driver_sql(sql, (head, self.list_param(sorted(tails))))
+
+    async def insert_ignore(self, conn: Any, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> None:
+        """Bulk INSERT ... ON CONFLICT DO NOTHING of ``rows`` (tuples in ``columns`` order)."""
+        if not rows:
+            return
+        key = (table.name, tuple(columns))
+        sql = self._sql.get(key)
+        if sql is None:
+            cols = ", ".join(columns)
+            if self.is_sqlite:
+                marks = ", ".join("?" for _ in columns)
+                sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+            else:
+                arrays = ", ".join(f"${i + 1}::{_pg_type(table.c[c])}[]" for i, c in enumerate(columns))
+                sql = f"INSERT INTO {table.name} ({cols}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING"
+            self._sql[key] = sql
+        if self.is_sqlite:
+            await conn.exec_driver_sql(sql, list(rows))
+        else:
+            await conn.exec_driver_sql(sql, tuple(list(col) for col in zip(*rows)))
+
+
+__all__ = [
+    "metadata",
+    "nodes",
+    "queues",
+    "queue_tags",
+    "strategies",
+    "strategy_nodes",
+    "sentinels",
+    "sentinel_nodes",
+    "tag_watches",
+    "SqlHelpers",
+    "dumps",
+    "loads",
+    "chunks",
+]
