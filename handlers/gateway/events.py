@@ -1,0 +1,34 @@
+"""Event stream: descriptors, the token JWKS, and the queue state-hash probe (SPEC §5).
+
+(The world probes, ``/worlds/{id}/activation/state_hash`` and ``.../policy/state_hash``,
+are proxied to WorldService by the worlds proxy; ``ctx.events.state_hash(...)`` gives the
+Gateway's own view of the same hashes.)
+
+Thin: authentication and scope checks here, everything else in ``ctx.events``
+(:mod:`qmtl.gateway.events`).
+"""
+
+from __future__ import annotations
+
+from connexion import request
+
+from qmtl.common.errors import BadRequest
+
+
+async def subscribe(ctx, body):
+    identity = await ctx.auth.authenticate(request.headers)
+    return await ctx.events.describe(identity, body)
+
+
+async def get_jwks(ctx):
+    # Verifiers cache the JWKS; a staged key is published before it signs (see KeyRing).
+    return ctx.events.tokens.jwks(), 200, {"Cache-Control": "public, max-age=60"}
+
+
+async def queues_state_hash(ctx, tags, interval, match_mode=None):
+    await ctx.auth.authenticate(request.headers)
+    try:
+        h = await ctx.events.resolved_state_hash("queues", tags=tags, interval=interval, match_mode=match_mode)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return {"topic": "queues", "state_hash": h}

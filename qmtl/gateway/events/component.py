@@ -1,0 +1,446 @@
+"""The Gateway's ``events`` component: descriptors and tokens, the ControlBus consumer,
+the state store, the fan-out hub and the WebSocket routes — one relay path for every
+source (ControlBus, ``/callbacks/dag-event``, and local frames from ingest).
+
+API used by the rest of the Gateway:
+
+* ``ws_routes()`` — ``/ws/evt`` and ``/ws`` (Starlette ``WebSocketRoute``\\ s);
+* ``await relay_local(type, data, *, key, world_id=None)`` — a frame that does not come
+  from the ControlBus (ingest ``progress``/``queue_map``, callback ``sentinel_weight`` and
+  ``queue_update``, or a versioned envelope as ``activation_updated``/``policy_updated``);
+* ``state_hash(topic, ...)`` / ``await resolved_state_hash(...)`` — the probes;
+* ``await describe(identity, body)`` — the ``POST /events/subscribe`` descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.routing import WebSocketRoute
+
+from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
+from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
+from qmtl.contracts.events import event_validators, schema_validator
+
+from . import state as st
+from .consumer import ControlBusConsumer
+from .hub import (
+    KIND_ACTIVATION,
+    KIND_INGEST,
+    KIND_POLICY,
+    KIND_QUEUES,
+    KIND_SENTINEL,
+    Hub,
+    Subscriber,
+)
+from .metrics import EventMetrics
+from .tokens import InvalidToken, Tokens, normalise_topics
+from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, StreamEndpoint, StreamRefused
+
+log = logging.getLogger(__name__)
+
+_TOPIC_OF_TYPE = {"activation_updated": TOPIC_ACTIVATION, "policy_updated": TOPIC_POLICY}
+_LOCAL_TYPES = ("progress", "queue_map")
+
+
+def generated_instance_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "host")[:40]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def ws_base(public_url: str) -> str:
+    if public_url.startswith("https://"):
+        return "wss://" + public_url[len("https://"):]
+    if public_url.startswith("http://"):
+        return "ws://" + public_url[len("http://"):]
+    return public_url
+
+
+class EventsComponent:
+    close_grace = 2.0  # seconds to get a close frame (4008/1001) out to a client
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        cfg = ctx.config.gateway.events
+        self.cfg = cfg
+        self.instance_id = cfg.instance_id or generated_instance_id()
+        self.consumer_id = f"gateway-{self.instance_id}"
+        self.public_url = ctx.config.gateway_public_url()
+        self.metrics = EventMetrics.create(ctx.registry)
+        self.tokens = Tokens(
+            signing_keys=list(cfg.signing_keys), data_dir=ctx.config.data_dir, token_ttl=cfg.token_ttl,
+            algorithm=cfg.algorithm, issuer=self.public_url,
+        )
+        self.state = st.StateStore()
+        self.hub = Hub(
+            self.metrics, source=f"qmtl.gateway/{self.instance_id}", queue_size=cfg.client_queue_size,
+            replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval,
+        )
+        self.consumer = ControlBusConsumer(
+            ctx.bus, self._apply_from_bus, consumer_id=self.consumer_id, epoch=self.hub.epoch, metrics=self.metrics,
+        )
+        self._frame_schema = schema_validator("ws_frame.schema.json")
+        self.metrics.state_hash_mismatch.set_function(self.state.mismatched_worlds)
+        self._resolving: dict[tuple, asyncio.Future] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        log.info("event stream: consumer %s, signing key %s (%s)", self.consumer_id, self.tokens.ring.signer.kid, self.tokens.algorithm)
+        await self.hub.start()
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.hub.stop()
+
+    def ws_routes(self) -> list[WebSocketRoute]:
+        return [
+            WebSocketRoute("/ws/evt", StreamEndpoint(self, "/ws/evt", legacy=False)),
+            WebSocketRoute("/ws", StreamEndpoint(self, "/ws", legacy=True)),
+        ]
+
+    @property
+    def ready(self) -> bool:
+        return self.consumer.ready.is_set()
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        if self.ready:
+            return True
+        try:
+            await asyncio.wait_for(self.consumer.ready.wait(), self.cfg.ready_timeout if timeout is None else timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # -- the relay path ------------------------------------------------------------------
+    def _apply_from_bus(self, topic: str, event: dict, relay: bool) -> str:
+        return self.apply_event(topic, event, relay=relay, source="controlbus" if relay else "rebuild")[0]
+
+    def apply_event(self, topic: str, event: Mapping[str, Any], *, relay: bool = True, source: str = "controlbus") -> tuple[str, int]:
+        """Apply one (already validated) versioned envelope; relay it when it changed the
+        state. Returns ``(outcome, subscribers reached)``. Never awaits."""
+        t0 = time.perf_counter()
+        delivered = 0
+        if topic == TOPIC_ACTIVATION:
+            outcome, h = self.state.apply_activation(event, with_hash=relay)
+            if outcome == st.APPLIED and relay:
+                w = event["world_id"]
+                delivered = self.hub.publish(
+                    "activation_updated", event, (KIND_ACTIVATION, w, None, None), subject=w, extensions={"statehash": h}
+                )
+        elif topic == TOPIC_POLICY:
+            outcome, h = self.state.apply_policy(event)
+            if outcome == st.APPLIED and relay:
+                w = event["world_id"]
+                delivered = self.hub.publish("policy_updated", event, (KIND_POLICY, w, None, None), subject=w, extensions={"statehash": h})
+        elif topic == TOPIC_QUEUES:
+            key = st.normalise_queue_key(event["tags"], event["interval"], event.get("match_mode"))
+            outcome, delivered = self._apply_queues(key, event["queues"], etag=event.get("etag"), ts=event.get("ts"), relay=relay)
+        else:
+            raise ValueError(f"no relay rule for topic {topic!r}")
+        self.metrics.controlbus_events.labels(topic, outcome, source).inc()
+        if relay:
+            self.metrics.relay_seconds.observe(time.perf_counter() - t0)
+        return outcome, delivered
+
+    def _apply_queues(self, key: tuple, queues: Iterable[str], *, etag: str | None, ts: Any, relay: bool) -> tuple[str, int]:
+        outcome, h = self.state.apply_queues(key, queues, etag=etag, ts=ts)
+        delivered = 0
+        if outcome == st.APPLIED and relay:
+            tags, interval, mode = key
+            entry = self.state.queues[key]
+            data: dict[str, Any] = {"tags": list(tags), "interval": interval, "queues": list(entry.queues), "match_mode": mode}
+            if entry.etag:
+                data["etag"] = entry.etag
+            delivered = self.hub.publish(
+                "queue_update", data, (KIND_QUEUES, None, key, None), subject=f"{st.bus_key_of(key)}/{mode}", extensions={"statehash": h}
+            )
+        return outcome, delivered
+
+    def apply_queue_update(self, data: Mapping[str, Any], *, source: str = "callback") -> tuple[str, int]:
+        """The legacy ``queue_update`` body ``{tags, interval, queues, match_mode?, etag?, ts?}``."""
+        key = st.normalise_queue_key(data["tags"], data["interval"], data.get("match_mode"))
+        outcome, delivered = self._apply_queues(key, data["queues"], etag=data.get("etag"), ts=data.get("ts"), relay=True)
+        self.metrics.controlbus_events.labels(TOPIC_QUEUES, outcome, source).inc()
+        return outcome, delivered
+
+    def apply_sentinel_weight(self, data: Mapping[str, Any], *, source: str = "callback") -> tuple[str, int]:
+        """``{sentinel_id | version, weight, ts?}`` → gauge, ``sentinel_weight`` frame, skew."""
+        sid = data.get("sentinel_id") or data.get("version")
+        if not isinstance(sid, str) or not sid:
+            raise ValueError("sentinel_weight needs sentinel_id (or version)")
+        weight = float(data["weight"])
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError("sentinel weight must be within 0..1")
+        outcome = self.state.apply_sentinel(sid, weight, data.get("ts"))
+        delivered = 0
+        if outcome == st.APPLIED:
+            self.metrics.sentinel_ratio.labels(sid).set(weight)
+            frame: dict[str, Any] = {"sentinel_id": sid, "weight": weight}
+            for extra in ("version", "ts"):
+                if isinstance(data.get(extra), str):
+                    frame[extra] = data[extra]
+            delivered = self.hub.publish("sentinel_weight", frame, (KIND_SENTINEL, None, None, None), subject=sid)
+            changed_at = st.parse_ts(data.get("ts"))
+            if changed_at is not None:
+                self.metrics.sentinel_skew_seconds.labels(sid).set(max(0.0, time.time() - changed_at))
+        self.metrics.controlbus_events.labels("sentinel", outcome, source).inc()
+        return outcome, delivered
+
+    async def relay_local(self, type: str, data: Mapping[str, Any], *, key: str, world_id: str | None = None) -> int:
+        """Relay a frame that does not come from the ControlBus; returns how many
+        subscribers it reached (0 for a duplicate or stale state event). Raises
+        ValueError when ``data`` does not fit the frame type."""
+        if type in _TOPIC_OF_TYPE:
+            topic = _TOPIC_OF_TYPE[type]
+            event_validators().validate(topic, data)
+            return self.apply_event(topic, data, source="local")[1]
+        if type == "queue_update":
+            self._check_frame(type, {"match_mode": "any", **data})
+            return self.apply_queue_update(data, source="local")[1]
+        if type == "sentinel_weight":
+            return self.apply_sentinel_weight(data, source="local")[1]
+        if type not in _LOCAL_TYPES:
+            raise ValueError(f"cannot relay frames of type {type!r}")
+        self._check_frame(type, data)
+        strategy_id = data.get("strategy_id") if isinstance(data.get("strategy_id"), str) else None
+        return self.hub.publish(type, dict(data), (KIND_INGEST, world_id, None, strategy_id or key), subject=key)
+
+    def _check_frame(self, type_: str, data: Mapping[str, Any]) -> None:
+        probe = {
+            "specversion": "1.0", "id": "x", "source": "qmtl.gateway", "type": type_, "time": "2026-01-01T00:00:00Z",
+            "datacontenttype": "application/json", "data": dict(data),
+        }
+        if not self._frame_schema.is_valid(probe):
+            errors = self._frame_schema.errors(probe)
+            first = errors[0] if errors else {"message": "invalid", "pointer": "/data"}
+            raise ValueError(f"invalid {type_} frame: {first.get('message')} at {first.get('pointer')}")
+
+    # -- state hashes (probes) ---------------------------------------------------------
+    def state_hash(self, topic: str, *, world_id: str | None = None, tags: Any = None, interval: Any = None,
+                   match_mode: str | None = None) -> str | None:
+        """The hash the stream sends for this state now (None: queue key not held)."""
+        if topic == "activation":
+            return self.state.activation_hash(world_id or "")
+        if topic == "policy":
+            return self.state.policy_hash(world_id or "")
+        if topic in ("queues", "queue"):
+            return self.state.queue_hash(st.normalise_queue_key(tags, interval, match_mode))
+        raise ValueError(f"unknown topic {topic!r}")
+
+    async def resolved_state_hash(self, topic: str, **kw: Any) -> str:
+        if not await self.wait_ready():
+            raise ServiceUnavailable("the Gateway is still rebuilding its event state", retry_after=2)
+        if topic in ("queues", "queue"):
+            key = st.normalise_queue_key(kw.get("tags"), kw.get("interval"), kw.get("match_mode"))
+            await self.resolve_queue_keys([key])
+            h = self.state.queue_hash(key)
+            assert h is not None
+            return h
+        h = self.state_hash(topic, **kw)
+        assert h is not None
+        return h
+
+    async def resolve_queue_keys(self, keys: Iterable[tuple]) -> None:
+        """Fetch from the DAG Manager the queue set of every key not held yet (which also
+        makes the DAG Manager watch it, so its changes are published). Raises
+        ServiceUnavailable when the DAG Manager cannot answer."""
+        for key in keys:
+            if self.state.queue_hash(key) is not None:
+                continue
+            pending = self._resolving.get(key)
+            if pending is None:
+                pending = asyncio.ensure_future(self._fetch_queue_set(key))
+                self._resolving[key] = pending
+                pending.add_done_callback(lambda f, k=key: (self._resolving.pop(k, None), f.cancelled() or f.exception()))
+            await asyncio.shield(pending)
+
+    async def _fetch_queue_set(self, key: tuple) -> None:
+        from qmtl.gateway.backends import BackendUnavailable
+
+        tags, interval, mode = key
+        try:
+            resp = await self.ctx.dagmanager.request(
+                "GET", "/queues/by_tag", params={"tags": ",".join(tags), "interval": interval, "match_mode": mode}
+            )
+        except BackendUnavailable as exc:
+            raise ServiceUnavailable(f"the queue set of {list(tags)}/{interval}/{mode} is unknown here and {exc}", retry_after=2) from exc
+        if resp.status_code != 200:
+            raise ServiceUnavailable(f"the DAG Manager answered HTTP {resp.status_code} for the queue set of {list(tags)}/{interval}/{mode}", retry_after=2)
+        body = resp.json()
+        if self.state.queue_hash(key) is None:  # an event may have landed meanwhile
+            self._apply_queues(key, body.get("queues") or [], etag=body.get("etag"), ts=None, relay=True)
+            self.metrics.controlbus_events.labels(TOPIC_QUEUES, st.APPLIED, "dagmanager").inc()
+
+    # -- descriptors ---------------------------------------------------------------------
+    async def describe(self, identity: Any, body: Mapping[str, Any]) -> dict:
+        try:
+            topics = normalise_topics(body.get("topics") or [])
+        except ValueError as exc:
+            raise Unprocessable(str(exc), ext={"errors": [{"pointer": "/topics", "message": str(exc)}]}) from None
+        world_id = body.get("world_id") or None
+        strategy_id = body.get("strategy_id") or None
+        needs_world = [t for t in topics if t in ("activation", "policy")]
+        if needs_world and not world_id:
+            msg = f"topic(s) {', '.join(needs_world)} are per world: world_id is required"
+            raise Unprocessable(msg, ext={"errors": [{"pointer": "/world_id", "message": msg}]})
+        if world_id:
+            identity.require(world_id, "reader")
+        keys = []
+        for i, k in enumerate(body.get("queue_keys") or []):
+            try:
+                keys.append(st.normalise_queue_key(k.get("tags") or [], k.get("interval"), k.get("match_mode")))
+            except ValueError as exc:
+                raise Unprocessable(str(exc), ext={"errors": [{"pointer": f"/queue_keys/{i}", "message": str(exc)}]}) from None
+        if keys and "queues" not in topics:
+            msg = "queue_keys need the 'queues' topic"
+            raise Unprocessable(msg, ext={"errors": [{"pointer": "/queue_keys", "message": msg}]})
+        token, exp = self.tokens.issue(subject=identity.subject, topics=topics, world_id=world_id, strategy_id=strategy_id, queue_keys=keys)
+        base = ws_base(self.public_url)
+        return {
+            "stream_url": base + "/ws/evt",
+            "token": token,
+            "topics": topics,
+            "expires_at": self.tokens.expires_at(exp),
+            "fallback_url": self.cfg.fallback_url or base + "/ws",
+        }
+
+    # -- subscriptions -------------------------------------------------------------------
+    async def open_subscription(self, scope: Mapping[str, Any], *, route: str, legacy: bool) -> tuple[Subscriber, str | None]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+        token = _bearer(headers) or query.get("token")
+        last_event_id = query.get("last_event_id") or headers.get("last-event-id")
+        if legacy:
+            return await self._open_legacy(route, token), last_event_id
+        if not token:
+            raise StreamRefused(CLOSE_POLICY, "a token is required (Authorization: Bearer or ?token=)", "missing_token")
+        try:
+            grant = self.tokens.verify(token)
+        except InvalidToken as exc:
+            raise StreamRefused(CLOSE_POLICY, f"invalid token: {exc.reason}", exc.reason.replace(" ", "_")) from None
+        if query.get("world_id") and query["world_id"] != grant.world_id:
+            raise StreamRefused(CLOSE_POLICY, "world_id is outside the token's scope", "scope")
+        topics = set(grant.topics)
+        if query.get("topics"):
+            try:
+                asked = set(normalise_topics(t for t in query["topics"].split(",") if t))
+            except ValueError:
+                raise StreamRefused(CLOSE_POLICY, "unknown topic in ?topics=", "scope") from None
+            if not asked <= topics:
+                raise StreamRefused(CLOSE_POLICY, "a topic is outside the token's scope", "scope")
+            topics = asked
+        keys = set(grant.queue_keys)
+        if query.get("tags") or query.get("interval"):
+            if "queues" not in topics:
+                raise StreamRefused(CLOSE_POLICY, "queue keys need the 'queues' topic in the token", "scope")
+            try:
+                keys.add(st.normalise_queue_key(query.get("tags", ""), query.get("interval"), query.get("match_mode") or query.get("match")))
+            except ValueError as exc:
+                raise StreamRefused(CLOSE_POLICY, f"bad queue key: {exc}", "bad_queue_key") from None
+        if grant.world_id is None:
+            topics -= {"activation", "policy"}
+        if not await self.wait_ready():
+            raise StreamRefused(CLOSE_TRY_AGAIN, "the Gateway is rebuilding its event state; retry shortly", "not_ready")
+        if "queues" in topics and keys:
+            try:
+                await self.resolve_queue_keys(keys)
+            except ServiceError as exc:
+                raise StreamRefused(CLOSE_TRY_AGAIN, "queue set unavailable (DAG Manager); retry shortly", "backend_unavailable") from exc
+        sub = Subscriber(
+            route, topics=topics, world_id=grant.world_id, strategy_id=grant.strategy_id,
+            queue_keys=keys if keys else None, world_visible=_nowhere, snapshots=True,
+            queue_size=self.cfg.client_queue_size, subject=grant.subject,
+        )
+        return sub, last_event_id
+
+    async def _open_legacy(self, route: str, token: str | None) -> Subscriber:
+        auth = self.ctx.auth
+        size = self.cfg.client_queue_size
+        all_topics = ("activation", "policy", "queues")
+        if token:
+            try:
+                grant = self.tokens.verify(token)
+            except InvalidToken as exc:
+                reason = exc.reason
+            else:  # a descriptor token on the legacy route: its world and topics
+                world = grant.world_id
+                return Subscriber(
+                    route, topics=grant.topics, world_id=None, strategy_id=grant.strategy_id,
+                    queue_keys=grant.queue_keys or None, world_visible=(lambda w: w == world), queue_size=size, subject=grant.subject,
+                )
+            if getattr(auth, "verifies_tokens", False):
+                try:
+                    identity = await auth.authenticate({"authorization": f"Bearer {token}"})
+                except ServiceError as exc:
+                    raise StreamRefused(CLOSE_POLICY, f"invalid token: {exc.detail}"[:120], "invalid_token") from None
+                return Subscriber(route, topics=all_topics, world_visible=_reader_of(identity), queue_size=size, subject=identity.subject)
+            raise StreamRefused(CLOSE_POLICY, f"invalid token: {reason}", reason.replace(" ", "_"))
+        if getattr(auth, "mode", "jwt") != "dev":
+            raise StreamRefused(CLOSE_POLICY, "a bearer token is required", "missing_token")
+        identity = await auth.authenticate({})
+        return Subscriber(route, topics=all_topics, world_visible=_reader_of(identity), queue_size=size, subject=identity.subject)
+
+    # -- snapshots -----------------------------------------------------------------------
+    def snapshot_frames(self, sub: Subscriber, head: int) -> list[str]:
+        """One ``snapshot`` frame per subscribed topic, in the subscriber's scope."""
+        out = []
+        epoch = self.hub.epoch
+        for topic in ("activation", "policy", "queues"):
+            if topic not in sub.topics:
+                continue
+            data: dict[str, Any] = {"topic": topic}
+            if topic in ("activation", "policy"):
+                w = sub.world_id
+                if w is None:
+                    continue
+                data["world_id"] = w
+                if topic == "activation":
+                    data["state_hash"], data["items"] = self.state.activation_hash(w), self.state.activation_items(w)
+                else:
+                    data["state_hash"], data["items"] = self.state.policy_hash(w), self.state.policy_items(w)
+                subject = w
+            else:
+                items, combined = self.state.queue_items(sub.queue_keys)
+                data["state_hash"], data["items"] = combined, items
+                subject = None
+            out.append(self.hub.frame(
+                "snapshot", data, id_=f"{epoch}.{head}.snapshot-{topic}", subject=subject,
+                extensions={"seq": head, "statehash": data["state_hash"]},
+            ))
+        return out
+
+
+def _nowhere(_world_id: str) -> bool:
+    return False
+
+
+def _reader_of(identity: Any):
+    cache: dict[str, bool] = {}
+
+    def visible(world_id: str) -> bool:
+        ok = cache.get(world_id)
+        if ok is None:
+            ok = cache[world_id] = bool(identity.has_role(world_id, "reader"))
+        return ok
+
+    return visible
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -1,0 +1,106 @@
+"""The WebSocket routes ``/ws/evt`` and ``/ws`` as raw ASGI apps (mounted by the app's
+dispatcher beside Connexion). Each connection: authenticate → accept → attach (snapshot
+or resume, atomically) → one writer task draining the client's buffer + one reader task
+watching for the client's close. Refusals are an accept followed by a close with the
+documented code (1008 policy, 1013 try again later), so every client library sees a code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .hub import Subscriber
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .component import EventsComponent
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+CLOSE_TOO_SLOW = 4008
+
+
+class StreamRefused(Exception):
+    def __init__(self, code: int, reason: str, label: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.label = label
+
+
+class StreamEndpoint:
+    """ASGI app of one route (``legacy`` selects ``/ws`` semantics)."""
+
+    def __init__(self, component: EventsComponent, route: str, *, legacy: bool) -> None:
+        self.component = component
+        self.route = route
+        self.legacy = legacy
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        comp = self.component
+        try:
+            sub, last_event_id = await comp.open_subscription(scope, route=self.route, legacy=self.legacy)
+        except StreamRefused as refused:
+            comp.metrics.ws_rejected.labels(self.route, refused.label).inc()
+            log.info("refused %s subscriber: %s (close %d)", self.route, refused.reason, refused.code)
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.close", "code": refused.code, "reason": refused.reason[:120]})
+            return
+        try:
+            await send({"type": "websocket.accept"})
+        except Exception:
+            return
+        comp.hub.attach(sub, last_event_id=last_event_id, snapshot=comp.snapshot_frames)
+        await self._serve(sub, receive, send)
+
+    async def _serve(self, sub: Subscriber, receive: Any, send: Any) -> None:
+        comp = self.component
+        writer = asyncio.create_task(self._write(sub, send))
+        sub.writer = writer
+        reader = asyncio.create_task(self._read(receive))
+        try:
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            comp.hub.detach(sub)
+            for task in (writer, reader):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+        if reader.done() and not reader.cancelled() and reader.exception() is None:
+            return  # the client closed: nothing to say
+        if sub.dropped:
+            code, reason = CLOSE_TOO_SLOW, "subscriber fell behind; reconnect (with last_event_id) to resume"
+        elif sub.closing:
+            code, reason = CLOSE_GOING_AWAY, "gateway shutting down"
+        else:
+            return  # the connection failed under the writer
+        # A stalled client may never drain its socket: bound the wait for the close frame.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(send({"type": "websocket.close", "code": code, "reason": reason}), comp.close_grace)
+
+    @staticmethod
+    async def _write(sub: Subscriber, send: Any) -> None:
+        buf = sub.buffer
+        items = buf.items
+        while not sub.closing:
+            if not items:
+                await buf.wait()
+                continue
+            await send({"type": "websocket.send", "text": items.popleft()})
+
+    @staticmethod
+    async def _read(receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
