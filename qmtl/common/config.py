@@ -123,6 +123,7 @@ class DagManagerConfig:
     port: int = 8002
     database_url: str = ""  # default sqlite under data_dir
     gateway_callback_url: str = ""  # legacy HTTP callback to the Gateway (optional)
+    service_token: str = ""  # sent as X-QMTL-Service-Token so the Gateway accepts the callback in jwt mode
     kafka_admin: bool = False  # create data topics through the Kafka admin API
     queue_ttl_seconds: int = 7 * 24 * 3600
     gc_interval_seconds: float = 300.0
@@ -153,14 +154,16 @@ class Config:
 
     def ensure_service_token(self) -> str:
         """One shared credential between Gateway and WorldService; generated when unset."""
-        token = self.gateway.service_token or self.worldservice.service_token or secrets.token_urlsafe(32)
+        token = (self.gateway.service_token or self.worldservice.service_token
+                 or self.dagmanager.service_token or secrets.token_urlsafe(32))
         self.gateway.service_token = token
         self.worldservice.service_token = token
+        self.dagmanager.service_token = token
         return token
 
     def masked(self) -> dict:
         d = asdict(self)
-        for section in ("gateway", "worldservice"):
+        for section in ("gateway", "worldservice", "dagmanager"):
             if d[section].get("service_token"):
                 d[section]["service_token"] = "***"
         return d

@@ -35,6 +35,7 @@ class GatewayCallback:
         backoff: float = 0.2,
         queue_size: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
+        service_token: str = "",
     ) -> None:
         self.url = base_url.rstrip("/") + CALLBACK_PATH if base_url else ""
         self.metrics = metrics
@@ -43,6 +44,7 @@ class GatewayCallback:
         self.backoff = backoff
         self._queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=queue_size)
         self._transport = transport
+        self._auth = {"X-QMTL-Service-Token": service_token} if service_token else {}
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
 
@@ -103,7 +105,9 @@ class GatewayCallback:
     async def _post(self, body: dict, cid: str | None) -> None:
         assert self._client is not None
         event = body["event"]
-        headers = {"X-Correlation-ID": cid} if cid else {}
+        headers = dict(self._auth)
+        if cid:
+            headers["X-Correlation-ID"] = cid
         for attempt in range(self.retries + 1):
             try:
                 response = await self._client.post(self.url, json=body, headers=headers)

@@ -87,3 +87,22 @@ async def test_an_unreachable_gateway_costs_bounded_time():
     finally:
         await cb.close()
     assert sample(metrics, "dm_gateway_callbacks_total", event="sentinel_weight", result="failed") == 1
+
+
+async def test_the_service_token_goes_with_every_callback():
+    """In jwt mode the Gateway accepts callbacks only with the shared service token."""
+    tokens: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        tokens.append(request.headers.get("x-qmtl-service-token"))
+        return httpx.Response(202)
+
+    cb = GatewayCallback("http://gw:8000", metrics=DagManagerMetrics(), service_token="s3cret",
+                         transport=httpx.MockTransport(handler))
+    await cb.start()
+    try:
+        assert cb.send("sentinel_weight", {"sentinel_id": "s", "weight": 0.5})
+        await cb.drain(timeout=5)
+    finally:
+        await cb.close()
+    assert tokens == ["s3cret"]
