@@ -1,0 +1,49 @@
+"""Run every benchmark in bench/, one after another, and print each one's output.
+
+    make bench                       # all of them
+    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest)
+
+Each benchmark measures its own in-run baseline and prints ratios (these machines are
+noisy; absolute figures drift). They run one at a time so they do not slow each other.
+Exit status: 1 when any benchmark failed (e.g. lost submissions, non-200 answers).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = {
+    "decide": ["bench_decide.py"],
+    "diff": ["bench_diff.py"],
+    "ws": ["bench_ws.py"],
+    "ingest": ["bench_ingest.py"],
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        cmd = [sys.executable, str(HERE / BENCHES[name][0]), *BENCHES[name][1:]]
+        print(f"\n=== {name}: {' '.join(Path(c).name if i == 1 else c for i, c in enumerate(cmd))}", flush=True)
+        started = time.monotonic()
+        rc = subprocess.call(cmd, cwd=HERE.parent)
+        print(f"=== {name}: exit {rc} in {time.monotonic() - started:.1f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
