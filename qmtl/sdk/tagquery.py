@@ -1,0 +1,197 @@
+"""TagQueryManager: keeps every TagQueryNode's upstream queues current.
+
+1. :meth:`TagQueryManager.resolve` asks ``GET /queues/by_tag`` for each node's key
+   ``(tags, interval, match_mode)`` and sets the node's queues.
+2. :meth:`TagQueryManager.start` then follows changes on the descriptor stream (an
+   :class:`~qmtl.sdk.EventStream` on the ``queues`` topic with the nodes' keys, which
+   itself reconnects, resumes and reconciles over HTTP while it is down).
+3. When no descriptor can be had (``POST /events/subscribe`` unavailable: not built, 404,
+   503, unreachable), it falls back to the legacy ``GET /queues/watch`` stream per key plus
+   an HTTP reconcile every ``reconcile_interval`` seconds, and keeps trying to get a
+   descriptor every ``upgrade_interval`` seconds to move back to the event stream.
+
+``mode`` says which of ``stream`` | ``watch`` is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Callable, Iterable
+from typing import Any, Self
+
+from .client import GatewayClient
+from .dag import Dag, TagQueryNode
+from .errors import ProblemError, QmtlError
+from .state import QueueKey, normalise_queue_key
+from .stream import EventStream, StreamEvent
+
+__all__ = ["TagQueryManager"]
+
+log = logging.getLogger(__name__)
+
+UpdateCallback = Callable[[TagQueryNode, list[str]], Any]
+
+
+class TagQueryManager:
+    def __init__(
+        self,
+        client: GatewayClient,
+        *,
+        world_id: str | None = None,
+        strategy_id: str | None = None,
+        stream: EventStream | None = None,
+        on_update: UpdateCallback | None = None,
+        reconcile_interval: float = 5.0,
+        upgrade_interval: float = 30.0,
+        stream_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.client = client
+        self.world_id = world_id
+        self.strategy_id = strategy_id
+        self.stream = stream
+        self._own_stream = stream is None
+        self.on_update = on_update
+        self.reconcile_interval = reconcile_interval
+        self.upgrade_interval = upgrade_interval
+        self.stream_options = dict(stream_options or {})
+        self.nodes: dict[QueueKey, list[TagQueryNode]] = {}
+        self.mode: str | None = None  # stream | watch
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.updates = 0
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def register(self, *items: TagQueryNode | Dag) -> None:
+        for item in items:
+            nodes = item.tag_query_nodes() if isinstance(item, Dag) else [item]
+            for node in nodes:
+                if not isinstance(node, TagQueryNode):
+                    raise TypeError(f"expected a TagQueryNode or a Dag, got {type(node).__name__}")
+                key = normalise_queue_key(*node.query_key)
+                bucket = self.nodes.setdefault(key, [])
+                if all(n is not node for n in bucket):
+                    bucket.append(node)
+
+    @property
+    def keys(self) -> list[QueueKey]:
+        return list(self.nodes)
+
+    def _apply(self, key: QueueKey, queues: Iterable[str]) -> None:
+        queues = sorted(set(queues))
+        for node in self.nodes.get(key, []):
+            if node.update_queues(queues):
+                self.updates += 1
+                if self.on_update is not None:
+                    result = self.on_update(node, list(queues))
+                    if inspect.isawaitable(result):
+                        asyncio.ensure_future(result)
+
+    # -- resolution ------------------------------------------------------------------------------
+    async def resolve(self) -> None:
+        """Set every node's queues from ``GET /queues/by_tag`` now."""
+        for key in self.keys:
+            body = await self.client.queues_by_tag(list(key[0]), key[1], key[2])
+            self._apply(key, body.get("queues") or [])
+
+    # -- following -------------------------------------------------------------------------------
+    async def start(self) -> TagQueryManager:
+        """Resolve every node, then follow changes (event stream, or the watch fallback)."""
+        self._stopping = False
+        await self.resolve()
+        if await self._start_stream():
+            self.mode = "stream"
+        else:
+            self.mode = "watch"
+            self._start_watch()
+        return self
+
+    async def _start_stream(self) -> bool:
+        if self.stream is not None and not self._own_stream:
+            await self.stream.add_queue_keys(self.keys)
+            self.stream.add_listener(self._on_event)
+            return True
+        stream = EventStream(
+            self.client, topics=["queues"], queue_keys=self.keys, world_id=None, strategy_id=self.strategy_id,
+            on_event=self._on_event, **self.stream_options,
+        )
+        try:
+            # a descriptor must be had now; the stream handles every later outage itself
+            await stream.start(require_descriptor=True)
+        except (ProblemError, QmtlError) as exc:
+            log.warning("TagQueryManager: no event-stream descriptor (%s); falling back to /queues/watch", exc)
+            return False
+        self.stream = stream
+        return True
+
+    def _on_event(self, event: StreamEvent) -> None:
+        if event.type == "snapshot" and isinstance(event.data, dict) and event.data.get("topic") == "queues":
+            for item in event.data.get("items") or []:
+                try:
+                    key = normalise_queue_key(item["tags"], item["interval"], item.get("match_mode"))
+                except (KeyError, ValueError, TypeError):
+                    continue
+                self._apply(key, item.get("queues") or [])
+        elif event.type == "queue_update" and isinstance(event.data, dict):
+            try:
+                key = normalise_queue_key(event.data["tags"], event.data["interval"], event.data.get("match_mode"))
+            except (KeyError, ValueError, TypeError):
+                return
+            self._apply(key, event.data.get("queues") or [])
+
+    def _start_watch(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch(key), name=f"qmtl-watch-{i}") for i, key in enumerate(self.keys)]
+        self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="qmtl-tagquery-reconcile"))
+        self._tasks.append(asyncio.create_task(self._upgrade_loop(), name="qmtl-tagquery-upgrade"))
+
+    async def _watch(self, key: QueueKey) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                async for body in self.client.watch_queues(list(key[0]), key[1], key[2]):
+                    failures = 0
+                    self._apply(key, body.get("queues") or [])
+            except QmtlError as exc:
+                log.info("TagQueryManager: /queues/watch for %s failed (%s)", key, exc)
+            failures += 1
+            cap = min(5.0, 0.1 * 2 ** min(failures, 6))
+            await asyncio.sleep(random.uniform(cap / 2, cap))
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.reconcile_interval)
+            with contextlib.suppress(QmtlError):
+                await self.resolve()
+
+    async def _upgrade_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.upgrade_interval)
+            if await self._start_stream():
+                log.info("TagQueryManager: event stream available again; leaving /queues/watch")
+                self.mode = "stream"
+                current = asyncio.current_task()
+                others = [t for t in self._tasks if t is not current]
+                for t in others:
+                    t.cancel()
+                await asyncio.gather(*others, return_exceptions=True)
+                self._tasks = []
+                return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.stream is not None and self._own_stream:
+            await self.stream.stop()
+            self.stream = None
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
