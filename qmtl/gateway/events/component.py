@@ -91,6 +91,8 @@ class EventsComponent:
         self._frame_schema = schema_validator("ws_frame.schema.json")
         self.metrics.state_hash_mismatch.set_function(self.state.mismatched_worlds)
         self._resolving: dict[tuple, asyncio.Future] = {}
+        self._seeded_worlds: set[str] = set()
+        self._seeding: dict[str, asyncio.Future] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -281,6 +283,70 @@ class EventsComponent:
             self._apply_queues(key, body.get("queues") or [], etag=body.get("etag"), ts=None, relay=True)
             self.metrics.controlbus_events.labels(TOPIC_QUEUES, st.APPLIED, "dagmanager").inc()
 
+    async def resolve_world(self, world_id: str) -> None:
+        """Seed a world's activation and policy state from WorldService, once per process.
+
+        The ControlBus alone cannot always rebuild a world: the in-process bus keeps
+        nothing across a restart, and ``control.activation`` is compacted by ``world_id``,
+        so a replay after compaction holds only each world's latest entry. Before the first
+        snapshot of a world, the Gateway therefore reads the world's whole activation set
+        and its policy versions from WorldService (its source of truth) and applies them as
+        events: entries it already holds (same etag) are no-ops, older ones never overwrite
+        newer ones, and anything new is relayed to the world's subscribers too.
+        When WorldService cannot answer, the state held from the bus is served (unknown
+        activation reads as inactive, so orders stay gated off) and seeding is tried again
+        on the next subscription to the world."""
+        if world_id in self._seeded_worlds:
+            return
+        pending = self._seeding.get(world_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._seed_world(world_id))
+            self._seeding[world_id] = pending
+            pending.add_done_callback(lambda f, w=world_id: (self._seeding.pop(w, None), f.cancelled() or f.exception()))
+        await asyncio.shield(pending)
+
+    async def _seed_world(self, world_id: str) -> None:
+        from qmtl.gateway.auth import Identity
+        from qmtl.gateway.backends import BackendUnavailable
+
+        # The Gateway reads as itself; WorldService trusts it by the service token.
+        headers = Identity("qmtl-gateway", {"sub": "qmtl-gateway", "world_roles": {world_id: ["reader"]}}).forward_headers()
+        try:
+            acts = await self.ctx.worldservice.request("GET", f"/worlds/{world_id}/activations", headers=headers)
+            pols = await self.ctx.worldservice.request("GET", f"/worlds/{world_id}/policies", headers=headers)
+        except BackendUnavailable as exc:
+            # Serve what is held (unknown activation reads as inactive: orders gated off)
+            # and try again on the next subscription to this world.
+            log.warning("world %s not seeded from WorldService (%s); serving the state held from the bus", world_id, exc)
+            self.metrics.controlbus_events.labels(TOPIC_ACTIVATION, "seed_failed", "worldservice").inc()
+            return
+        if acts.status_code == 404 or pols.status_code == 404:
+            self._seeded_worlds.add(world_id)  # no such world: nothing to hold
+            return
+        if acts.status_code != 200 or pols.status_code != 200:
+            log.warning("world %s not seeded: WorldService answered HTTP %s/%s", world_id, acts.status_code, pols.status_code)
+            return
+        activation_set = acts.json()
+        if activation_set.get("frozen"):
+            # An apply is in flight: WorldService shows every entry gated off. Those reads are
+            # not changes (no events follow for entries the apply leaves alone), so they must
+            # not enter the state; serve what is held and seed on a later subscription.
+            log.info("world %s is frozen by an apply in flight; seeding deferred", world_id)
+            return
+        validate = event_validators()
+        for entry in activation_set.get("activations") or []:
+            event = {"type": "ActivationUpdated", "version": 1}
+            event.update({k: entry[k] for k in ("world_id", "strategy_id", "side", "active", "weight", "etag", "ts", "run_id")
+                          if entry.get(k) is not None})
+            validate(TOPIC_ACTIVATION, event)
+            self.apply_event(TOPIC_ACTIVATION, event, source="worldservice")
+        for summary in pols.json().get("policies") or []:
+            event = {"type": "PolicyUpdated", "version": 1, "world_id": world_id, "policy_version": summary["version"],
+                     "checksum": summary["checksum"], "status": summary["status"], "ts": summary["created_at"]}
+            validate(TOPIC_POLICY, event)
+            self.apply_event(TOPIC_POLICY, event, source="worldservice")
+        self._seeded_worlds.add(world_id)
+
     # -- descriptors ---------------------------------------------------------------------
     async def describe(self, identity: Any, body: Mapping[str, Any]) -> dict:
         try:
@@ -351,6 +417,8 @@ class EventsComponent:
             topics -= {"activation", "policy"}
         if not await self.wait_ready():
             raise StreamRefused(CLOSE_TRY_AGAIN, "the Gateway is rebuilding its event state; retry shortly", "not_ready")
+        if grant.world_id is not None and topics & {"activation", "policy"}:
+            await self.resolve_world(grant.world_id)
         if "queues" in topics and keys:
             try:
                 await self.resolve_queue_keys(keys)
