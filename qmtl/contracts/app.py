@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
-from qmtl.contracts.connexion31 import VALIDATOR_MAP, allow_openapi31
+from qmtl.contracts.connexion31 import VALIDATOR_MAP, allow_openapi31, decorate_handlers_once
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,7 @@ def build_app(
     missing handler stops the service at startup.
     """
     allow_openapi31()
+    decorate_handlers_once()
     spec = spec or load_openapi(service)
     app = AsyncApp(
         f"qmtl.{service}",

@@ -129,5 +129,9 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
         from qmtl.gateway.worlds import DecideFastPath
 
         app.http_app = DecideFastPath(app.http_app, worlds)
+    if ctx.components.get("ingest") is not None:  # valid POST /strategies skip the contract stack (see SubmitFastPath)
+        from qmtl.gateway.ingest.fastpath import SubmitFastPath
+
+        app.http_app = SubmitFastPath(app.http_app, ctx)
     app.ctx = ctx  # type: ignore[attr-defined]
     return app

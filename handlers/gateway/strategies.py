@@ -1,0 +1,14 @@
+"""Strategy ingest routes (SPEC §2): thin wrappers around ``ctx.ingest``."""
+
+from connexion import request
+
+
+async def submit_strategy(ctx, body):
+    identity = await ctx.auth.authenticate(request.headers)
+    ack, headers = await ctx.ingest.submit(body, subject=identity.subject)
+    return ack, 202, headers
+
+
+async def get_strategy_status(ctx, strategy_id):
+    await ctx.auth.authenticate(request.headers)
+    return await ctx.ingest.status(strategy_id)

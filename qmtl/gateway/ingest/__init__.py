@@ -1,0 +1,26 @@
+"""Strategy ingest (SPEC §2): ``POST /strategies``, ``GET /strategies/{id}/status``, and the
+queue lookups of SPEC §3 (``GET /queues/by_tag``, ``GET /queues/watch``).
+
+* :mod:`.dag`       – decode, CRC guard, DAG schema, NodeID verification, content hash, sentinel
+* :mod:`.store`     – the database side: submissions and the append-only FSM mirror (group commit)
+* :mod:`.redisq`    – the Redis side: FSM state, FIFO + processing list, per-strategy locks, epoch
+* :mod:`.fallback`  – the bounded local queue used while the DAG Manager (or Redis) is away
+* :mod:`.queues`    – tag lookups from the DAG Manager on its budget (single flight), the NDJSON watch
+* :mod:`.service`   – :class:`IngestService`: admission, acceptance, workers, recovery
+* :mod:`.fastpath`  – valid ``POST /strategies`` answered in front of the contract stack (same answers)
+* :mod:`.metrics`   – ``lost_requests_total``, ``gateway_e2e_latency_ms``, FSM and queue metrics
+
+``build(ctx)`` is the Gateway component factory (``ctx.ingest``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmtl.gateway.ingest.service import IngestService
+
+__all__ = ["IngestService", "build"]
+
+
+def build(ctx: Any) -> IngestService:
+    return IngestService(ctx)

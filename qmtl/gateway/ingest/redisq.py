@@ -1,0 +1,225 @@
+"""The Redis side of strategy ingest: the FSM state, the FIFO, and per-strategy locks.
+
+Keys (all under the Gateway's ``kv_prefix``):
+
+``fsm:{id}``      hash: ``status``, ``updated_at``, ``sentinel_id``, ``world_id``,
+                  ``run_type``, ``queue_map``/``tag_queries`` (JSON, once diffed), ``error``.
+                  Terminal states expire after ``terminal_ttl`` seconds; the database
+                  mirror answers (and re-caches) after that.
+``fifo``          list of strategy ids: LPUSH in, popped from the right (FIFO).
+``processing``    list: the reliable-queue pattern — BLMOVE moves an id from ``fifo`` to
+                  here atomically and the worker removes it only once it is done, so a
+                  crash mid-processing leaves the id where the janitor finds it.
+``lock:{id}``     ``SET NX PX 60000``: at most one worker per strategy. Released with a
+                  compare-and-delete (WATCH/MULTI; no Lua, so the in-memory substitute works).
+``epoch``         set once per Redis dataset; when it is gone, Redis lost its data and the
+                  FSM is rebuilt from the database mirror.
+``rebuild``       short lock so that one Gateway replica rebuilds at a time.
+
+Every function raises ``redis.exceptions.RedisError`` (or ``OSError``) when Redis is down;
+callers decide what that means.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from redis.exceptions import ResponseError, WatchError
+
+LOCK_TTL_MS = 60_000
+TERMINAL_TTL_S = 24 * 3600
+STATES = ("queued", "processing", "diffed", "completed", "failed")
+TERMINAL = ("completed", "failed")
+
+
+_UNLOCK_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RedisIngest:
+    def __init__(self, kv: Any, prefix: str, *, terminal_ttl: int = TERMINAL_TTL_S) -> None:
+        self.kv = kv
+        self.prefix = prefix
+        self.terminal_ttl = terminal_ttl
+        self.fifo = prefix + "fifo"
+        self.processing = prefix + "processing"
+        self.epoch_key = prefix + "epoch"
+        self.rebuild_key = prefix + "rebuild"
+        self._unlock_script = kv.register_script(_UNLOCK_LUA)
+        self._scripting: bool | None = None  # unknown until the first unlock
+
+    def fsm_key(self, sid: str) -> str:
+        return f"{self.prefix}fsm:{sid}"
+
+    def lock_key(self, sid: str) -> str:
+        return f"{self.prefix}lock:{sid}"
+
+    # -- FSM --------------------------------------------------------------------------------
+    @staticmethod
+    def _fields(status: str, extra: Mapping[str, Any] | None, updated_at: str | None) -> dict[str, str]:
+        fields = {"status": status, "updated_at": updated_at or now_iso()}
+        for k, v in (extra or {}).items():
+            if v is None:
+                continue
+            fields[k] = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+        return fields
+
+    async def set_state(self, sid: str, status: str, extra: Mapping[str, Any] | None = None, *, updated_at: str | None = None,
+                        persist: bool = False) -> None:
+        await self.set_states(sid, [(status, extra)], updated_at=updated_at, persist=persist)
+
+    async def set_states(self, sid: str, states: list[tuple[str, Mapping[str, Any] | None]], *, updated_at: str | None = None,
+                         persist: bool = False) -> None:
+        """Consecutive states, in order, in one round trip (the mirror is the durable copy)."""
+        key = self.fsm_key(sid)
+        async with self.kv.pipeline(transaction=False) as pipe:
+            for status, extra in states:
+                pipe.hset(key, mapping=self._fields(status, extra, updated_at))
+            if states[-1][0] in TERMINAL:
+                pipe.expire(key, self.terminal_ttl)
+            elif persist:
+                pipe.persist(key)  # only a restore can bring a finished (expiring) hash back to life
+            await pipe.execute()
+
+    async def enqueue_new(self, sid: str, extra: Mapping[str, Any]) -> None:
+        """State ``queued`` and the id on the FIFO, in one round trip (no MULTI needed: if the
+        push is lost the database mirror still has the strategy and the sweep re-enqueues it)."""
+        async with self.kv.pipeline(transaction=False) as pipe:
+            pipe.hset(self.fsm_key(sid), mapping=self._fields("queued", extra, None))
+            pipe.lpush(self.fifo, sid)
+            await pipe.execute()
+
+    async def get_state(self, sid: str) -> dict[str, Any] | None:
+        raw = await self.kv.hgetall(self.fsm_key(sid))
+        if not raw:
+            return None
+        out: dict[str, Any] = dict(raw)
+        for k in ("queue_map", "tag_queries"):
+            if k in out:
+                try:
+                    out[k] = json.loads(out[k])
+                except ValueError:
+                    out.pop(k)
+        return out
+
+    async def get_status(self, sid: str) -> str | None:
+        return await self.kv.hget(self.fsm_key(sid), "status")
+
+    # -- FIFO -------------------------------------------------------------------------------
+    async def push(self, *sids: str) -> None:
+        if sids:
+            await self.kv.lpush(self.fifo, *sids)
+
+    async def push_front(self, *sids: str) -> None:
+        """Back to the head of the line (popped next)."""
+        if sids:
+            await self.kv.rpush(self.fifo, *sids)
+
+    async def pop(self, timeout: float) -> str | None:
+        """Move the oldest id from ``fifo`` to ``processing`` (blocking up to ``timeout``)."""
+        return await self.kv.blmove(self.fifo, self.processing, timeout, "RIGHT", "LEFT")
+
+    async def done(self, sid: str) -> None:
+        await self.kv.lrem(self.processing, 1, sid)
+
+    async def requeue_from_processing(self, sid: str) -> bool:
+        """Janitor: move an orphaned id from ``processing`` back to ``fifo``."""
+        async with self.kv.pipeline(transaction=True) as pipe:
+            pipe.lrem(self.processing, 1, sid)
+            pipe.lpush(self.fifo, sid)
+            removed, _ = await pipe.execute()
+        if not removed:  # it was finished meanwhile: undo the push
+            await self.kv.lrem(self.fifo, 1, sid)
+        return bool(removed)
+
+    async def queued_ids(self) -> set[str]:
+        async with self.kv.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.fifo, 0, -1)
+            pipe.lrange(self.processing, 0, -1)
+            fifo, processing = await pipe.execute()
+        return set(fifo) | set(processing)
+
+    async def processing_ids(self) -> list[str]:
+        return list(await self.kv.lrange(self.processing, 0, -1))
+
+    async def depth(self) -> tuple[int, int]:
+        async with self.kv.pipeline(transaction=False) as pipe:
+            pipe.llen(self.fifo)
+            pipe.llen(self.processing)
+            fifo, processing = await pipe.execute()
+        return int(fifo), int(processing)
+
+    # -- locks ------------------------------------------------------------------------------
+    async def lock_and_status(self, sid: str, ttl_ms: int = LOCK_TTL_MS) -> tuple[str | None, str | None]:
+        """Take ``lock:{id}`` (None when another worker holds it) and read the FSM status, in one round trip."""
+        token = uuid.uuid4().hex
+        async with self.kv.pipeline(transaction=False) as pipe:
+            pipe.set(self.lock_key(sid), token, nx=True, px=ttl_ms)
+            pipe.hget(self.fsm_key(sid), "status")
+            ok, status = await pipe.execute()
+        return (token if ok else None), status
+
+    async def lock(self, sid: str, ttl_ms: int = LOCK_TTL_MS) -> str | None:
+        token = uuid.uuid4().hex
+        ok = await self.kv.set(self.lock_key(sid), token, nx=True, px=ttl_ms)
+        return token if ok else None
+
+    async def locked(self, sid: str) -> bool:
+        return bool(await self.kv.exists(self.lock_key(sid)))
+
+    async def unlock(self, sid: str, token: str) -> bool:
+        """Delete the lock only if it is still ours (compare-and-delete): one Lua call on
+        Redis; WATCH/MULTI where scripting is not available (the in-memory substitute)."""
+        key = self.lock_key(sid)
+        if self._scripting is not False:
+            try:
+                released = bool(await self._unlock_script(keys=[key], args=[token]))
+                self._scripting = True
+                return released
+            except ResponseError as exc:
+                if self._scripting or "unknown command" not in str(exc).lower():
+                    raise
+                self._scripting = False
+        async with self.kv.pipeline(transaction=True) as pipe:
+            for _ in range(3):
+                try:
+                    await pipe.watch(key)
+                    if await pipe.get(key) != token:
+                        await pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.delete(key)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+        return False
+
+    # -- data-loss detection ----------------------------------------------------------------
+    async def epoch(self) -> str | None:
+        return await self.kv.get(self.epoch_key)
+
+    async def mark_epoch(self) -> str:
+        value = uuid.uuid4().hex
+        await self.kv.set(self.epoch_key, value)
+        return value
+
+    async def claim_rebuild(self, ttl_ms: int = 30_000) -> str | None:
+        token = uuid.uuid4().hex
+        ok = await self.kv.set(self.rebuild_key, token, nx=True, px=ttl_ms)
+        return token if ok else None
+
+    async def release_rebuild(self, token: str) -> None:
+        if await self.kv.get(self.rebuild_key) == token:
+            await self.kv.delete(self.rebuild_key)
