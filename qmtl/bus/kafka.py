@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
@@ -238,6 +238,7 @@ class KafkaBus(ControlBus):
             for _ in range(5):  # let aiokafka's flush task see the failed batches
                 await asyncio.sleep(0)
         await _reap(stopper, "producer stop")
+        await _close_client(getattr(producer, "client", None), self._request_timeout)
 
     # -- topics ---------------------------------------------------------------
     async def ensure_topics(self, topics: Iterable[str]) -> None:
@@ -433,6 +434,17 @@ def _fail_batches(accumulator, exc: BaseException) -> None:
                 fut.exception()
 
 
+async def _close_client(client: Any, timeout: float) -> None:
+    """Close an aiokafka client whose owner's stop() was cut short (broker away): otherwise its
+    metadata task (``_md_synchronizer``) outlives the bus. ``close()`` is safe to repeat."""
+    if client is None:
+        return
+    try:
+        await asyncio.shield(asyncio.wait_for(client.close(), timeout))
+    except Exception as exc:  # noqa: BLE001 - closing must not fail the caller
+        log.debug("closing an aiokafka client: %r", exc)
+
+
 async def _reap(task: asyncio.Future, what: str) -> None:
     """Finish ``task`` (cancelling it if still running) and log, not raise, its error."""
     if not task.done():
@@ -583,6 +595,7 @@ class KafkaSubscription(Subscription):
         stopper = asyncio.ensure_future(consumer.stop())
         await asyncio.wait({stopper}, timeout=self._bus._request_timeout)
         await _reap(stopper, "consumer stop")
+        await _close_client(getattr(consumer, "_client", None), self._bus._request_timeout)
 
     # -- iteration --------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[BusMessage]:
