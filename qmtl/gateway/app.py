@@ -122,8 +122,7 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
     events = ctx.components.get("events")
     if events is not None:
         ws_routes = list(events.ws_routes())
-    app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
-                    resolver_error=501)
+    app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes)
     worlds = ctx.components.get("worlds")
     if worlds is not None:  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
         from qmtl.gateway.worlds import DecideFastPath
