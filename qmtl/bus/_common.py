@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from typing import Any, Mapping
 
 from .base import EventValidator, InvalidEvent
@@ -94,20 +93,3 @@ class PartitionProgress:
         return target
 
 
-class Backoff:
-    """Exponential backoff with jitter, from ``initial`` up to ``maximum`` seconds."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        if initial <= 0 or maximum < initial:
-            raise ValueError("backoff needs 0 < initial <= maximum")
-        self.initial = initial
-        self.maximum = maximum
-        self._attempt = 0
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.maximum, self.initial * (2 ** min(self._attempt, 30)))
-        self._attempt += 1
-        return delay * random.uniform(0.5, 1.0)

@@ -44,8 +44,9 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
+from qmtl.common.resilience import Backoff
+
 from ._common import (
-    Backoff,
     PartitionProgress,
     check_event,
     encode_event,

@@ -262,3 +262,24 @@ class Budget:
 WORLDSERVICE_BUDGET = Budget(0.3, 2)
 #: SPEC §4: DAG Manager 500 ms timeout, 1 retry.
 DAGMANAGER_BUDGET = Budget(0.5, 1)
+
+
+class Backoff:
+    """Reconnect backoff for long-lived loops (bus consumers, producers): exponential from
+    ``initial`` up to ``maximum`` seconds, jittered to 50–100 %, ``reset()`` after a success.
+    (Request retries use :class:`RetryPolicy`, whose budget bounds the attempts.)"""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        if initial <= 0 or maximum < initial:
+            raise ValueError("backoff needs 0 < initial <= maximum")
+        self.initial = initial
+        self.maximum = maximum
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * (2 ** min(self._attempt, 30)))
+        self._attempt += 1
+        return delay * random.uniform(0.5, 1.0)

@@ -298,3 +298,16 @@ def test_budgets():
     assert (policy.timeout, policy.retries, len(list(policy.delays()))) == (0.3, 2, 2)
     with pytest.raises(ValueError):
         RetryPolicy(timeout=0, retries=1)
+
+
+def test_reconnect_backoff_grows_is_capped_jittered_and_resets():
+    from qmtl.common.resilience import Backoff
+
+    b = Backoff(0.1, 1.0)
+    delays = [b.next() for _ in range(8)]
+    caps = [min(1.0, 0.1 * 2**i) for i in range(8)]
+    assert all(cap * 0.5 <= d <= cap for d, cap in zip(delays, caps))
+    b.reset()
+    assert 0.05 <= b.next() <= 0.1
+    with pytest.raises(ValueError):
+        Backoff(0, 1)

@@ -36,31 +36,18 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 from qmtl.bus.base import CONTROL_TOPICS, BusMessage, ControlBus
+from qmtl.common.resilience import Backoff
 
 from .metrics import EventMetrics
 
 log = logging.getLogger(__name__)
 
 TP = tuple  # (topic, partition)
-
-
-class _Backoff:
-    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
-        self.initial, self.maximum, self.attempt = initial, maximum, 0
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.maximum, self.initial * (2 ** min(self.attempt, 20)))
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
 
 
 class OffsetProbe:
@@ -246,7 +233,7 @@ class ControlBusConsumer:
 
     # -- the loop ------------------------------------------------------------------------
     async def _run(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(0.1, 5.0)
         while not self._stopping:
             try:
                 n = await asyncio.wait_for(self._rebuild(), self.rebuild_timeout)
