@@ -27,50 +27,13 @@ from qmtl.bus import (  # noqa: E402
     partition_key,
     queue_key,
 )
+from tests.helpers.events import (
+    numbered_activation,
+    numbered_queue_update,
+    policy_updated,
+)
 
 WAIT = 15.0  # upper bound for any wait on messages (s); normal runs take milliseconds
-TS = "2025-01-01T00:00:00Z"
-
-
-# -- events ------------------------------------------------------------------------
-def activation(world: str, seq: int, **over) -> dict:
-    event = {
-        "type": "ActivationUpdated",
-        "version": 1,
-        "world_id": world,
-        "strategy_id": f"strat-{seq}",
-        "side": "long",
-        "active": True,
-        "weight": 0.5,
-        "etag": f"{world}:{seq}",
-        "ts": TS,
-    }
-    event.update(over)
-    return event
-
-
-def policy(world: str, version: int) -> dict:
-    return {
-        "type": "PolicyUpdated",
-        "version": 1,
-        "world_id": world,
-        "policy_version": version,
-        "checksum": f"sha256:{version}",
-        "status": "ACTIVE",
-        "ts": TS,
-    }
-
-
-def queue_update(tags: list[str], interval: int, seq: int) -> dict:
-    return {
-        "type": "QueueUpdated",
-        "version": 1,
-        "tags": tags,
-        "interval": interval,
-        "queues": [f"q-{seq}"],
-        "etag": f"{seq}",
-        "ts": TS,
-    }
 
 
 def ident(msg: BusMessage) -> tuple[str, str]:
@@ -199,7 +162,7 @@ async def harness(request, event_validator):
 async def test_publish_consume_round_trip(harness: Harness):
     bus = harness.bus
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("gw"))
-    event = activation("w1", 1)
+    event = numbered_activation("w1", 1)
     await bus.publish(TOPIC_ACTIVATION, event, key="w1")
     [msg] = await take(sub, 1)
     assert msg.topic == TOPIC_ACTIVATION
@@ -214,8 +177,8 @@ async def test_headers_round_trip(harness: Harness):
     bus = harness.bus
     async with await bus.subscribe([TOPIC_POLICY], consumer_id=harness.consumer_id("gw")) as sub:
         headers = {"correlation_id": "c0ffee-42", "traceparent": "00-abc-def-01", "note": "héllo ✓"}
-        await bus.publish(TOPIC_POLICY, policy("w1", 3), key="w1", headers=headers)
-        await bus.publish(TOPIC_POLICY, policy("w1", 4), key="w1")
+        await bus.publish(TOPIC_POLICY, policy_updated("w1", 3), key="w1", headers=headers)
+        await bus.publish(TOPIC_POLICY, policy_updated("w1", 4), key="w1")
         first, second = await take(sub, 2)
         assert dict(first.headers) == headers
         assert dict(second.headers) == {}
@@ -225,7 +188,7 @@ async def test_headers_round_trip(harness: Harness):
 async def test_lag_counts_what_is_not_delivered_yet(harness: Harness):
     bus = harness.bus
     for seq in range(5):
-        await bus.publish(TOPIC_ACTIVATION, activation("w", seq), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", seq), key="w")
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("gw"))
     await take(sub, 2)
     await wait_until(lambda: sum(sub.lag().values()) == 3, what="lag == 3")
@@ -242,10 +205,10 @@ async def test_per_key_order_across_many_keys(harness: Harness):
     expected: dict[str, list[str]] = defaultdict(list)
     for seq in range(per_key):  # interleave keys
         for w in worlds:
-            event = activation(w, seq)
+            event = numbered_activation(w, seq)
             await bus.publish(TOPIC_ACTIVATION, event, key=partition_key(TOPIC_ACTIVATION, event))
             expected[w].append(event["etag"])
-        qu = queue_update(["btc", "spot"], 60, seq)
+        qu = numbered_queue_update(["btc", "spot"], 60, seq)
         await bus.publish(TOPIC_QUEUES, qu, key=partition_key(TOPIC_QUEUES, qu))
         expected[queue_key(["spot", "btc"], 60)].append(qu["etag"])
     total = sum(len(v) for v in expected.values())
@@ -266,9 +229,9 @@ async def test_every_consumer_id_gets_every_event(harness: Harness):
     for i in range(40):
         w = f"w{i % 8}"
         if i % 2:
-            event, topic = activation(w, i), TOPIC_ACTIVATION
+            event, topic = numbered_activation(w, i), TOPIC_ACTIVATION
         else:
-            event, topic = policy(w, i), TOPIC_POLICY
+            event, topic = policy_updated(w, i), TOPIC_POLICY
             event["checksum"] = f"{w}:{i}"  # PolicyUpdated has no etag: an id to compare
         await bus_a.publish(topic, event, key=w)
         sent.append((topic, w, i))
@@ -291,7 +254,7 @@ async def test_resume_after_commit_redelivers_only_uncommitted(harness: Harness)
     bus = harness.bus
     cid = harness.consumer_id("gw")
     keys = [f"w{i}" for i in range(6)]
-    events = [(k, activation(k, seq)) for seq in range(8) for k in keys]
+    events = [(k, numbered_activation(k, seq)) for seq in range(8) for k in keys]
     for k, e in events:
         await bus.publish(TOPIC_ACTIVATION, e, key=k)
 
@@ -324,7 +287,7 @@ async def test_commit_covers_everything_before_it_on_the_partition(harness: Harn
     bus = harness.bus
     cid = harness.consumer_id("gw")
     for seq in range(10):
-        await bus.publish(TOPIC_ACTIVATION, activation("solo", seq), key="solo")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("solo", seq), key="solo")
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=cid)
     got = await take(sub, 10)
     await sub.commit(got[6])  # commit only the 7th: 0..6 are applied
@@ -339,11 +302,11 @@ async def test_commit_covers_everything_before_it_on_the_partition(harness: Harn
 async def test_without_commit_from_beginning_or_end(harness: Harness):
     bus = harness.bus
     for seq in range(3):
-        await bus.publish(TOPIC_ACTIVATION, activation("w", seq), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", seq), key="w")
     late = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("late"), from_beginning=False)
     early = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("early"))
     for seq in range(3, 5):
-        await bus.publish(TOPIC_ACTIVATION, activation("w", seq), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", seq), key="w")
     assert [m.value["etag"] for m in await take(late, 2)] == ["w:3", "w:4"]
     assert [m.value["etag"] for m in await take(early, 5)] == [f"w:{i}" for i in range(5)]
     await assert_quiet(late, 0.1)
@@ -355,18 +318,18 @@ async def test_invalid_event_refused_on_publish(harness: Harness):
     bus = harness.bus
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("gw"))
     before = bus.invalid_events
-    bad = activation("w1", 1)
+    bad = numbered_activation("w1", 1)
     del bad["etag"]  # required
     with pytest.raises(InvalidEvent):
         await bus.publish(TOPIC_ACTIVATION, bad, key="w1")
     with pytest.raises(InvalidEvent):
-        await bus.publish(TOPIC_ACTIVATION, activation("w1", 2, weight=2.5), key="w1")  # out of range
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w1", 2, weight=2.5), key="w1")  # out of range
     with pytest.raises(InvalidEvent):
-        await bus.publish(TOPIC_ACTIVATION, activation("w1", 3, extra={1, 2}), key="w1")  # not JSON
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w1", 3, extra={1, 2}), key="w1")  # not JSON
     with pytest.raises(InvalidEvent):
-        await bus.publish(TOPIC_QUEUES, activation("w1", 4), key="w1")  # wrong topic's schema
+        await bus.publish(TOPIC_QUEUES, numbered_activation("w1", 4), key="w1")  # wrong topic's schema
     assert bus.invalid_events == before + 4
-    good = activation("w1", 5)
+    good = numbered_activation("w1", 5)
     await bus.publish(TOPIC_ACTIVATION, good, key="w1")
     [msg] = await take(sub, 1)
     assert msg.value == good  # nothing invalid reached the bus
@@ -380,12 +343,12 @@ async def test_invalid_event_on_the_wire_is_skipped_and_counted(harness: Harness
     before = bus.invalid_events
     await harness.raw_publish(TOPIC_ACTIVATION, "w1", b"\xff\xfe{not json")
     await harness.raw_publish(TOPIC_ACTIVATION, "w1", b'["a", "json", "array"]')
-    bad = activation("w1", 1)
+    bad = numbered_activation("w1", 1)
     bad["side"] = "sideways"
     import json
 
     await harness.raw_publish(TOPIC_ACTIVATION, "w1", json.dumps(bad).encode())
-    good = activation("w1", 2)
+    good = numbered_activation("w1", 2)
     await bus.publish(TOPIC_ACTIVATION, good, key="w1")
     [msg] = await take(sub, 1)
     assert msg.value == good
@@ -399,7 +362,7 @@ async def test_skipped_invalid_tail_is_committed(harness: Harness):
     bus = harness.bus
     cid = harness.consumer_id("gw")
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=cid)
-    await bus.publish(TOPIC_ACTIVATION, activation("w1", 1), key="w1")
+    await bus.publish(TOPIC_ACTIVATION, numbered_activation("w1", 1), key="w1")
     [msg] = await take(sub, 1)
     await sub.commit(msg)
     before = bus.invalid_events
@@ -413,7 +376,7 @@ async def test_skipped_invalid_tail_is_committed(harness: Harness):
 
     bus2 = await harness.peer()
     sub2 = await bus2.subscribe([TOPIC_ACTIVATION], consumer_id=cid)
-    await bus.publish(TOPIC_ACTIVATION, activation("w1", 2), key="w1")
+    await bus.publish(TOPIC_ACTIVATION, numbered_activation("w1", 2), key="w1")
     [msg2] = await take(sub2, 1)
     assert msg2.value["etag"] == "w1:2"
     assert bus2.invalid_events == (before + 1 if bus2 is bus else 0)  # "garbage" not read again
@@ -425,7 +388,7 @@ async def test_same_key_same_partition(harness: Harness):
     sub = await bus.subscribe([TOPIC_QUEUES], consumer_id=harness.consumer_id("gw"))
     key = queue_key(["eth", "perp"], 300)
     for seq in range(10):
-        await bus.publish(TOPIC_QUEUES, queue_update(["perp", "eth"], 300, seq), key=key)
+        await bus.publish(TOPIC_QUEUES, numbered_queue_update(["perp", "eth"], 300, seq), key=key)
     got = await take(sub, 10)
     assert len({m.partition for m in got}) == 1
     offsets = [m.offset for m in got]
@@ -443,7 +406,7 @@ async def test_close_ends_iteration(harness: Harness):
             received.append(msg)
 
     task = asyncio.ensure_future(relay(sub))
-    await bus.publish(TOPIC_POLICY, policy("w", 1), key="w")
+    await bus.publish(TOPIC_POLICY, policy_updated("w", 1), key="w")
     await wait_until(lambda: len(received) == 1, what="one message")
     await sub.close()
     await asyncio.wait_for(task, WAIT)  # the relay loop ended by itself
@@ -461,10 +424,10 @@ async def test_inproc_retention_keeps_latest_per_key():
     await bus.start()
     for seq in range(50):
         for w in ("a", "b", "c", "d"):
-            await bus.publish(TOPIC_ACTIVATION, activation(w, seq), key=w)
-    await bus.publish(TOPIC_ACTIVATION, activation("e", 0), key="e")
+            await bus.publish(TOPIC_ACTIVATION, numbered_activation(w, seq), key=w)
+    await bus.publish(TOPIC_ACTIVATION, numbered_activation("e", 0), key="e")
     for seq in range(20):  # push "e" out of the retention window of its partition
-        await bus.publish(TOPIC_ACTIVATION, activation("f", seq), key="f")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("f", seq), key="f")
     assert bus.retained(TOPIC_ACTIVATION) <= 2 * 5 + 6
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="late")
     got = []
@@ -490,7 +453,7 @@ async def test_inproc_deliveries_do_not_share_mutable_values():
     await bus.start()
     a = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="a")
     b = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="b")
-    event = activation("w", 1)
+    event = numbered_activation("w", 1)
     await bus.publish(TOPIC_ACTIVATION, event, key="w")
     event["weight"] = 0.9  # the publisher changes its dict afterwards
     [ma], [mb] = await take(a, 1), await take(b, 1)
@@ -505,7 +468,7 @@ async def test_inproc_throughput():
     await bus.start()
     subs = [await bus.subscribe(list(CONTROL_TOPICS), consumer_id=f"gw{i}") for i in range(2)]
     n = 20_000
-    events = [activation(f"w{i % 100}", i) for i in range(n)]
+    events = [numbered_activation(f"w{i % 100}", i) for i in range(n)]
 
     async def drain(sub):
         count = 0
@@ -545,9 +508,9 @@ def test_queue_key_is_stable_and_order_insensitive():
 
 
 def test_partition_key_per_topic():
-    assert partition_key(TOPIC_ACTIVATION, activation("w9", 1)) == "w9"
-    assert partition_key(TOPIC_POLICY, policy("w8", 1)) == "w8"
-    assert partition_key(TOPIC_QUEUES, queue_update(["b", "a"], 60, 1)) == queue_key(["a", "b"], 60)
+    assert partition_key(TOPIC_ACTIVATION, numbered_activation("w9", 1)) == "w9"
+    assert partition_key(TOPIC_POLICY, policy_updated("w8", 1)) == "w8"
+    assert partition_key(TOPIC_QUEUES, numbered_queue_update(["b", "a"], 60, 1)) == queue_key(["a", "b"], 60)
     with pytest.raises(ValueError):
         partition_key("control.unknown", {})
 
@@ -575,13 +538,13 @@ async def test_inproc_reader_behind_retention_resumes_from_compacted_state(caplo
     bus = InProcessBus(partitions=1, retention=4)
     await bus.start()
     sub = await bus.subscribe([TOPIC_POLICY], consumer_id="slow")
-    await bus.publish(TOPIC_POLICY, policy("a", 0), key="a")
+    await bus.publish(TOPIC_POLICY, policy_updated("a", 0), key="a")
     [first] = await take(sub, 1)
     await sub.commit(first)
     await sub.close()
     for v in range(1, 11):  # far beyond retention while "slow" is away
         for w in ("a", "b", "c"):
-            await bus.publish(TOPIC_POLICY, policy(w, v), key=w)
+            await bus.publish(TOPIC_POLICY, policy_updated(w, v), key=w)
     sub = await bus.subscribe([TOPIC_POLICY], consumer_id="slow")
     got = await take(sub, 4)
     await assert_quiet(sub, 0.1)

@@ -18,6 +18,7 @@ import websockets
 from qmtl.bus import InProcessBus
 from qmtl.common.config import load_config
 from qmtl.contracts.events import event_validators
+from tests.helpers.events import activation_updated, policy_updated, queue_updated
 from tests.helpers.server import free_port, serve
 
 T0 = datetime.now(UTC) + timedelta(hours=1)  # newer than anything the Gateway stamps with its own clock
@@ -28,27 +29,18 @@ def ts(i: float) -> str:
     return (T0 + timedelta(milliseconds=i)).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def activation(world: str, sid: str, i: int, *, active: bool = True, weight: float = 0.5, side: str = "long", etag: str | None = None,
-               state_hash: str | None = None) -> dict:
-    ev = {
-        "type": "ActivationUpdated", "version": 1, "world_id": world, "strategy_id": sid, "side": side,
-        "active": active, "weight": weight, "etag": etag or f"{world}-{sid}-{side}-{i}", "run_id": f"r{i}", "ts": ts(i),
-    }
-    if state_hash:
-        ev["state_hash"] = state_hash
-    return ev
+def activation(world: str, sid: str, i: int, *, side: str = "long", etag: str | None = None, **fields: Any) -> dict:
+    """Activation ``i``: stamped ``ts(i)``, run ``r<i>``; ``fields`` as for ``activation_updated``."""
+    return activation_updated(world, sid, side=side, etag=etag or f"{world}-{sid}-{side}-{i}", run_id=f"r{i}", ts=ts(i),
+                              **fields)
 
 
 def policy(world: str, version: int, status: str, i: int) -> dict:
-    return {"type": "PolicyUpdated", "version": 1, "world_id": world, "policy_version": version, "checksum": f"sha256:{version}",
-            "status": status, "ts": ts(i)}
+    return policy_updated(world, version, status=status, ts=ts(i))
 
 
 def queues_event(tags: list[str], interval: int, queues: list[str], i: int, match_mode: str | None = None) -> dict:
-    ev = {"type": "QueueUpdated", "version": 1, "tags": tags, "interval": interval, "queues": queues, "etag": f"q-{i}", "ts": ts(i)}
-    if match_mode:
-        ev["match_mode"] = match_mode
-    return ev
+    return queue_updated(tags, interval, queues, match_mode=match_mode, etag=f"q-{i}", ts=ts(i))
 
 
 class BusFactory:

@@ -24,39 +24,13 @@ from qmtl.bus import (  # noqa: E402
     queue_key,
 )
 from qmtl.bus.kafka import KafkaBus  # noqa: E402
+from tests.helpers.events import numbered_activation, numbered_queue_update
 
 pytestmark = pytest.mark.kafka
 
 WAIT = 15.0
-TS = "2025-01-01T00:00:00Z"
 FETCH = 1  # Kafka ApiKey of Fetch
 TOPIC_AUTHORIZATION_FAILED = 29
-
-
-def activation(world: str, seq: int) -> dict:
-    return {
-        "type": "ActivationUpdated",
-        "version": 1,
-        "world_id": world,
-        "strategy_id": "s",
-        "side": "long",
-        "active": True,
-        "weight": 0.5,
-        "etag": f"{world}:{seq}",
-        "ts": TS,
-    }
-
-
-def queue_update(tags: list[str], interval: int, seq: int) -> dict:
-    return {
-        "type": "QueueUpdated",
-        "version": 1,
-        "tags": tags,
-        "interval": interval,
-        "queues": [f"q{seq}"],
-        "etag": str(seq),
-        "ts": TS,
-    }
 
 
 def new_bus(bootstrap: str, validator, prefix: str, **kw) -> KafkaBus:
@@ -126,7 +100,7 @@ async def test_topic_creation_falls_back_to_auto_creation(kafka_bootstrap, event
         for t in CONTROL_TOPICS:
             assert topics.get(p + t) == 4, topics  # created by the broker, 4 partitions
         sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="gw-" + p)
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
         [msg] = await take(sub, 1)
         assert msg.value["etag"] == "w:1"
     finally:
@@ -139,7 +113,7 @@ async def test_without_create_topics_first_use_creates_the_topic(kafka_bootstrap
     await bus.start()
     try:
         assert not any(name.startswith(p) for name in topic_partitions(kafka_bootstrap))
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
         assert p + TOPIC_ACTIVATION in topic_partitions(kafka_bootstrap)
         sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="gw-" + p)
         [msg] = await take(sub, 1)
@@ -161,7 +135,7 @@ async def test_every_partition_is_consumed_without_group_rebalancing(fresh_kafka
         sent = set()
         for i in range(70):
             tags = [f"tag{i}", "spot"]
-            await buses[0].publish(TOPIC_QUEUES, queue_update(tags, 60, i), key=queue_key(tags, 60))
+            await buses[0].publish(TOPIC_QUEUES, numbered_queue_update(tags, 60, i), key=queue_key(tags, 60))
             sent.add(queue_key(tags, 60))
         for sub in subs:
             got = await take(sub, 70)
@@ -189,13 +163,13 @@ async def test_broker_down_publish_fails_bounded_then_everything_recovers(fresh_
 
     relay_task = asyncio.ensure_future(relay())
     try:
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
         await wait_until(lambda: len(received) == 1, what="the first event")
 
         cluster.broker_down()
         t0 = time.monotonic()
         with pytest.raises(BusUnavailable, match="unavailable") as err:
-            await bus.publish(TOPIC_ACTIVATION, activation("w", 2), key="w")
+            await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 2), key="w")
         elapsed = time.monotonic() - t0
         assert elapsed < 2.0 + 1.0, f"publish took {elapsed:.1f}s, bound is 2s"
         assert cluster.bootstrap_servers in str(err.value)
@@ -203,8 +177,8 @@ async def test_broker_down_publish_fails_bounded_then_everything_recovers(fresh_
 
         cluster.broker_up()
         # The caller retries what was not confirmed (it may also arrive twice: at-least-once).
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 2), key="w")
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 3), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 2), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 3), key="w")
         await wait_until(lambda: "w:3" in [m.value["etag"] for m in received], what="events after recovery")
         etags = [m.value["etag"] for m in received]
         firsts = list(dict.fromkeys(etags))
@@ -220,7 +194,7 @@ async def test_broker_down_publish_fails_bounded_then_everything_recovers(fresh_
     await bus2.start()
     try:
         sub2 = await bus2.subscribe([TOPIC_ACTIVATION], consumer_id=cid)
-        await bus2.publish(TOPIC_ACTIVATION, activation("w", 4), key="w")
+        await bus2.publish(TOPIC_ACTIVATION, numbered_activation("w", 4), key="w")
         [msg] = await take(sub2, 1)
         assert msg.value["etag"] == "w:4"
     finally:
@@ -242,7 +216,7 @@ async def test_bus_started_while_broker_down_connects_when_it_returns(fresh_kafk
     try:
         cluster.broker_up()
         await wait_until(lambda: sub.ready, what="the subscription to connect")
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
         [msg] = await take(sub, 1)
         assert msg.value["etag"] == "w:1"
     finally:
@@ -257,13 +231,13 @@ async def test_unreachable_broker_publish_raises_bus_unavailable(event_validator
     t0 = time.monotonic()
     await bus.start()
     with pytest.raises(BusUnavailable, match=f"127.0.0.1:{port}"):
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="gw")
     assert not sub.ready
     await bus.close()
     assert time.monotonic() - t0 < 10
     with pytest.raises(BusClosed):
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 2), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 2), key="w")
 
 
 async def test_consumer_is_rebuilt_after_fetch_errors(fresh_kafka_cluster, event_validator, caplog):
@@ -274,13 +248,13 @@ async def test_consumer_is_rebuilt_after_fetch_errors(fresh_kafka_cluster, event
     caplog.set_level(logging.WARNING, logger="qmtl.bus")
     try:
         sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="gw-" + p)
-        await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
         first = await take(sub, 1)
         # The next Fetch requests fail: aiokafka raises it from getmany; the
         # subscription rebuilds its consumer and goes on where it was.
         cluster.push_request_errors(FETCH, *[TOPIC_AUTHORIZATION_FAILED] * 3)
         for seq in range(2, 6):
-            await bus.publish(TOPIC_ACTIVATION, activation("w", seq), key="w")
+            await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", seq), key="w")
         rest = await take(sub, 4)
         assert [m.value["etag"] for m in first + rest] == [f"w:{i}" for i in range(1, 6)]
         assert "reconnecting" in caplog.text
@@ -294,9 +268,9 @@ async def test_close_with_broker_down_and_a_publish_in_flight_is_bounded(fresh_k
     bus = new_bus(cluster.bootstrap_servers, event_validator, p, publish_timeout_ms=30_000)
     await bus.start()
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="gw-" + p)
-    await bus.publish(TOPIC_ACTIVATION, activation("w", 1), key="w")
+    await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
     cluster.broker_down()
-    pending = asyncio.ensure_future(bus.publish(TOPIC_ACTIVATION, activation("w", 2), key="w"))
+    pending = asyncio.ensure_future(bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 2), key="w"))
     await asyncio.sleep(0.3)  # the event is queued in the producer, not deliverable
     assert not pending.done()
     t0 = time.monotonic()

@@ -11,11 +11,11 @@ from qmtl.sdk.state import (
     queue_set_hash,
     queue_snapshot_hash,
 )
+from tests.helpers.events import activation_updated, policy_updated
 
 
 def _act(sid, side, active, weight, etag, ts):
-    return {"type": "ActivationUpdated", "version": 1, "world_id": "w", "strategy_id": sid, "side": side,
-            "active": active, "weight": weight, "etag": etag, "ts": ts}
+    return activation_updated("w", sid, side=side, active=active, weight=weight, etag=etag, ts=ts)
 
 
 def test_queue_hashes_equal_the_gateways():
@@ -44,8 +44,7 @@ def test_activation_and_policy_hashes_equal_the_gateways_and_worldservices():
         assert mine.apply_activation(e)
         assert mine.activation_hash("w") == server.activation_hash("w")
     assert mine.activation_hash("w") == activation_state_hash(events)
-    pol = {"type": "PolicyUpdated", "version": 1, "world_id": "w", "policy_version": 2, "checksum": "c" * 64,
-           "status": "ACTIVE", "ts": "2026-01-01T00:00:02Z"}
+    pol = policy_updated("w", 2, checksum="c" * 64, status="ACTIVE", ts="2026-01-01T00:00:02Z")
     server.apply_policy(pol)
     mine.apply_policy(pol)
     assert mine.policy_hash("w") == server.policy_hash("w") == policy_state_hash("w", 2, "c" * 64, "ACTIVE")

@@ -12,11 +12,11 @@ from qmtl.bus import InProcessBus
 from qmtl.contracts.events import event_validators
 from qmtl.gateway.events.consumer import ControlBusConsumer
 from qmtl.gateway.events.metrics import EventMetrics
+from tests.helpers.events import activation_updated
 
 
 def ev(world, i):
-    return {"type": "ActivationUpdated", "version": 1, "world_id": world, "strategy_id": f"s{i}", "side": "long", "active": True,
-            "weight": 0.5, "etag": f"e{i}", "ts": "2026-11-26T12:00:00Z"}
+    return activation_updated(world, f"s{i}", etag=f"e{i}", ts="2026-11-26T12:00:00Z")
 
 
 async def _until(cond, timeout=5.0):

@@ -15,14 +15,11 @@ from qmtl.gateway.events.state import (
     parse_ts,
     queue_state_hash,
 )
+from tests.helpers.events import activation_updated, policy_updated
 
 
-def act(sid, etag, ts, *, world="w", side="long", active=True, weight=0.5, state_hash=None):
-    ev = {"type": "ActivationUpdated", "version": 1, "world_id": world, "strategy_id": sid, "side": side, "active": active,
-          "weight": weight, "etag": etag, "ts": ts}
-    if state_hash:
-        ev["state_hash"] = state_hash
-    return ev
+def act(sid, etag, ts, *, world="w", **fields):
+    return activation_updated(world, sid, etag=etag, ts=ts, **fields)
 
 
 def t(sec: float) -> str:
@@ -71,7 +68,7 @@ def test_mismatched_worlds_track_the_published_hash():
 
 
 def pol(v, status, ts, world="w"):
-    return {"type": "PolicyUpdated", "version": 1, "world_id": world, "policy_version": v, "checksum": f"c{v}", "status": status, "ts": ts}
+    return policy_updated(world, v, checksum=f"c{v}", status=status, ts=ts)
 
 
 def test_policy_default_lifecycle_and_hash():
