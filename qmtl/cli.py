@@ -191,7 +191,7 @@ def make_apps(cfg: Config, services: Sequence[str]) -> list[tuple[str, Any, str,
     cb = cfg.controlbus
     if cb.kind == "kafka":
         bus_options = {"kind": "kafka", "bootstrap_servers": cb.bootstrap_servers, "num_partitions": cb.num_partitions,
-                       "create_topics": cb.create_topics}
+                       "create_topics": cb.create_topics, "fetch_max_wait_ms": cb.fetch_max_wait_ms}
     else:
         bus_options = {"kind": cb.kind, "partitions": cb.num_partitions}
     bus = make_bus(bus_options, validator=event_validators())

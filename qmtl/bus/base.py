@@ -109,6 +109,18 @@ class ControlBus(abc.ABC):
         first time an identity subscribes to a partition.
         """
 
+    # -- offsets (for lag metrics and state rebuilds; optional) ----------------------
+    async def end_offsets(self, topics: Sequence[str]) -> dict[tuple[str, int], int] | None:
+        """The next offset to be written per (topic, partition) of ``topics``; None when
+        this bus cannot tell. May raise :class:`~qmtl.bus.errors.BusUnavailable`."""
+        return None
+
+    async def committed_offsets(self, consumer_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int] | None:
+        """The next offset ``consumer_id`` will read per (topic, partition) of ``topics``,
+        for the partitions it has committed on; None when this bus cannot tell. May raise
+        :class:`~qmtl.bus.errors.BusUnavailable`."""
+        return None
+
     @property
     def invalid_events(self) -> int:
         """How many invalid events were refused on publish or skipped on consume."""

@@ -404,11 +404,17 @@ class InProcessBus(ControlBus):
         """The next offset ``consumer_id`` will read on ``topic[partition]``, if committed."""
         return self._committed.get((consumer_id, topic, partition))
 
-    def end_offsets(self, topic: str) -> dict[int, int]:
-        t = self._topics.get(topic)
-        if t is None:
-            return {}
-        return {p: part.next_offset for p, part in enumerate(t.partitions)}
+    async def end_offsets(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            t = self._topics.get(topic)
+            if t is not None:
+                out.update(((topic, p), part.next_offset) for p, part in enumerate(t.partitions))
+        return out
+
+    async def committed_offsets(self, consumer_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        wanted = set(topics)
+        return {(topic, p): off for (cid, topic, p), off in self._committed.items() if cid == consumer_id and topic in wanted}
 
     def retained(self, topic: str) -> int:
         """How many messages ``topic`` retains (compacted ones included)."""

@@ -89,6 +89,7 @@ class KafkaBus(ControlBus):
         topic_prefix: str = "",
         cleanup_policy: str = "compact",
         max_buffered_batches: int = 16,
+        fetch_max_wait_ms: int = 500,
     ) -> None:
         if not bootstrap_servers:
             raise ValueError("bootstrap_servers is required")
@@ -106,6 +107,10 @@ class KafkaBus(ControlBus):
         self._prefix = topic_prefix
         self._cleanup_policy = cleanup_policy
         self._max_buffered_batches = max_buffered_batches
+        # How long a fetch waits at the broker for data (aiokafka's default). A broker answers
+        # a waiting fetch as soon as data arrives; librdkafka's mock cluster holds it for the
+        # whole wait, so tests and benchmarks against the mock set a few milliseconds.
+        self._fetch_max_wait_ms = int(fetch_max_wait_ms)
 
         self._invalid_events = 0
         self._started = False
@@ -116,6 +121,8 @@ class KafkaBus(ControlBus):
         self._ensured_topics: set[str] = set()
         self._admin_usable = True
         self._subs: set[KafkaSubscription] = set()
+        self._meta: AIOKafkaConsumer | None = None  # group-less consumer for end offsets
+        self._meta_lock: asyncio.Lock | None = None
 
     # -- names ------------------------------------------------------------------
     def physical_topic(self, topic: str) -> str:
@@ -170,6 +177,9 @@ class KafkaBus(ControlBus):
         self._closed = True
         for sub in list(self._subs):
             await sub.close()
+        meta, self._meta = self._meta, None
+        if meta is not None:
+            await self._stop_client(meta, "offsets consumer stop")
         producer, self._producer = self._producer, None
         if producer is not None:
             await self._stop_producer(producer)
@@ -316,6 +326,104 @@ class KafkaBus(ControlBus):
         producer = await self._get_producer(deadline)
         loop = asyncio.get_running_loop()
         return set(await asyncio.wait_for(producer.partitions_for(physical), max(0.001, deadline - loop.time())))
+
+    async def partitions(self, topic: str) -> set[int]:
+        """The partitions of the logical ``topic`` (created first when it does not exist)."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._request_timeout
+        try:
+            return await self._partitions(self.physical_topic(topic), deadline)
+        except BusUnavailable:
+            raise
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unavailable(f"partitions of {topic}", exc) from exc
+
+    # -- offsets ----------------------------------------------------------------
+    def _offsets_consumer(self, group_id: str | None) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self._client_id}-offsets",
+            group_id=group_id,
+            enable_auto_commit=False,
+            request_timeout_ms=self._request_timeout_ms,
+            retry_backoff_ms=max(1, int(self._backoff[0] * 1000)),
+        )
+
+    async def _stop_client(self, consumer: AIOKafkaConsumer, what: str) -> None:
+        stopper = asyncio.ensure_future(consumer.stop())
+        await asyncio.wait({stopper}, timeout=self._request_timeout)
+        await _reap(stopper, what)
+        await _close_client(getattr(consumer, "_client", None), self._request_timeout)
+
+    async def _topic_partitions(self, topics: Sequence[str], deadline: float) -> list[TopicPartition]:
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            physical = self.physical_topic(topic)
+            tps.extend(TopicPartition(physical, p) for p in sorted(await self._partitions(physical, deadline)))
+        return tps
+
+    async def end_offsets(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        """Next offset to be written per (logical topic, partition), from the broker (one
+        long-lived group-less consumer, rebuilt after a failure). Raises
+        :class:`BusUnavailable` when the broker does not answer within ``request_timeout_ms``."""
+        self._check_open()
+        if self._meta_lock is None:
+            self._meta_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._request_timeout
+
+        def left() -> float:
+            return max(0.001, deadline - loop.time())
+
+        async with self._meta_lock:
+            try:
+                if self._meta is None:
+                    consumer = self._offsets_consumer(None)
+                    try:
+                        await asyncio.wait_for(consumer.start(), left())
+                    except BaseException:
+                        await self._stop_client(consumer, "offsets consumer stop")
+                        raise
+                    self._meta = consumer
+                tps = await self._topic_partitions(topics, deadline)
+                ends = await asyncio.wait_for(self._meta.end_offsets(tps), left()) if tps else {}
+            except (KafkaError, OSError, asyncio.TimeoutError, BusUnavailable) as exc:
+                meta, self._meta = self._meta, None
+                if meta is not None:
+                    await self._stop_client(meta, "offsets consumer stop")
+                if isinstance(exc, BusUnavailable):
+                    raise
+                raise self._unavailable("end offsets", exc) from exc
+        return {(self.logical_topic(tp.topic), tp.partition): int(off) for tp, off in ends.items()}
+
+    async def committed_offsets(self, consumer_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        """Offsets committed by ``consumer_id`` per (logical topic, partition) (partitions it
+        never committed on are absent). Raises :class:`BusUnavailable` like :meth:`end_offsets`."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._request_timeout
+
+        def left() -> float:
+            return max(0.001, deadline - loop.time())
+
+        consumer = self._offsets_consumer(consumer_id)
+        try:
+            await asyncio.wait_for(consumer.start(), left())
+            tps = await self._topic_partitions(topics, deadline)
+            consumer.assign(tps)
+            out: dict[tuple[str, int], int] = {}
+            for tp in tps:
+                off = await asyncio.wait_for(consumer.committed(tp), left())
+                if off is not None:
+                    out[(self.logical_topic(tp.topic), tp.partition)] = int(off)
+            return out
+        except BusUnavailable:
+            raise
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unavailable(f"committed offsets of {consumer_id}", exc) from exc
+        finally:
+            await self._stop_client(consumer, "offsets consumer stop")
 
     # -- publish --------------------------------------------------------------
     async def publish(
@@ -512,6 +620,7 @@ class KafkaSubscription(Subscription):
                     auto_offset_reset="earliest",
                     request_timeout_ms=bus._request_timeout_ms,
                     retry_backoff_ms=max(1, int(bus._backoff[0] * 1000)),
+                    fetch_max_wait_ms=bus._fetch_max_wait_ms,
                 )
                 await self._setup(consumer)
                 self._consumer = consumer
@@ -593,10 +702,7 @@ class KafkaSubscription(Subscription):
                     self._pending_commits[tp] = max(offset, self._pending_commits.get(tp, 0))
 
     async def _stop_consumer(self, consumer: AIOKafkaConsumer) -> None:
-        stopper = asyncio.ensure_future(consumer.stop())
-        await asyncio.wait({stopper}, timeout=self._bus._request_timeout)
-        await _reap(stopper, "consumer stop")
-        await _close_client(getattr(consumer, "_client", None), self._bus._request_timeout)
+        await self._bus._stop_client(consumer, "consumer stop")
 
     # -- iteration --------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[BusMessage]:

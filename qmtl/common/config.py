@@ -33,6 +33,8 @@ class BusConfig:
     bootstrap_servers: str = ""
     num_partitions: int = 4
     create_topics: bool = True
+    # Kafka: how long a consumer's fetch waits at the broker for data (aiokafka's default).
+    fetch_max_wait_ms: int = 500
 
 
 @dataclass

@@ -314,6 +314,44 @@ async def test_without_commit_from_beginning_or_end(harness: Harness):
     await early.close()
 
 
+async def test_end_offsets_count_what_was_published(harness: Harness):
+    bus = harness.bus
+    for world, n in (("wa", 3), ("wb", 5)):
+        for seq in range(n):
+            await bus.publish(TOPIC_ACTIVATION, numbered_activation(world, seq), key=world)
+    await bus.publish(TOPIC_POLICY, policy_updated("wa", 1), key="wa")
+    ends = await bus.end_offsets([TOPIC_ACTIVATION, TOPIC_POLICY])
+    assert {topic for topic, _p in ends} == {TOPIC_ACTIVATION, TOPIC_POLICY}
+    assert sum(off for (topic, _p), off in ends.items() if topic == TOPIC_ACTIVATION) == 8
+    assert sum(off for (topic, _p), off in ends.items() if topic == TOPIC_POLICY) == 1
+    # The partition each message landed on ends right after it.
+    sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("ends"))
+    got = await take(sub, 8)
+    await sub.close()
+    last = {}
+    for m in got:
+        last[(m.topic, m.partition)] = m.offset + 1
+    assert all(ends[tp] == off for tp, off in last.items())
+
+
+async def test_committed_offsets_follow_commits(harness: Harness):
+    bus = harness.bus
+    cid = harness.consumer_id("gw")
+    assert await bus.committed_offsets(cid, [TOPIC_ACTIVATION]) == {}  # never subscribed
+    for seq in range(6):
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("solo", seq), key="solo")
+    sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=cid)
+    got = await take(sub, 6)
+    await sub.commit(got[3])
+    await sub.close()  # flushes the commits
+    committed = await (await harness.peer()).committed_offsets(cid, [TOPIC_ACTIVATION])
+    tp = (TOPIC_ACTIVATION, got[3].partition)
+    assert committed[tp] == got[3].offset + 1
+    # Every other partition is anchored where the identity started (the beginning).
+    assert all(off == 0 for other, off in committed.items() if other != tp)
+    assert await bus.committed_offsets(harness.consumer_id("other"), [TOPIC_ACTIVATION]) == {}
+
+
 async def test_invalid_event_refused_on_publish(harness: Harness):
     bus = harness.bus
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id=harness.consumer_id("gw"))
@@ -522,10 +560,11 @@ def test_make_bus():
     assert isinstance(make_bus(None, validator=None), InProcessBus)
     bus = make_bus(
         {"kind": "kafka", "bootstrap_servers": "k1:9092,k2:9092", "num_partitions": 8,
-         "reconnect_backoff": [0.2, 2.0]},
+         "reconnect_backoff": [0.2, 2.0], "fetch_max_wait_ms": 20},
         validator=None,
     )
     assert isinstance(bus, KafkaBus) and bus.bootstrap_servers == "k1:9092,k2:9092"
+    assert bus._fetch_max_wait_ms == 20
     with pytest.raises(ValueError, match="bootstrap_servers"):
         make_bus({"kind": "kafka"}, validator=None)
     with pytest.raises(ValueError, match="unknown ControlBus kind"):

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import qmtl.gateway.app as gateway_app
+from qmtl.bus.base import CONTROL_TOPICS
 from qmtl.bus.keys import queue_key
 from qmtl.common.statehash import activation_state_hash, policy_state_hash
 from qmtl.gateway.events.state import queue_state_hash
@@ -210,7 +211,7 @@ async def test_commit_and_resume_after_restart_nothing_lost(buses, tmp_path):
         # Offsets are committed after apply.
         deadline = time.monotonic() + 10
         while True:
-            committed = await gw.events.consumer.probe.committed("gateway-gw-restart")
+            committed = await gw.events.consumer.bus.committed_offsets("gateway-gw-restart", CONTROL_TOPICS)
             if sum((committed or {}).values()) >= 5:
                 break
             assert time.monotonic() < deadline, committed

@@ -279,3 +279,28 @@ async def test_close_with_broker_down_and_a_publish_in_flight_is_bounded(fresh_k
     with pytest.raises(BusUnavailable):  # BusClosed is a BusUnavailable
         await asyncio.wait_for(pending, WAIT)
     assert sub.closed
+
+
+async def test_offsets_with_the_broker_away_raise_bus_unavailable_then_recover(fresh_kafka_cluster, event_validator):
+    cluster = fresh_kafka_cluster
+    p = prefix()
+    bus = new_bus(cluster.bootstrap_servers, event_validator, p)
+    await bus.start()
+    try:
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 1), key="w")
+        ends = await bus.end_offsets([TOPIC_ACTIVATION])
+        assert sum(ends.values()) == 1
+        cluster.broker_down()
+        t0 = time.monotonic()
+        with pytest.raises(BusUnavailable, match=cluster.bootstrap_servers):
+            await bus.end_offsets([TOPIC_ACTIVATION])
+        with pytest.raises(BusUnavailable, match=cluster.bootstrap_servers):
+            await bus.committed_offsets("gw-" + p, [TOPIC_ACTIVATION])
+        assert time.monotonic() - t0 < 10
+        cluster.broker_up()
+        await bus.publish(TOPIC_ACTIVATION, numbered_activation("w", 2), key="w")
+        assert sum((await bus.end_offsets([TOPIC_ACTIVATION])).values()) == 2  # a new offsets client
+    finally:
+        await bus.close()
+    with pytest.raises(BusClosed):
+        await bus.end_offsets([TOPIC_ACTIVATION])

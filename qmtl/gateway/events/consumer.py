@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -48,123 +47,6 @@ from .metrics import EventMetrics
 log = logging.getLogger(__name__)
 
 TP = tuple  # (topic, partition)
-
-
-class OffsetProbe:
-    """End offsets and committed offsets of the control topics, for whatever bus is in use.
-
-    The in-process bus answers directly. For Kafka a small metadata-only consumer (no
-    group membership) asks the broker. Any other bus: ``None`` (unknown)."""
-
-    def __init__(self, bus: ControlBus, topics: tuple[str, ...]) -> None:
-        self.bus = bus
-        self.topics = topics
-        self._kafka: Any = None
-        self._kafka_lock = asyncio.Lock()
-
-    def _is_kafka(self) -> bool:
-        return type(self.bus).__name__ == "KafkaBus" and hasattr(self.bus, "physical_topic")
-
-    async def end_offsets(self) -> dict[TP, int] | None:
-        bus = self.bus
-        fn = getattr(bus, "end_offsets", None)
-        if fn is not None:
-            out: dict[TP, int] = {}
-            for topic in self.topics:
-                res = fn(topic)
-                if inspect.isawaitable(res):
-                    res = await res
-                for p, off in (res or {}).items():
-                    out[(topic, int(p))] = int(off)
-            return out
-        if self._is_kafka():
-            return await self._kafka_end_offsets()
-        return None
-
-    async def committed(self, consumer_id: str) -> dict[TP, int] | None:
-        bus = self.bus
-        fn = getattr(bus, "committed", None)
-        if fn is not None and not self._is_kafka():
-            ends = await self.end_offsets() or {}
-            out: dict[TP, int] = {}
-            for topic, p in ends:
-                res = fn(consumer_id, topic, p)
-                if inspect.isawaitable(res):
-                    res = await res
-                if res is not None:
-                    out[(topic, p)] = int(res)
-            return out
-        if self._is_kafka():
-            return await self._kafka_committed(consumer_id)
-        return None
-
-    # -- Kafka ---------------------------------------------------------------------------
-    def _new_consumer(self, group_id: str | None) -> Any:
-        from aiokafka import AIOKafkaConsumer
-
-        bus = self.bus
-        return AIOKafkaConsumer(
-            bootstrap_servers=bus.bootstrap_servers,
-            client_id=f"qmtl-gateway-offsets-{group_id or 'probe'}",
-            group_id=group_id,
-            enable_auto_commit=False,
-            request_timeout_ms=5000,
-            retry_backoff_ms=100,
-        )
-
-    async def _tps(self, consumer: Any) -> list[Any]:
-        from aiokafka import TopicPartition
-
-        tps = []
-        deadline = asyncio.get_running_loop().time() + 5
-        for topic in self.topics:
-            physical = self.bus.physical_topic(topic)
-            parts = await self.bus._partitions(physical, deadline)  # the bus's metadata lookup (same package family)
-            tps.extend(TopicPartition(physical, p) for p in sorted(parts))
-        return tps
-
-    async def _kafka_end_offsets(self) -> dict[TP, int] | None:
-        async with self._kafka_lock:
-            try:
-                if self._kafka is None:
-                    consumer = self._new_consumer(None)
-                    await asyncio.wait_for(consumer.start(), 5)
-                    self._kafka = consumer
-                tps = await asyncio.wait_for(self._tps(self._kafka), 5)
-                if not tps:
-                    return {}
-                ends = await asyncio.wait_for(self._kafka.end_offsets(tps), 5)
-            except Exception as exc:
-                log.debug("end offsets unavailable: %s: %s", type(exc).__name__, exc)
-                await self._close_kafka()
-                return None
-        return {(self.bus.logical_topic(tp.topic), tp.partition): int(off) for tp, off in ends.items()}
-
-    async def _kafka_committed(self, consumer_id: str) -> dict[TP, int] | None:
-        consumer = self._new_consumer(consumer_id)
-        try:
-            await asyncio.wait_for(consumer.start(), 5)
-            tps = await asyncio.wait_for(self._tps(consumer), 5)
-            consumer.assign(tps)
-            out: dict[TP, int] = {}
-            for tp in tps:
-                off = await asyncio.wait_for(consumer.committed(tp), 5)
-                if off is not None:
-                    out[(self.bus.logical_topic(tp.topic), tp.partition)] = int(off)
-            return out
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), 5)
-
-    async def _close_kafka(self) -> None:
-        consumer, self._kafka = self._kafka, None
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), 5)
-
-    async def close(self) -> None:
-        async with self._kafka_lock:
-            await self._close_kafka()
 
 
 class ControlBusConsumer:
@@ -193,7 +75,6 @@ class ControlBusConsumer:
         self.metrics = metrics
         self.topics = topics
         self.ready = asyncio.Event()
-        self.probe = OffsetProbe(bus, topics)
         self.sub: Any = None
         self._task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
@@ -229,7 +110,6 @@ class ControlBusConsumer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._task = self._metrics_task = None
-        await self.probe.close()
 
     # -- the loop ------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -298,7 +178,7 @@ class ControlBusConsumer:
     async def _arm_catchup(self) -> None:
         """``ready`` once the live subscription has applied what was on the bus now."""
         try:
-            ends = await asyncio.wait_for(self.probe.end_offsets(), 10)
+            ends = await asyncio.wait_for(self._end_offsets(), 10)
         except Exception:
             ends = None
         self._catchup = {
@@ -378,7 +258,7 @@ class ControlBusConsumer:
 
     # -- rebuild -------------------------------------------------------------------------
     async def _rebuild(self) -> int:
-        committed = await self.probe.committed(self.consumer_id)
+        committed = await self.bus.committed_offsets(self.consumer_id, self.topics)
         targets = {tp: off for tp, off in (committed or {}).items() if off > 0}
         now = time.time()
         for tp, off in targets.items():  # where the live subscription resumes (for the lag metrics)
@@ -432,7 +312,7 @@ class ControlBusConsumer:
 
     # -- offset lag and skew ---------------------------------------------------------------
     async def update_lag_metrics(self) -> dict[str, int] | None:
-        ends = await self.probe.end_offsets()
+        ends = await self._end_offsets()
         if ends is None:
             return None
         now = time.time()
@@ -450,6 +330,13 @@ class ControlBusConsumer:
             values = lags[topic]
             self.metrics.partition_skew_seconds.labels(topic).set((max(values) - min(values)) if values else 0.0)
         return per_topic
+
+    async def _end_offsets(self) -> dict[TP, int] | None:
+        try:
+            return await self.bus.end_offsets(self.topics)
+        except Exception as exc:  # the broker is away: unknown for now
+            log.debug("end offsets unavailable: %s: %s", type(exc).__name__, exc)
+            return None
 
     async def _metrics_loop(self) -> None:
         while True:
