@@ -1,7 +1,7 @@
 """WebSocket relay benchmark (issue 4, SPEC §9 G-04): ControlBus → Gateway → 100 ``/ws/evt``
 subscribers, on embedded defaults (in-process bus) and over Kafka (librdkafka's mock cluster).
 
-    .venv/bin/python bench/bench_ws.py [--subscribers 100] [--events 3000] [--rate 600] [--bus inproc,kafka]
+    .venv/bin/python bench/bench_ws.py [--subscribers 100] [--events 3000] [--rate 500] [--rounds 3] [--bus inproc,kafka]
 
 Two processes (this machine has 2 cores): this one runs the subscribers (real WebSocket
 clients, ``websockets`` asyncio, uvloop) and starts a **server process** that runs the
@@ -12,17 +12,24 @@ Gateway's routes — through which this process asks it to publish events on the
 
 Each event is an ActivationUpdated whose ``etag`` carries its sequence number and the
 ``time.time_ns()`` taken just before ``bus.publish``; a subscriber's latency for a frame is
-its receive time minus that (same host clock). Per bus, three phases:
+its receive time minus that (same host clock). Per bus, ``--rounds`` alternating pairs of
+phases, then a burst:
 
 * ``paced``: ``--rate`` events/s for ``--events`` events (delivered rate and p50/p99/max);
-* ``paced+stall``: the same with one extra subscriber that never reads (it must be dropped
-  with 4008 and must not change anybody else's p99);
+* ``paced+stall``: the same with one extra subscriber that never reads (a new one each
+  round; it must be dropped with 4008 and must not change anybody else's p99);
 * ``burst``: ``--events`` events published as fast as the bus takes them (peak delivered rate).
 
 Delivered msg/s = frames received by all subscribers / (last receipt − first publish).
-Targets: ≥ 50,000 msg/s delivered, p99 ≤ 20 ms, the stalled client changes nobody's p99
-(within max(1.5×, +2 ms)); the seed's goal was 500 msg/s. Bounded: every wait has a timeout;
-loopback only.
+Targets: ≥ 50,000 msg/s delivered, p99 ≤ 20 ms, the stalled client changes nobody's p99:
+the median over the rounds with a stalled client, of the others' p99 and of the worst
+single client's p99, within max(1.5×, +2 ms) of the median over the rounds without. One
+round alone cannot tell: a p99 over 300,000 frames from 100 clients is set by a handful of
+100 ms windows, and one pause of either process (GC, the OS scheduling the other one on
+this 2-core machine) moves it by 10 ms or more; alternating rounds expose both sides to the
+same drift. Each phase also reports how late each process's event loop woke up at worst,
+so a spike can be told apart as the Gateway's or the measuring process's. The seed's goal
+was 500 msg/s. Bounded: every wait has a timeout; loopback only.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,18 +89,14 @@ async def serve(args: argparse.Namespace) -> None:
     cluster = None
     bus_cfg: dict = {"kind": "inproc"}
     if args.bus == "kafka":
-        import functools
-
-        import qmtl.bus.kafka as kafka_bus
         from tests.kafka_mock import MockKafkaCluster
 
         # librdkafka's mock cluster does not answer a waiting fetch when data arrives (a real
-        # broker does): it holds it for the whole fetch.max.wait (aiokafka: 500 ms), which would
-        # add 0-500 ms to every frame. A short wait stands in for a real broker's long poll.
-        kafka_bus.AIOKafkaConsumer = functools.partial(kafka_bus.AIOKafkaConsumer, fetch_max_wait_ms=args.fetch_max_wait_ms)
-
+        # broker does): it holds it for the whole fetch wait (default 500 ms), which would add
+        # 0-500 ms to every frame. A short wait stands in for a real broker's long poll.
         cluster = MockKafkaCluster().start()
-        bus_cfg = {"kind": "kafka", "bootstrap_servers": cluster.bootstrap_servers, "topic_prefix": "bench."}
+        bus_cfg = {"kind": "kafka", "bootstrap_servers": cluster.bootstrap_servers, "topic_prefix": "bench.",
+                   "fetch_max_wait_ms": args.fetch_max_wait_ms}
     cfg = load_config(environ={}, overrides={
         "data_dir": args.data_dir,
         "gateway": {"port": args.port, "events": {"heartbeat_interval": 0.0}},
@@ -103,6 +109,19 @@ async def serve(args: argparse.Namespace) -> None:
     app = gateway_app.create_app(cfg, bus=gw_bus)
     events = app.ctx.events
     seq = 0
+    lag_monitor = LoopLag()
+    # Where the time goes: publish → applied by the Gateway's ControlBus consumer (the bus's
+    # share of a frame's latency; the rest is fan-out, the socket and the client).
+    bus_lat = array("q")
+    applier = events.consumer.apply
+
+    def timed_apply(topic: str, value: dict, relay: bool) -> str:
+        etag = value.get("etag", "")
+        if relay and etag.startswith("b"):
+            bus_lat.append(time.time_ns() - int(etag.rsplit("-", 1)[1]))
+        return applier(topic, value, relay)
+
+    events.consumer.apply = timed_apply
 
     async def publish_one(i: int) -> None:
         t_ns = time.time_ns()
@@ -147,7 +166,12 @@ async def serve(args: argparse.Namespace) -> None:
 
     async def stats(_request: Request) -> JSONResponse:
         reg = app.ctx.registry
+        lat_ms = sorted(v / 1e6 for v in bus_lat)
+        del bus_lat[:]
         return JSONResponse({
+            "bus_p50_ms": pct(lat_ms, 0.5) if lat_ms else -1, "bus_p99_ms": pct(lat_ms, 0.99) if lat_ms else -1,
+            "bus_max_ms": lat_ms[-1] if lat_ms else -1,
+            "loop_lag_max_ms": lag_monitor.take_max_ms(),
             "dropped": reg.get_sample_value("ws_dropped_subscribers_total", {"route": "/ws/evt"}) or 0,
             "subscribers": len(events.hub.subscribers),
             "consumed": events.consumer.stats["consumed"],
@@ -174,6 +198,7 @@ async def serve(args: argparse.Namespace) -> None:
     gw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     gw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
     gw_sock.bind(("127.0.0.1", args.port))
+    lag_monitor.start()
     tasks = [asyncio.create_task(servers[0].serve(sockets=[gw_sock])), asyncio.create_task(servers[1].serve())]
     await stop.wait()
     for s in servers:
@@ -186,6 +211,37 @@ async def serve(args: argparse.Namespace) -> None:
         cluster.stop()
 
 
+class LoopLag:
+    """How late this process's event loop wakes up (a 5 ms timer): a stall anywhere in the
+    process (GC, a long callback, the OS not scheduling it) shows here. Tells whether a
+    latency spike came from the Gateway's process or from the measuring one."""
+
+    interval = 0.005
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.interval)
+            late = loop.time() - t - self.interval
+            self.max_s = max(self.max_s, late)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def take_max_ms(self) -> float:
+        out, self.max_s = self.max_s, 0.0
+        return out * 1000
+
+
 # ====================================================================================
 # client process
 # ====================================================================================
@@ -193,7 +249,7 @@ class Subscriber:
     def __init__(self, url: str, token: str) -> None:
         self.url, self.token = url, token
         self.ws = None
-        self.lat_ns: list[int] = []
+        self.lat_ns = array("q")
         self.last_ns = 0
         self.seen: set[int] = set()
         self.task: asyncio.Task | None = None
@@ -232,7 +288,7 @@ class Subscriber:
             self.closed_code = exc.rcvd.code if exc.rcvd else None
 
     def reset(self) -> None:
-        self.lat_ns = []
+        self.lat_ns = array("q")
         self.seen = set()
         self.last_ns = 0
         if self.task is not None:
@@ -286,6 +342,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_bus(bus: str, args: argparse.Namespace) -> list[dict]:
+    # Alternating rounds, so that this machine's noise hits both sides of the stalled-client
+    # comparison alike (the check compares medians). Each phase runs against a freshly started
+    # server process: librdkafka's mock cluster finds a fetch's message set by walking the
+    # partition's log from its start and answers one message set per fetch, so on a mock that
+    # already holds the earlier phases each fetch is slower, and a later phase would be
+    # measured on a slower bus than an earlier one.
+    plan = [(phase, rnd, args.events, args.rate, phase == "paced+stall")
+            for rnd in range(1, args.rounds + 1) for phase in ("paced", "paced+stall")]
+    plan.append(("burst", 1, args.events, 0.0, False))
+    results = []
+    for phase, rnd, count, rate, stall in plan:
+        print(f"  {bus} {phase} round {rnd} ...", flush=True)
+        results.append(await run_phase(bus, args, phase, rnd, count, rate, stall))
+    return results
+
+
+async def run_phase(bus: str, args: argparse.Namespace, phase: str, rnd: int, count: int, rate: float, stall: bool) -> dict:
     import httpx
 
     port, cport = free_port(), free_port()
@@ -297,7 +370,6 @@ async def run_bus(bus: str, args: argparse.Namespace) -> list[dict]:
          *(["--server-deflate"] if args.server_deflate else [])],
         cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    results: list[dict] = []
     subs: list[Subscriber] = []
     stalled: socket.socket | None = None
     try:
@@ -320,57 +392,63 @@ async def run_bus(bus: str, args: argparse.Namespace) -> list[dict]:
                 r.raise_for_status()
                 tokens.append(r.json()["token"])
             url = f"ws://127.0.0.1:{port}/ws/evt"
-            for tok in tokens[:-1]:
-                s = Subscriber(url, tok)
-                await s.connect()
-                subs.append(s)
+            for tok in tokens[:args.subscribers]:
+                sub = Subscriber(url, tok)
+                await sub.connect()
+                subs.append(sub)
             # warm-up (first-use costs: topic creation, JIT-less paths)
             await http.post(f"http://127.0.0.1:{cport}/publish", json={"count": 200, "rate": 0})
             await _wait_delivered(subs, 200, 30)
-            for phase, count, rate, stall in (
-                ("paced", args.events, args.rate, False),
-                ("paced+stall", args.events, args.rate, True),
-                ("burst", args.events, 0.0, False),
-            ):
-                for s in subs:
-                    s.reset()
-                if stall and stalled is None:
-                    stalled = await stalled_client(port, tokens[-1])
-                before = (await http.get(f"http://127.0.0.1:{cport}/stats")).json()
-                cpu0 = (cpu_seconds(proc.pid), cpu_seconds())
-                t_start = time.time_ns()
-                r = await http.post(f"http://127.0.0.1:{cport}/publish", json={"count": count, "rate": rate}, timeout=120)
-                r.raise_for_status()
-                complete = await _wait_delivered(subs, count, args.timeout)
-                cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
-                after = (await http.get(f"http://127.0.0.1:{cport}/stats")).json()
-                lat_ms = [v / 1e6 for s in subs for v in s.lat_ns]
-                received = sum(len(s.lat_ns) for s in subs)
-                last = max((s.last_ns for s in subs), default=t_start)
-                span = max(1e-9, (last - t_start) / 1e9)
-                per_client_p99 = [pct([v / 1e6 for v in s.lat_ns], 0.99) for s in subs if s.lat_ns]
-                results.append({
-                    "bus": bus, "phase": phase, "events": count, "rate": rate or None, "subscribers": len(subs),
-                    "received": received, "expected": count * len(subs), "complete": complete,
-                    "delivered_per_s": received / span, "p50_ms": pct(lat_ms, 0.5), "p99_ms": pct(lat_ms, 0.99),
-                    "max_ms": max(lat_ms) if lat_ms else float("nan"),
-                    "worst_client_p99_ms": max(per_client_p99) if per_client_p99 else float("nan"),
-                    "dropped": after["dropped"] - before["dropped"], "publish_s": r.json()["seconds"],
-                    "server_cpu_us_per_msg": (cpu1[0] - cpu0[0]) / max(1, received) * 1e6,
-                    "client_cpu_us_per_msg": (cpu1[1] - cpu0[1]) / max(1, received) * 1e6,
-                    "wall_s": span, "server_cpu_s": cpu1[0] - cpu0[0], "client_cpu_s": cpu1[1] - cpu0[1],
-                })
+            for sub in subs:
+                sub.reset()
+            if stall:
+                stalled = await stalled_client(port, tokens[-1])
+            # This process is the measuring instrument: its own GC pauses would be charged to
+            # the Gateway. Its setup objects are moved out of the collector's way; latencies
+            # are kept in arrays (no per-sample objects).
+            gc.collect()
+            gc.freeze()
+            client_lag = LoopLag()
+            client_lag.start()
+            before = (await http.get(f"http://127.0.0.1:{cport}/stats")).json()
+            cpu0 = (cpu_seconds(proc.pid), cpu_seconds())
+            t_start = time.time_ns()
+            r = await http.post(f"http://127.0.0.1:{cport}/publish", json={"count": count, "rate": rate}, timeout=120)
+            r.raise_for_status()
+            complete = await _wait_delivered(subs, count, args.timeout)
+            cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
+            after = (await http.get(f"http://127.0.0.1:{cport}/stats")).json()
+            client_lag_max = client_lag.take_max_ms()
+            client_lag.stop()
+            lat_ms = [v / 1e6 for sub in subs for v in sub.lat_ns]
+            received = sum(len(sub.lat_ns) for sub in subs)
+            last = max((sub.last_ns for sub in subs), default=t_start)
+            span = max(1e-9, (last - t_start) / 1e9)
+            per_client_p99 = [pct([v / 1e6 for v in sub.lat_ns], 0.99) for sub in subs if sub.lat_ns]
+            return {
+                "bus": bus, "phase": phase, "round": rnd, "events": count, "rate": rate or None, "subscribers": len(subs),
+                "received": received, "expected": count * len(subs), "complete": complete,
+                "delivered_per_s": received / span, "p50_ms": pct(lat_ms, 0.5), "p99_ms": pct(lat_ms, 0.99),
+                "max_ms": max(lat_ms) if lat_ms else float("nan"),
+                "worst_client_p99_ms": max(per_client_p99) if per_client_p99 else float("nan"),
+                "bus_p50_ms": after["bus_p50_ms"], "bus_p99_ms": after["bus_p99_ms"], "bus_max_ms": after["bus_max_ms"],
+                "server_loop_lag_max_ms": after["loop_lag_max_ms"], "client_loop_lag_max_ms": client_lag_max,
+                "dropped": after["dropped"] - before["dropped"], "publish_s": r.json()["seconds"],
+                "server_cpu_us_per_msg": (cpu1[0] - cpu0[0]) / max(1, received) * 1e6,
+                "client_cpu_us_per_msg": (cpu1[1] - cpu0[1]) / max(1, received) * 1e6,
+                "wall_s": span, "server_cpu_s": cpu1[0] - cpu0[0], "client_cpu_s": cpu1[1] - cpu0[1],
+            }
     finally:
-        for s in subs:
-            await s.close()
+        for sub in subs:
+            await sub.close()
         if stalled is not None:
             stalled.close()
+        gc.unfreeze()
         proc.terminate()
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return results
 
 
 async def _wait_delivered(subs: list[Subscriber], count: int, timeout: float) -> bool:
@@ -384,29 +462,49 @@ async def _wait_delivered(subs: list[Subscriber], count: int, timeout: float) ->
 
 def report(results: list[dict]) -> int:
     print()
-    print(f"{'bus':<7} {'phase':<12} {'events':>6} {'rate/s':>6} {'delivered msg/s':>16} {'x seed':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'max ms':>7} {'worst-client p99':>17} {'dropped':>7} {'complete':>8} {'CPU us/msg srv|cli':>19}")
+    print(f"{'bus':<7} {'phase':<12} {'rnd':>3} {'events':>6} {'rate/s':>6} {'delivered msg/s':>16} {'x seed':>7} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'max ms':>7} {'worst-client p99':>17} {'bus p50|p99|max ms':>19} {'dropped':>7} {'complete':>8} "
+          f"{'loop lag max srv|cli':>21} "
+          f"{'CPU us/msg srv|cli':>19}")
     ok = True
     for r in results:
-        print(f"{r['bus']:<7} {r['phase']:<12} {r['events']:>6} {str(int(r['rate'])) if r['rate'] else 'max':>6} "
+        print(f"{r['bus']:<7} {r['phase']:<12} {r['round']:>3} {r['events']:>6} {str(int(r['rate'])) if r['rate'] else 'max':>6} "
               f"{r['delivered_per_s']:>16,.0f} {r['delivered_per_s'] / SEED_GOAL:>7.1f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-              f"{r['max_ms']:>7.1f} {r['worst_client_p99_ms']:>17.2f} {int(r['dropped']):>7} {r['complete']!s:>8} "
+              f"{r['max_ms']:>7.1f} {r['worst_client_p99_ms']:>17.2f} "
+              f"{r['bus_p50_ms']:>6.1f}|{r['bus_p99_ms']:>5.1f}|{r['bus_max_ms']:<6.1f} {int(r['dropped']):>7} {r['complete']!s:>8} "
+              f"{r['server_loop_lag_max_ms']:>10.1f}|{r['client_loop_lag_max_ms']:<10.1f} "
               f"{r['server_cpu_us_per_msg']:>9.1f}|{r['client_cpu_us_per_msg']:<9.1f}")
-    print()
+    print("\n(bus: publish on the ControlBus → applied by the Gateway's consumer, the bus's share of the latency; loop lag "
+          "max: how late each process's event loop woke up during the phase; a latency spike with a large client figure is "
+          "the measuring process's, not the Gateway's)\n")
     for bus in dict.fromkeys(r["bus"] for r in results):
-        rows = {r["phase"]: r for r in results if r["bus"] == bus}
-        paced, stall, burst = rows.get("paced"), rows.get("paced+stall"), rows.get("burst")
+        rows = [r for r in results if r["bus"] == bus]
+        paced = [r for r in rows if r["phase"] == "paced"]
+        stall = [r for r in rows if r["phase"] == "paced+stall"]
+        burst = [r for r in rows if r["phase"] == "burst"]
         checks = []
-        if burst:
-            checks.append((f"peak delivered {burst['delivered_per_s']:,.0f} msg/s >= {TARGET_RATE:,.0f}", burst["delivered_per_s"] >= TARGET_RATE))
+        for r in burst:
+            checks.append((f"peak delivered {r['delivered_per_s']:,.0f} msg/s >= {TARGET_RATE:,.0f}", r["delivered_per_s"] >= TARGET_RATE))
         if paced:
-            checks.append((f"paced p99 {paced['p99_ms']:.2f} ms <= {TARGET_P99_MS:.0f} ms", paced["p99_ms"] <= TARGET_P99_MS))
-            checks.append(("paced: every subscriber got every event", paced["complete"]))
+            p99 = statistics.median(r["p99_ms"] for r in paced)
+            rate = min(r["delivered_per_s"] for r in paced)
+            rounds = ", ".join(f"{r['p99_ms']:.1f}" for r in paced)
+            checks.append((f"paced p99 {p99:.2f} ms (median of {len(paced)} rounds: {rounds}) <= {TARGET_P99_MS:.0f} ms",
+                           p99 <= TARGET_P99_MS))
+            checks.append((f"paced: every subscriber got every event, {rate:,.0f} msg/s or more delivered",
+                           all(r["complete"] for r in paced)))
         if paced and stall:
-            bound = max(paced["p99_ms"] * 1.5, paced["p99_ms"] + 2.0)
-            checks.append((f"stalled client dropped ({int(stall['dropped'])}) and the others' p99 {stall['p99_ms']:.2f} ms "
-                           f"<= {bound:.2f} ms (no-stall p99 {paced['p99_ms']:.2f})",
-                           stall["dropped"] >= 1 and stall["p99_ms"] <= bound and stall["complete"]))
+            drops = ", ".join(str(int(r["dropped"])) for r in stall)
+            checks.append((f"stalled client dropped in every round ({drops}) and nobody else missed an event", all(r["dropped"] >= 1 and r["complete"] for r in stall)))
+            for key, what in (("p99_ms", "p99"), ("worst_client_p99_ms", "worst single client's p99")):
+                base = statistics.median(r[key] for r in paced)
+                with_stall = statistics.median(r[key] for r in stall)
+                bound = max(base * 1.5, base + 2.0)
+                rounds = ", ".join(f"{r[key]:.1f}" for r in stall)
+                text = (f"with a stalled client, the others' {what} {with_stall:.2f} ms <= {bound:.2f} ms "
+                        f"(medians; without: {base:.2f} ms; rounds with: {rounds})")
+                checks.append((text,
+                               with_stall <= bound))
         for text, passed in checks:
             ok &= bool(passed)
             print(f"  [{'ok' if passed else 'MISS'}] {bus}: {text}")
@@ -429,6 +527,7 @@ def main() -> int:
     p.add_argument("--bus", default="inproc,kafka", help="inproc, kafka or both (comma-separated)")
     p.add_argument("--subscribers", type=int, default=100)
     p.add_argument("--events", type=int, default=3000, help="events per phase")
+    p.add_argument("--rounds", type=int, default=3, help="alternating paced / paced+stall rounds")
     p.add_argument("--rate", type=float, default=500.0, help="events/s in the paced phases (x subscribers = frames/s)")
     p.add_argument("--timeout", type=float, default=40.0, help="max seconds to wait for a phase's frames")
     p.add_argument("--fetch-max-wait-ms", type=int, default=5, help="Kafka consumer fetch wait (see serve())")
