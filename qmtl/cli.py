@@ -184,17 +184,20 @@ async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
     print("stopped.", flush=True)
 
 
+def bus_options(cfg: Config) -> dict[str, Any]:
+    """The ``controlbus`` config section as :func:`qmtl.bus.make_bus` options."""
+    cb = cfg.controlbus
+    if cb.kind == "kafka":
+        return {"kind": "kafka", "bootstrap_servers": cb.bootstrap_servers, "num_partitions": cb.num_partitions,
+                "create_topics": cb.create_topics, "fetch_max_wait_ms": cb.fetch_max_wait_ms}
+    return {"kind": cb.kind, "partitions": cb.num_partitions}
+
+
 def make_apps(cfg: Config, services: Sequence[str]) -> list[tuple[str, Any, str, int]]:
     from qmtl.bus import make_bus
     from qmtl.contracts.events import event_validators
 
-    cb = cfg.controlbus
-    if cb.kind == "kafka":
-        bus_options = {"kind": "kafka", "bootstrap_servers": cb.bootstrap_servers, "num_partitions": cb.num_partitions,
-                       "create_topics": cb.create_topics, "fetch_max_wait_ms": cb.fetch_max_wait_ms}
-    else:
-        bus_options = {"kind": cb.kind, "partitions": cb.num_partitions}
-    bus = make_bus(bus_options, validator=event_validators())
+    bus = make_bus(bus_options(cfg), validator=event_validators())
     out = []
     for svc in services:
         if svc == "worldservice":
