@@ -3,15 +3,8 @@
 from connexion import request
 from starlette.responses import StreamingResponse
 
-from qmtl.common.errors import ServiceError
 from qmtl.gateway.backends import BackendUnavailable
 from qmtl.gateway.ingest.queues import effective_match_mode, parse_tags, unavailable
-
-# RFC 9745: deprecated since 2026-11-26 (when the event stream replaced it); RFC 8288: its successor
-DEPRECATION_HEADERS = {
-    "Deprecation": "@1795651200",
-    "Link": '</events/subscribe>; rel="successor-version"',
-}
 
 
 async def queues_by_tag(ctx, tags, interval, match_mode=None, match=None):
@@ -23,18 +16,14 @@ async def queues_by_tag(ctx, tags, interval, match_mode=None, match=None):
 
 
 async def watch_queues(ctx, tags, interval, match_mode=None, match=None):
-    """NDJSON stream; every answer the handler gives, errors included, carries the deprecation headers."""
+    """NDJSON stream. Its ``Deprecation`` and ``Link`` headers come from the spec's
+    ``x-qmtl-deprecation`` (added to every response, errors included, by the app builder)."""
+    await ctx.auth.authenticate(request.headers)
+    tag_list, mode = parse_tags(tags), effective_match_mode(match_mode, match)
+    lookup = ctx.ingest.queues
     try:
-        await ctx.auth.authenticate(request.headers)
-        tag_list, mode = parse_tags(tags), effective_match_mode(match_mode, match)
-        lookup = ctx.ingest.queues
-        try:
-            first = await lookup.by_tag(tag_list, interval, mode)  # before streaming: a 503 is still a status code
-        except BackendUnavailable as exc:
-            raise unavailable(exc) from exc
-    except ServiceError as exc:
-        exc.headers.update(DEPRECATION_HEADERS)
-        raise
+        first = await lookup.by_tag(tag_list, interval, mode)  # before streaming: a 503 is still a status code
+    except BackendUnavailable as exc:
+        raise unavailable(exc) from exc
     stream = lookup.watch(tag_list, interval, mode, poll_interval=ctx.ingest.watch_poll_interval, first=first)
-    return StreamingResponse(stream, status_code=200, media_type="application/x-ndjson",
-                             headers={**DEPRECATION_HEADERS, "Cache-Control": "no-store"})
+    return StreamingResponse(stream, status_code=200, media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})

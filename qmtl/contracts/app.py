@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import typing as t
 
 from connexion import AsyncApp
@@ -32,7 +33,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
-from qmtl.contracts.connexion31 import VALIDATOR_MAP, allow_openapi31, decorate_handlers_once
+from qmtl.contracts.connexion31 import (
+    VALIDATOR_MAP,
+    allow_openapi31,
+    decorate_handlers_once,
+)
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
 
 logger = logging.getLogger(__name__)
@@ -173,6 +178,54 @@ class CorrelationMiddleware:
             correlation.correlation_id.reset(token)
 
 
+class DeprecationHeaders:
+    """Every response of an operation the spec marks ``deprecated: true`` carries the headers
+    of its ``x-qmtl-deprecation`` (``deprecation`` → RFC 9745 ``Deprecation``, ``link`` →
+    RFC 8288 ``Link`` to the successor) — the parameter 400s and 401s Connexion answers before
+    the handler runs included. Headers a response already has are left alone."""
+
+    def __init__(self, app: ASGIApp, rules: list[tuple[str, re.Pattern[str], list[tuple[bytes, bytes]]]]) -> None:
+        self.app = app
+        self.rules = rules
+
+    @classmethod
+    def wrap(cls, app: ASGIApp, doc: dict) -> ASGIApp:
+        rules = []
+        for route, item in (doc.get("paths") or {}).items():
+            for method, op in item.items():
+                if not isinstance(op, dict) or not op.get("deprecated"):
+                    continue
+                marks = op.get("x-qmtl-deprecation") or {}
+                headers = [(name, str(marks[key]).encode("latin-1")) for key, name in
+                           (("deprecation", b"deprecation"), ("link", b"link"), ("sunset", b"sunset")) if key in marks]
+                if headers:
+                    pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                                      for part in re.split(r"(\{[^}]+\})", route))
+                    rules.append((method.upper(), re.compile(pattern + "$"), headers))
+        return cls(app, rules) if rules else app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            for rule_method, pattern, headers in self.rules:
+                if (method == rule_method or (method == "HEAD" and rule_method == "GET")) and pattern.match(path):
+                    await self.app(scope, receive, self._sender(send, headers))
+                    return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _sender(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+        async def send_marked(message: t.MutableMapping[str, t.Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(h for h in extra if h[0] not in present)
+                message["headers"] = headers
+            await send(message)
+
+        return send_marked
+
+
 class Dispatcher:
     """WebSocket scopes → Starlette router; everything else → the Connexion app."""
 
@@ -235,7 +288,7 @@ def build_app(
     app.add_error_handler(HTTPException, _http_exception)
     app.add_error_handler(UnicodeDecodeError, _unicode_error)
     app.add_error_handler(Exception, _unexpected)
-    dispatcher = Dispatcher(app, ws_routes)
+    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, spec.bundled), ws_routes)
     dispatcher.spec = spec  # type: ignore[attr-defined]
     return dispatcher
 

@@ -70,6 +70,19 @@ def test_openapi_spec_validates_and_is_complete(service):
             assert "application/problem+json" in content, f"{where} {code}: errors must be problem+json"
 
 
+@pytest.mark.parametrize("service", sorted(loader.OPENAPI_FILES))
+def test_every_deprecated_operation_names_its_deprecation_and_successor(service):
+    """The app builder sends ``x-qmtl-deprecation`` as headers on every response of a deprecated
+    operation; one without it would be deprecated in the docs only."""
+    spec = loader.load_openapi(service)
+    for route, method, op in spec.operations():
+        if op.get("deprecated"):
+            marks = op.get("x-qmtl-deprecation") or {}
+            where = f"{service} {method.upper()} {route}"
+            assert str(marks.get("deprecation", "")).startswith("@"), f"{where}: RFC 9745 date '@<epoch>'"
+            assert 'rel="successor-version"' in str(marks.get("link", "")), f"{where}: Link to the successor"
+
+
 def _media_examples(doc):
     """(where, schema, example) for every example in an OpenAPI document."""
     for route, item in doc.get("paths", {}).items():
