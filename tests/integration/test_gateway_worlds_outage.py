@@ -191,7 +191,7 @@ async def test_budget_timeouts_and_retries_only_for_idempotent_calls(ws_ttl2, tm
             took = time.monotonic() - started
             assert r.status_code == 200 and r.headers["x-qmtl-cache"] == "safe-default"
             assert "no answer within 300 ms" in r.json()["reason"]
-            assert 0.9 <= took < 2.5, took  # three attempts of 300 ms plus jittered backoff
+            assert took >= 0.9, took  # three attempts waited their 300 ms out (no upper bound: not a timing test)
             status = (await c.get("/status")).json()
             ws_b, dm_b = status["breakers"]["worldservice"], status["breakers"]["dagmanager"]
             assert (ws_b["timeout_ms"], ws_b["retries"], dm_b["timeout_ms"], dm_b["retries"]) == (300, 2, 500, 1)  # SPEC budgets
