@@ -14,12 +14,15 @@ correlation id for every request and echoes it on the response.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import json
 import logging
 import re
+import socket
+import struct
 import typing as t
 
 from connexion import AsyncApp
@@ -244,7 +247,34 @@ class Dispatcher:
         await self.http_app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[ABORT_KEY] = _connection_aborter(send)
         await self.inner(scope, receive, send)
+
+
+# ASGI has no way to drop a connection at once: a server closes it gracefully, which for a
+# peer that never reads means waiting forever for its send buffer to drain. WebSocket scopes
+# carry, under this key, a callable that aborts the underlying connection (uvicorn's
+# protocols expose their transport on the object whose bound method ``send`` is); it
+# returns False when the server offers no way to.
+ABORT_KEY = "qmtl.abort_connection"
+
+
+def _connection_aborter(send: Send) -> t.Callable[[], bool]:
+    def abort() -> bool:
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is None or not hasattr(transport, "abort"):
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Reset rather than FIN: what is queued for this peer is dropped with the socket
+            # instead of lingering in the kernel for as long as the peer keeps its window shut.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        return True
+
+    return abort
 
 
 def build_app(

@@ -236,6 +236,32 @@ async def test_stalled_client_is_dropped_with_4008_and_others_get_everything(mak
     assert await gw.metric("ws_subscribers", route="/ws/evt") == 0
 
 
+async def test_a_client_that_never_reads_is_cut_off_after_the_close_grace(make_gw, bus):
+    """Dropped (4008) but its close frame cannot be sent either: after the close grace the
+    Gateway resets the connection instead of keeping its socket and send buffer."""
+    gw = await make_gw(events={"client_queue_size": 64})
+    gw.events.close_grace = 0.3
+    d = await gw.descriptor({"world_id": "w1", "topics": ["activation"]})
+    slow = await StalledClient.open(gw.port, "/ws/evt", d["token"])
+    big = "x" * 2000
+    for i in range(1500):
+        await bus.publish("control.activation", activation("w1", f"s{i % 5}-{big}", i + 1), key="w1")
+        if i % 20 == 0:
+            await asyncio.sleep(0)
+    deadline = time.monotonic() + 20
+    while await gw.metric("ws_aborted_connections_total", route="/ws/evt") < 1:
+        assert time.monotonic() < deadline, "the stalled connection was never cut off"
+        await asyncio.sleep(0.1)
+    assert await gw.metric("ws_dropped_subscribers_total", route="/ws/evt") == 1
+    assert await gw.metric("ws_subscribers", route="/ws/evt") == 0
+    try:  # what it had buffered, then the end: reset, or EOF without a close frame
+        code = await slow.read_close_code(15)
+    except ConnectionResetError:
+        code = None
+    assert code is None
+    slow.close()
+
+
 async def test_heartbeats(make_gw):
     gw = await make_gw(events={"heartbeat_interval": 0.2})
     d = await gw.descriptor({"topics": ["queues"]})

@@ -21,6 +21,7 @@ class EventMetrics:
     # fan-out
     ws_subscribers: Gauge
     ws_dropped_subscribers: Counter
+    ws_aborted: Counter
     ws_rejected: Counter
     ws_connections: Counter
     event_fanout: Counter
@@ -58,6 +59,10 @@ class EventMetrics:
             ws_dropped_subscribers=Counter(
                 "ws_dropped_subscribers", "Subscribers disconnected (close 4008) because their buffer overflowed; normal closes are not counted",
                 ["route"], registry=r,
+            ),
+            ws_aborted=Counter(
+                "ws_aborted_connections", "Connections dropped at the socket because a close frame (4008/1001) could not be "
+                "sent within the close grace (a peer that does not read)", ["route"], registry=r,
             ),
             ws_rejected=Counter("ws_rejected", "WebSocket connections refused, by reason (close 1008 or 1013)", ["route", "reason"], registry=r),
             ws_connections=Counter("ws_connections", "WebSocket subscriptions opened, by how the stream started (snapshot, resumed, live)", ["route", "start"], registry=r),

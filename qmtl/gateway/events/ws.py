@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from qmtl.contracts.app import ABORT_KEY
 
 from .hub import Subscriber
 
@@ -61,9 +64,9 @@ class StreamEndpoint:
         except Exception:
             return
         comp.hub.attach(sub, last_event_id=last_event_id, snapshot=comp.snapshot_frames)
-        await self._serve(sub, receive, send)
+        await self._serve(sub, receive, send, scope.get(ABORT_KEY))
 
-    async def _serve(self, sub: Subscriber, receive: Any, send: Any) -> None:
+    async def _serve(self, sub: Subscriber, receive: Any, send: Any, abort: Callable[[], bool] | None = None) -> None:
         comp = self.component
         writer = asyncio.create_task(self._write(sub, send))
         sub.writer = writer
@@ -84,9 +87,17 @@ class StreamEndpoint:
             code, reason = CLOSE_GOING_AWAY, "gateway shutting down"
         else:
             return  # the connection failed under the writer
-        # A stalled client may never drain its socket: bound the wait for the close frame.
+        # A stalled client may never drain its socket: bound the wait for the close frame, then
+        # drop the connection, or its socket and send buffer would stay with us for as long as
+        # the peer stays alive without reading.
+        sent = False
         with contextlib.suppress(Exception):
             await asyncio.wait_for(send({"type": "websocket.close", "code": code, "reason": reason}), comp.close_grace)
+            sent = True
+        if not sent and abort is not None and abort():
+            comp.metrics.ws_aborted.labels(self.route).inc()
+            log.info("aborted the connection of %s subscriber %s: close frame not taken within %.1fs",
+                     self.route, sub.subject or "-", comp.close_grace)
 
     @staticmethod
     async def _write(sub: Subscriber, send: Any) -> None:
