@@ -118,7 +118,8 @@ class GatewayClient:
     """Async client of one Gateway.
 
     :param base_url: the Gateway (``http://127.0.0.1:8000`` is what ``qmtl up`` serves).
-    :param token: a bearer JWT, or a callable (sync or async) returning one per request.
+    :param token: a bearer JWT, or a callable (sync or async) returning one, called for every
+        attempt (a retry gets a fresh token).
     :param timeout: seconds per attempt (connect, read, write).
     :param retries: how many times a retryable failure is retried.
     :param allow_live: send ``X-Allow-Live: true`` on every live-guarded call (the caller's
@@ -202,7 +203,6 @@ class GatewayClient:
         ``specs/schemas/`` that a 2xx body must match when ``validate_responses`` is on.
         """
         cid = correlation_id or correlation.get() or correlation.new_correlation_id()
-        send_headers = {correlation.HEADER: cid, **(await self._auth_headers()), **(headers or {})}
         query = {k: v for k, v in (params or {}).items() if v is not None}
         retry_503 = idempotent if retry_503 is None else retry_503
         delays = self._policy.delays()
@@ -212,6 +212,9 @@ class GatewayClient:
         while True:
             attempts += 1
             self.stats.requests += 1
+            # The token per attempt: a retry after a wait (Retry-After, up to retry_after_max)
+            # must not go out with a token that expired meanwhile.
+            send_headers = {correlation.HEADER: cid, **(await self._auth_headers()), **(headers or {})}
             try:
                 resp = await self._http.request(
                     method, path, params=query, json=json, headers=send_headers,

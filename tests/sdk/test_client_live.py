@@ -186,6 +186,20 @@ async def test_idempotent_calls_retry_503_with_the_same_correlation_id(live):
         assert sum(1 for m, p, _ in faulty.seen if (m, p) == ("POST", "/worlds")) == 1
 
 
+async def test_a_token_callable_is_asked_again_for_every_retry(live):
+    faulty = Faulty({"/health": [503, 503]})
+    issued: list[str] = []
+
+    def token() -> str:
+        issued.append(f"t{len(issued)}")
+        return issued[-1]
+
+    async with GatewayClient(live.url, transport=faulty, backoff_base=0.01, retries=3, token=token) as c:
+        resp = await c.request("GET", "/health", idempotent=True)
+    assert resp.status == 200 and resp.attempts == 3
+    assert issued == ["t0", "t1", "t2"]  # one fresh token per attempt, not one per call
+
+
 async def test_submit_is_retried_on_503_and_connection_refused_is_retried_for_any_call(live):
     req = httpx.Request("POST", live.url)
     faulty = Faulty({"/strategies": [503], "/worlds": [httpx.ConnectError("refused", request=req)]})
