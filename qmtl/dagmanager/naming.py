@@ -13,6 +13,7 @@ Every part is made Kafka-safe (``[A-Za-z0-9._-]``, at most 249 characters in all
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Callable, Iterator
@@ -52,14 +53,21 @@ def topic_name(asset: str, node_type: str, short_hash: str, version: str, *, sim
     return name
 
 
+@functools.lru_cache(maxsize=1024)
+def _frame(asset: str, node_type: str, version: str, sim: bool) -> tuple[str, str, str, int]:
+    """The safe asset, node type and version, and the longest hash that fits: the same for
+    every node of a type in a diff (cached: a 1,000-node diff names 1,000 queues)."""
+    asset = safe_part(asset, default=DEFAULT_ASSET)
+    node_type = safe_part(node_type, default="node")
+    version = safe_part(version, default=DEFAULT_VERSION, max_len=32)
+    return asset, node_type, version, max(SHORT_HASH_LEN, MAX_TOPIC_LEN - len(topic_name(asset, node_type, "", version, sim=sim)))
+
+
 def candidates(
     asset: str, node_type: str, code_hash: str, version: str, *, node_id: str, sim: bool = False
 ) -> Iterator[str]:
     """Every name the node may get, shortest first (6, 8, 10 … characters of hash)."""
-    asset = safe_part(asset, default=DEFAULT_ASSET)
-    node_type = safe_part(node_type, default="node")
-    version = safe_part(version, default=DEFAULT_VERSION, max_len=32)
-    limit = max(SHORT_HASH_LEN, MAX_TOPIC_LEN - len(topic_name(asset, node_type, "", version, sim=sim)))
+    asset, node_type, version, limit = _frame(asset, node_type, version, sim)
     # The code hash alone gives the first names; the rest of the source is only built
     # when a clash asks for more characters than it has.
     source = _NOT_HEX.sub("", (code_hash or "").lower().split(":", 1)[-1])

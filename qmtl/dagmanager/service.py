@@ -9,15 +9,24 @@ Diff, in one transaction, with a fixed number of statements whatever the DAG siz
 
 1. one SELECT of the known nodes among the DAG's, each with its queue in the run's
    namespace (live, or ``_sim`` for dry-run);
-2. for unknown nodes one INSERT ``ON CONFLICT DO NOTHING`` (and one SELECT of their
-   keys); for nodes without a queue one SELECT of the names they would take, one
-   INSERT of their queues ``ON CONFLICT DO NOTHING``, and one SELECT that reads the
-   queues back. A row carrying another diff's ``creator`` token lost a race for the
-   node (unique ``(nid, sim)``): that queue is reused. A node with no row lost its name
-   to another node (unique ``topic``): it is renamed (lengthened) and retried;
+2. for unknown nodes one INSERT ``ON CONFLICT DO NOTHING RETURNING`` their keys; for
+   nodes without a queue one INSERT of their queues, under their short names,
+   ``ON CONFLICT DO NOTHING RETURNING``, and one INSERT of the new queues' tag rows.
+   Only rows an INSERT did not return (a concurrent diff's, or all of them on SQLite,
+   whose ``executemany`` returns none) are read back: a queue carrying another diff's
+   ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
+   is reused; a node with no queue lost its name to another node (unique ``topic``),
+   or shares its short name with an earlier node of the DAG: it is renamed
+   (lengthened: one SELECT of its candidate names) and retried;
 3. the strategy's references and its sentinel's edges (a new strategy: one INSERT of
    each; a strategy diffed again: only the difference is written);
 4. each TagQueryNode's matching queues (and its watch).
+
+So an all-new DAG costs six bulk statements and a known one three, whatever their size.
+Rows no other transaction can hold (the tag rows of this diff's queues, the edges of a
+strategy or sentinel it just created) are inserted without ``ON CONFLICT``, which on
+PostgreSQL is a speculative insertion per row. Results of 1,000 rows come back as one
+array per column, which keeps the client's work (and the garbage collector's) small.
 
 After commit the new topics are created through the topic admin and the tag index
 changes are handed to the notifier (QueueUpdated, off the diff's path).
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -72,7 +82,6 @@ _RETRY_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failur
 _MAX_NAME_ROUNDS = 8
 ANALYZE_MIN_GROWTH = 500
 ANALYZED_TABLES = ("dm_nodes", "dm_queues", "dm_queue_tags", "dm_strategy_nodes", "dm_sentinel_nodes")
-QUEUE_COLUMNS = ("topic", "nid", "sim", "node_type", "tags", "interval", "created_at", "ttl_seconds", "released_at", "creator")
 
 
 @dataclass
@@ -306,7 +315,10 @@ class DagManagerService:
         if result.new_queues:
             self._note_growth(len(result.new_queues))
             await self._create_topics(result.new_queues)
-        self.notifier.queues_changed([QueueChange(t, tags, i) for t, tags, i in result.created])
+        # the notifier recomputes the watches a queue's (tags, interval) can match: one change
+        # per distinct pair (a DAG has few) instead of one per new queue
+        changes = {(tags, interval): topic for topic, tags, interval in result.created}
+        self.notifier.queues_changed([QueueChange(topic, tags, interval) for (tags, interval), topic in changes.items()])
         self.notifier.recheck(result.new_watches)
         return result
 
@@ -356,10 +368,15 @@ class DagManagerService:
             graph_new = [node_id for node_id in plan.graph_nodes if node_id not in nids]
             if graph_new:
                 graph_new.sort()
-                await self.sql.insert_ignore(conn, store.nodes, _Plan.NODE_COLUMNS, [plan.node_row(n, now) for n in graph_new])
-                sql = f"SELECT nid, node_id FROM dm_nodes WHERE node_id {self.sql.in_list(1)}"
-                for nid, node_id in (await conn.exec_driver_sql(sql, (self.sql.list_param(graph_new),))).all():
-                    nids[node_id] = nid
+                inserted = await self.sql.insert_ignore(conn, store.nodes, plan.node_values(graph_new, now),
+                                                        conflict=("node_id",), returning=("nid", "node_id"))
+                if inserted:
+                    nids.update(zip(inserted[1], inserted[0]))
+                unseen = [node_id for node_id in graph_new if node_id not in nids]  # a concurrent diff's; SQLite: all
+                if unseen:
+                    sql = f"SELECT nid, node_id FROM dm_nodes WHERE node_id {self.sql.in_list(1)}"
+                    for nid, node_id in (await conn.exec_driver_sql(sql, (self.sql.list_param(unseen),))).all():
+                        nids[node_id] = nid
             missing = [node_id for node_id in plan.queue_nodes if node_id not in assigned]
             created: list[tuple[str, tuple[str, ...], int]] = []
             new_topics: list[str] = []
@@ -399,14 +416,14 @@ class DagManagerService:
             new_watches=new_watches,
         )
 
-    async def _known(self, conn: Any, node_ids: Sequence[str], sim: bool) -> list[Any]:
+    async def _known(self, conn: Any, node_ids: Sequence[str], sim: bool) -> Iterable[tuple]:
         """(nid, node_id, topic or None) of the known nodes among ``node_ids``."""
         sql = (
             "SELECT n.nid, n.node_id, q.topic FROM dm_nodes n "
             f"LEFT JOIN dm_queues q ON q.nid = n.nid AND q.sim = {self.sql.param(1)} "
             f"WHERE n.node_id {self.sql.in_list(2)}"
         )
-        return list((await conn.exec_driver_sql(sql, (sim, self.sql.list_param(node_ids)))).all())
+        return await self.sql.select_rows(conn, sql, (sim, self.sql.list_param(node_ids)), ("nid", "node_id", "topic"))
 
     async def _queues_of(self, conn: Any, nids: Sequence[int], sim: bool) -> list[Any]:
         """(qid, nid, topic, creator) of the queues of ``nids`` in a namespace: one SELECT."""
@@ -418,76 +435,91 @@ class DagManagerService:
         self, conn: Any, plan: "_Plan", missing: list[str], nids: Mapping[str, int], now: float
     ) -> tuple[dict[str, str], dict[str, str]]:
         """Create queues for ``missing`` nodes. Returns (created by this diff, created by
-        a concurrent one). Rows are written in node-id order; the ``creator`` token tells
-        this diff's rows from a concurrent diff's after ON CONFLICT DO NOTHING."""
+        a concurrent one).
+
+        Each node tries its short name straight away — one INSERT ``ON CONFLICT DO
+        NOTHING RETURNING``, rows in node-id order; a node whose short name an earlier
+        node of this batch has waits for the next round. Only the rows not returned are
+        read back (SQLite returns none: all of them): a queue carrying another diff's
+        ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
+        is reused; no queue means the name is taken (unique ``topic``), and the node gets
+        the shortest free longer name (:meth:`_assign_names`) in the next round."""
         sim = plan.sim
         token = uuid.uuid4().hex
         created: dict[str, str] = {}
         created_qids: dict[str, int] = {}
         concurrent: dict[str, str] = {}
         node_of = {nids[node_id]: node_id for node_id in missing}
-        pending = sorted(missing)
+        names: dict[str, str] = {}
+        later: list[str] = []
+        short: set[str] = set()
+        for node_id in sorted(missing):
+            name = plan.nodes[node_id].first_name
+            if name in short:
+                later.append(node_id)
+            else:
+                short.add(name)
+                names[node_id] = name
         for _round in range(_MAX_NAME_ROUNDS):
-            names = await self._assign_names(conn, plan, pending)
-            rows = []
-            for nid in pending:
-                n = plan.nodes[nid]
-                rows.append((
-                    names[nid], nids[nid], sim, n.node_type, n.tags_json, n.queue_interval, now,
-                    self.queue_ttl_seconds, None, token,
-                ))
-            await self.sql.insert_ignore(conn, store.queues, QUEUE_COLUMNS, rows)
-            for qid, nid_int, topic, creator in await self._queues_of(conn, [nids[n] for n in pending], sim):
+            batch = [plan.nodes[node_id] for node_id in names]
+            values = {
+                "topic": list(names.values()), "nid": [nids[n.node_id] for n in batch], "sim": sim,
+                "node_type": [n.node_type for n in batch], "tags": [n.tags_json for n in batch],
+                "interval": [n.queue_interval for n in batch], "created_at": now, "ttl_seconds": self.queue_ttl_seconds,
+                "released_at": None, "creator": token,
+            }
+            inserted = await self.sql.insert_ignore(conn, store.queues, values, returning=("qid", "nid", "topic"))
+            for qid, nid_int, topic in zip(*inserted) if inserted else ():
                 node_id = node_of[nid_int]
-                if creator == token:
-                    created[node_id] = topic
-                    created_qids[node_id] = qid
-                else:
-                    concurrent[node_id] = topic
-            # a node with no queue now lost its name to another node meanwhile: rename
-            pending = [nid for nid in pending if nid not in created and nid not in concurrent]
-            if concurrent:
-                log.debug("%d queue(s) were created by a concurrent diff; reusing them", len(concurrent))
+                created[node_id] = topic
+                created_qids[node_id] = qid
+            unseen = [nids[node_id] for node_id in names if node_id not in created]
+            if unseen:
+                for qid, nid_int, topic, creator in await self._queues_of(conn, unseen, sim):
+                    node_id = node_of[nid_int]
+                    if creator == token:
+                        created[node_id] = topic
+                        created_qids[node_id] = qid
+                    else:
+                        concurrent[node_id] = topic
+            # a node with no queue now lost its name (to another node, or to an earlier node of this batch)
+            pending = sorted(later + [node_id for node_id in names if node_id not in created and node_id not in concurrent])
             if not pending:
                 break
             self.metrics.name_clashes.inc(len(pending))
+            names = await self._assign_names(conn, plan, pending)
+            later = []
         else:
             raise ServiceUnavailable(f"could not assign queue names for {len(pending)} node(s) under contention; retry")
+        if concurrent:
+            log.debug("%d queue(s) were created by a concurrent diff; reusing them", len(concurrent))
         if created:
-            tag_rows = []
+            tags: list[str] = []
+            intervals: list[int] = []
+            qids: list[int] = []
             for node_id, qid in created_qids.items():
                 n = plan.nodes[node_id]
+                interval = n.queue_interval
                 for tag in n.tags:
-                    tag_rows.append((tag, n.queue_interval, sim, qid))
-            tag_rows.sort()
-            await self.sql.insert_ignore(conn, store.queue_tags, ("tag", "interval", "sim", "qid"), tag_rows)
+                    tags.append(tag)
+                    intervals.append(interval)
+                    qids.append(qid)
+            # only this diff's new queues: no other transaction can hold these rows
+            await self.sql.insert_new(conn, store.queue_tags, {"tag": tags, "interval": intervals, "sim": sim, "qid": qids})
         return created, concurrent
 
     async def _assign_names(self, conn: Any, plan: "_Plan", node_ids: list[str]) -> dict[str, str]:
-        """Shortest free name per node: one SELECT for the short names, and one more for
-        the longer candidates of the nodes whose short name is taken (rare with real code
-        hashes) or shared with another new node of this batch."""
-        first = {nid: plan.nodes[nid].first_name for nid in node_ids}
-        taken = await self._taken(conn, sorted(set(first.values())))
-        seen: dict[str, int] = {}
-        for name in first.values():
-            seen[name] = seen.get(name, 0) + 1
-        clashing = [nid for nid in node_ids if first[nid] in taken or seen[first[nid]] > 1]
-        cands: dict[str, list[str]] = {}
-        if clashing:
-            self.metrics.name_clashes.inc(len(clashing))
-            for nid in clashing:
-                cands[nid] = plan.nodes[nid].candidates()
-            taken |= await self._taken(conn, sorted({c for nid in clashing for c in cands[nid][1:]}))
+        """Shortest free name per node, for nodes whose short name is taken: one SELECT of
+        every candidate name of theirs; in the (sorted) order given, each node takes its
+        first candidate neither taken nor taken by an earlier node."""
+        cands = {nid: plan.nodes[nid].candidates() for nid in node_ids}
+        taken = await self._taken(conn, sorted({c for options in cands.values() for c in options}))
         out: dict[str, str] = {}
         used: set[str] = set()
-        for nid in node_ids:  # sorted by the caller: deterministic within a batch
-            name = first[nid]
-            if nid in cands or name in used:
-                options = cands.get(nid) or plan.nodes[nid].candidates()
-                name = next((c for c in options if c not in taken and c not in used), "")
-                if not name:
-                    raise ServiceUnavailable(f"no free queue name for node {nid}: every candidate is taken; retry")
+        for nid in node_ids:
+            name = next((c for c in cands[nid] if c not in taken and c not in used), "")
+            if not name:
+                raise ServiceUnavailable(f"no free queue name for node {nid}: every candidate is taken; retry")
             used.add(name)
             out[nid] = name
         return out
@@ -542,7 +574,7 @@ class DagManagerService:
                     await conn.execute(sa.delete(sn).where(sn.c.sid == sid, clause))
             if removed:
                 await self._release(conn, sorted(removed), bool(prev.sim), now)
-        await self.sql.insert_edges(conn, sn, sid, sorted(added))
+        await self.sql.insert_edges(conn, sn, sid, sorted(added), fresh=prev is None)
 
         # the sentinel and its edges
         row = None
@@ -570,7 +602,7 @@ class DagManagerService:
                 await conn.execute(sa.delete(sen_n).where(sen_n.c.snid == snid, clause))
         else:
             edges_add = new_nids
-        await self.sql.insert_edges(conn, sen_n, snid, sorted(edges_add))
+        await self.sql.insert_edges(conn, sen_n, snid, sorted(edges_add), fresh=row is None)
 
     def _referenced(self) -> Any:
         """EXISTS: some strategy in the queue's namespace references the queue's node."""
@@ -877,6 +909,12 @@ def _sentinel_body(row: Any, nodes: int) -> dict:
 
 # -- the plan of a diff: the request checked and indexed, before any SQL ---------------
 
+@functools.lru_cache(maxsize=1024)
+def _tags_json(tags: tuple[str, ...]) -> str:
+    """The stored form of a node's tags (few distinct sets: cached)."""
+    return store.dumps(list(tags))
+
+
 class _Node:
     """One node of a diffed DAG. What only new nodes need (tags, names, rows) is derived
     on first use: a diff of known nodes reads little more than their ids."""
@@ -903,7 +941,7 @@ class _Node:
     @property
     def tags_json(self) -> str:
         if self._tags_json is None:
-            self._tags_json = store.dumps(list(self.tags))
+            self._tags_json = _tags_json(self.tags)
         return self._tags_json
 
     @property
@@ -925,11 +963,6 @@ class _Node:
     def candidates(self) -> list[str]:
         return list(naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim))
 
-    def row(self, now: float) -> tuple:
-        raw = self.raw
-        return (self.node_id, self.node_type, self.code_hash, raw.get("config_hash") or "", raw.get("schema_hash") or "",
-                self._int("interval"), self._int("period"), self.tags_json, now)
-
 
 @dataclass
 class _Plan:
@@ -944,10 +977,20 @@ class _Plan:
     graph_nodes: list[str]  # queue nodes + tag queries, DAG order
     tag_queries: dict[str, TagKey]
 
-    NODE_COLUMNS = ("node_id", "node_type", "code_hash", "config_hash", "schema_hash", "interval", "period", "tags", "created_at")
-
-    def node_row(self, node_id: str, now: float) -> tuple:
-        return self.nodes[node_id].row(now)
+    def node_values(self, node_ids: Sequence[str], now: float) -> dict[str, Any]:
+        """The ``dm_nodes`` rows of ``node_ids``, column by column (see ``SqlHelpers.insert_ignore``)."""
+        batch = [self.nodes[node_id] for node_id in node_ids]
+        return {
+            "node_id": list(node_ids),
+            "node_type": [n.node_type for n in batch],
+            "code_hash": [n.code_hash for n in batch],
+            "config_hash": [n.raw.get("config_hash") or "" for n in batch],
+            "schema_hash": [n.raw.get("schema_hash") or "" for n in batch],
+            "interval": [n._int("interval") for n in batch],
+            "period": [n._int("period") for n in batch],
+            "tags": [n.tags_json for n in batch],
+            "created_at": now,
+        }
 
 
 def _plan(strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None, asset: str | None, version: str | None) -> _Plan:

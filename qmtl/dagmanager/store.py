@@ -30,8 +30,9 @@ Times are epoch seconds (float). Lists are JSON text.
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -172,6 +173,11 @@ def _pg_type(column: sa.Column) -> str:
     return "text"
 
 
+def _aggregated(sql: str, names: Sequence[str]) -> str:
+    """PostgreSQL: the rows of ``sql`` (columns ``names``) as one row of one array per column."""
+    return f"WITH r AS ({sql}) SELECT {', '.join(f'array_agg(r.{name})' for name in names)} FROM r"
+
+
 class SqlHelpers:
     """Statement helpers for one database, dialect-aware.
 
@@ -179,10 +185,13 @@ class SqlHelpers:
     driver SQL, because SQLAlchemy's per-row parameter processing and the compilation
     of an expanding ``IN`` cost more than the database work itself at 1,000 rows:
 
-    * bulk INSERT ... ON CONFLICT DO NOTHING — SQLite: one prepared statement run by
-      ``executemany``; PostgreSQL: one statement over ``unnest`` of one array per column;
+    * bulk INSERT (... ON CONFLICT DO NOTHING), rows given column by column — SQLite: one
+      prepared statement run by ``executemany``; PostgreSQL: one statement over
+      ``unnest`` of one array per column (a value shared by all rows is one parameter),
+      which also returns the rows it inserted (``RETURNING``) when asked to;
     * WHERE column IN (ids) — SQLite: ``IN (SELECT value FROM json_each(?))`` with the
-      ids as one JSON parameter; PostgreSQL: ``= ANY($n::text[])``.
+      ids as one JSON parameter; PostgreSQL: ``= ANY($n::text[])``;
+    * large results on PostgreSQL as one row of ``array_agg`` per column.
     """
 
     def __init__(self, db: Database) -> None:
@@ -236,37 +245,99 @@ class SqlHelpers:
     def in_int_list(self, n: int) -> str:
         return "IN (SELECT value FROM json_each(?))" if self.is_sqlite else f"= ANY(${n}::int4[])"
 
-    async def insert_edges(self, conn: Any, table: sa.Table, head: int, tails: Sequence[int]) -> None:
-        """INSERT ... ON CONFLICT DO NOTHING of the edges (head, tail) for every tail, in
-        one statement whose only list parameter is ``tails`` (no per-row binding)."""
+    async def insert_edges(self, conn: Any, table: sa.Table, head: int, tails: Sequence[int], *, fresh: bool = False) -> None:
+        """INSERT of the edges (head, tail) for every tail, in one statement whose only list
+        parameter is ``tails`` (no per-row binding). ``ON CONFLICT DO NOTHING`` unless the
+        head is ``fresh`` (inserted by this transaction: none of its edges can exist), which
+        spares PostgreSQL a speculative insertion per edge."""
         if not tails:
             return
         a, b = (c.name for c in table.primary_key.columns)
+        ignore = "" if fresh else " ON CONFLICT DO NOTHING"
         if self.is_sqlite:  # "WHERE true" disambiguates INSERT ... SELECT ... ON CONFLICT
-            sql = f"INSERT INTO {table.name} ({a}, {b}) SELECT ?, value FROM json_each(?) WHERE true ON CONFLICT DO NOTHING"
+            sql = f"INSERT INTO {table.name} ({a}, {b}) SELECT ?, value FROM json_each(?) WHERE true{ignore}"
         else:
-            sql = f"INSERT INTO {table.name} ({a}, {b}) SELECT $1, unnest($2::int4[]) ON CONFLICT DO NOTHING"
+            sql = f"INSERT INTO {table.name} ({a}, {b}) SELECT $1, unnest($2::int4[]){ignore}"
         await conn.exec_driver_sql(sql, (head, self.list_param(sorted(tails))))
 
-    async def insert_ignore(self, conn: Any, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> None:
-        """Bulk INSERT ... ON CONFLICT DO NOTHING of ``rows`` (tuples in ``columns`` order)."""
-        if not rows:
-            return
-        key = (table.name, tuple(columns))
+    async def select_rows(self, conn: Any, sql: str, params: Sequence[Any], names: Sequence[str]) -> Iterable[tuple]:
+        """The rows of ``sql`` (a SELECT of the columns ``names``), as tuples.
+
+        PostgreSQL sends them as one array per column (``array_agg``): one result row
+        whatever the count, instead of a driver record and a result row per row — at
+        1,000 rows their creation is most of the client's cost, and they keep the garbage
+        collector busy. SQLite's result rows are returned as they are."""
+        if self.is_sqlite:
+            return (await conn.exec_driver_sql(sql, tuple(params))).all()
+        row = (await conn.exec_driver_sql(_aggregated(sql, names), tuple(params))).one()
+        return zip(*row) if row[0] is not None else ()
+
+    async def insert_ignore(
+        self, conn: Any, table: sa.Table, values: Mapping[str, Any], *, conflict: Sequence[str] = (),
+        returning: Sequence[str] = (),
+    ) -> list[list] | None:
+        """Bulk INSERT ... ON CONFLICT [(conflict)] DO NOTHING of rows given column by column:
+        ``values`` maps each column to the list of its values (one per row) or to the one
+        value all rows share (sent once). Without ``conflict`` every unique index decides
+        (PostgreSQL checks each of them before each row); with it only that one does, and a
+        conflict on another is an error.
+
+        With ``returning`` (column names), PostgreSQL answers the rows this statement
+        inserted — a row skipped on a conflict is not among them — one list per returned
+        column (aggregated as in :meth:`select_rows`); SQLite answers None:
+        ``executemany`` returns no rows, and binding the rows into one statement costs
+        more than reading back what the caller needs."""
+        return await self._bulk_insert(conn, table, values, ignore=True, conflict=conflict, returning=returning)
+
+    async def insert_new(self, conn: Any, table: sa.Table, values: Mapping[str, Any]) -> None:
+        """Bulk INSERT (``values`` as in :meth:`insert_ignore`) without ``ON CONFLICT``: for
+        rows no other transaction can hold (their key includes an id this transaction
+        created), where PostgreSQL would otherwise pay a speculative insertion per row. A
+        conflict is a bug and raises."""
+        await self._bulk_insert(conn, table, values, ignore=False, conflict=(), returning=())
+
+    async def _bulk_insert(
+        self, conn: Any, table: sa.Table, values: Mapping[str, Any], *, ignore: bool, conflict: Sequence[str],
+        returning: Sequence[str],
+    ) -> list[list] | None:
+        columns = list(values)
+        listed = tuple(c for c in columns if isinstance(values[c], list))
+        count = len(values[listed[0]]) if listed else 0
+        if not count:
+            return [[] for _ in returning] if returning and not self.is_sqlite else None
+        if self.is_sqlite:
+            returning = ()
+        key = (table.name, tuple(columns), listed, ignore, tuple(conflict), tuple(returning))
         sql = self._sql.get(key)
         if sql is None:
             cols = ", ".join(columns)
             if self.is_sqlite:
-                marks = ", ".join("?" for _ in columns)
-                sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
-            else:
-                arrays = ", ".join(f"${i + 1}::{_pg_type(table.c[c])}[]" for i, c in enumerate(columns))
-                sql = f"INSERT INTO {table.name} ({cols}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING"
+                sql = f"INSERT INTO {table.name} ({cols}) VALUES ({', '.join('?' for _ in columns)})"
+            else:  # one array per listed column, unnested; a shared value is one parameter
+                items, arrays = [], []
+                for i, c in enumerate(columns, 1):
+                    if c in listed:
+                        items.append(f"u.c{len(arrays)}")
+                        arrays.append(f"${i}::{_pg_type(table.c[c])}[]")
+                    else:
+                        items.append(f"${i}::{_pg_type(table.c[c])}")
+                aliases = ", ".join(f"c{j}" for j in range(len(arrays)))
+                sql = f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(items)} FROM unnest({', '.join(arrays)}) AS u({aliases})"
+            if ignore:
+                sql += f" ON CONFLICT ({', '.join(conflict)}) DO NOTHING" if conflict else " ON CONFLICT DO NOTHING"
+            if returning:
+                sql = _aggregated(f"{sql} RETURNING {', '.join(returning)}", returning)
             self._sql[key] = sql
         if self.is_sqlite:
-            await conn.exec_driver_sql(sql, list(rows))
-        else:
-            await conn.exec_driver_sql(sql, tuple(list(col) for col in zip(*rows)))
+            rows = list(zip(*(values[c] if c in listed else itertools.repeat(values[c], count) for c in columns)))
+            await conn.exec_driver_sql(sql, rows)
+            return None
+        params = tuple(values[c] for c in columns)
+        if not returning:
+            await conn.exec_driver_sql(sql, params)
+            return None
+        row = (await conn.exec_driver_sql(sql, params)).one()
+        return [col if col is not None else [] for col in row]
 
 
 __all__ = [
