@@ -27,30 +27,16 @@ from qmtl.bus import (  # noqa: E402
     partition_key,
     queue_key,
 )
+from tests.helpers.bus import WAIT, take, wait_until
 from tests.helpers.events import (
     numbered_activation,
     numbered_queue_update,
     policy_updated,
 )
 
-WAIT = 15.0  # upper bound for any wait on messages (s); normal runs take milliseconds
-
 
 def ident(msg: BusMessage) -> tuple[str, str]:
     return msg.key, msg.value["etag"]
-
-
-async def take(sub, n: int, timeout: float = WAIT) -> list[BusMessage]:
-    out: list[BusMessage] = []
-    try:
-        async with asyncio.timeout(timeout):
-            async for msg in sub:
-                out.append(msg)
-                if len(out) >= n:
-                    break
-    except TimeoutError:
-        pytest.fail(f"received {len(out)} of {n} messages within {timeout}s")
-    return out
 
 
 async def assert_quiet(sub, wait: float = 0.3) -> None:
@@ -60,14 +46,6 @@ async def assert_quiet(sub, wait: float = 0.3) -> None:
     except TimeoutError:
         return
     pytest.fail(f"unexpected extra message {msg}")
-
-
-async def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # -- harness -----------------------------------------------------------------------

@@ -24,11 +24,11 @@ from qmtl.bus import (  # noqa: E402
     queue_key,
 )
 from qmtl.bus.kafka import KafkaBus  # noqa: E402
+from tests.helpers.bus import WAIT, take, wait_until
 from tests.helpers.events import numbered_activation, numbered_queue_update
 
 pytestmark = pytest.mark.kafka
 
-WAIT = 15.0
 FETCH = 1  # Kafka ApiKey of Fetch
 TOPIC_AUTHORIZATION_FAILED = 29
 
@@ -47,27 +47,6 @@ def new_bus(bootstrap: str, validator, prefix: str, **kw) -> KafkaBus:
 
 def prefix() -> str:
     return f"i{uuid.uuid4().hex[:10]}."
-
-
-async def take(sub, n: int, timeout: float = WAIT) -> list:
-    out = []
-    try:
-        async with asyncio.timeout(timeout):
-            async for msg in sub:
-                out.append(msg)
-                if len(out) >= n:
-                    break
-    except TimeoutError:
-        pytest.fail(f"received {len(out)} of {n} messages within {timeout}s")
-    return out
-
-
-async def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def topic_partitions(bootstrap: str) -> dict[str, int]:
