@@ -232,7 +232,7 @@ class DeprecationHeaders:
 class Dispatcher:
     """WebSocket scopes → Starlette router; everything else → the Connexion app."""
 
-    def __init__(self, http_app: AsyncApp, ws_routes: t.Sequence[WebSocketRoute] = ()) -> None:
+    def __init__(self, http_app: ASGIApp, ws_routes: t.Sequence[WebSocketRoute] = ()) -> None:
         self.http_app = http_app
         self.ws_router = Router(routes=list(ws_routes)) if ws_routes else None
         self.inner = CorrelationMiddleware(self._dispatch)
