@@ -31,6 +31,7 @@ from opentelemetry import propagate, trace
 from qmtl.common.config import TracingConfig
 
 __all__ = [
+    "TRACEPARENT",
     "TracingConfig",
     "consumed",
     "frame_extensions",
@@ -40,7 +41,8 @@ __all__ = [
     "make_tracer_provider",
 ]
 
-_TRACEPARENT = "traceparent"
+TRACEPARENT = "traceparent"
+_SPAN_KEY = trace._SPAN_KEY  # where the API keeps the current span in the context (opentelemetry.trace)
 
 
 def make_tracer_provider(cfg: TracingConfig, service: str, *, span_processor: t.Any = None) -> t.Any:
@@ -96,7 +98,7 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
 def consumed(headers: t.Mapping[str, str] | None, name: str, provider: t.Any = None) -> t.Iterator[None]:
     """Within the block, the context an event carried in its headers is current (a consumer
     span under it when ``provider`` is set). Nothing happens for an event without one."""
-    if not headers or _TRACEPARENT not in headers:
+    if not headers or TRACEPARENT not in headers:
         yield
         return
     token = otel_context.attach(propagate.extract(dict(headers)))
@@ -113,17 +115,20 @@ def consumed(headers: t.Mapping[str, str] | None, name: str, provider: t.Any = N
 def frame_extensions() -> dict[str, str]:
     """The CloudEvents distributed-tracing extension for a frame relayed now: the current
     span's ``traceparent`` (empty when there is none)."""
-    ctx = trace.get_current_span().get_span_context()
+    span = otel_context.get_value(_SPAN_KEY)
+    if span is None:  # the common case with tracing off: nothing current, one context lookup
+        return {}
+    ctx = span.get_span_context()
     if not ctx.is_valid:
         return {}
-    return {_TRACEPARENT: f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"}
+    return {TRACEPARENT: f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"}
 
 
 @contextlib.contextmanager
 def continued(headers: t.Mapping[str, str]) -> t.Iterator[None]:
     """Make the ``traceparent`` of an incoming request current when no server span did
     (tracing off at this service): the frames a callback causes still carry the caller's context."""
-    if trace.get_current_span().get_span_context().is_valid or _TRACEPARENT not in headers:
+    if trace.get_current_span().get_span_context().is_valid or TRACEPARENT not in headers:
         yield
         return
     token = otel_context.attach(propagate.extract(dict(headers)))

@@ -216,7 +216,10 @@ class ControlBusConsumer:
     def _handle(self, msg: BusMessage) -> None:
         self.stats["consumed"] += 1
         try:
-            with tracing.consumed(msg.headers, f"{msg.topic} process", self.tracer_provider):
+            if msg.headers and tracing.TRACEPARENT in msg.headers:  # continue the producer's trace
+                with tracing.consumed(msg.headers, f"{msg.topic} process", self.tracer_provider):
+                    self.apply(msg.topic, msg.value, True)
+            else:
                 self.apply(msg.topic, msg.value, True)
         except Exception:
             # A bug in applying one event must not stop the stream; it is committed
