@@ -20,21 +20,13 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from typing import Any, Sequence
 
 from qmtl.common.config import Config, ConfigError, load_config
-from qmtl.common.correlation import CorrelationIdFilter
+from qmtl.common.logs import FORMATS, setup_logging
 
 log = logging.getLogger("qmtl")
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(CorrelationIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--data-dir", help="directory for SQLite files and generated keys (default .qmtl)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--log-format", default=None, choices=FORMATS, help="text (default) or json: one JSON object per line")
 
 
 def _gateway_flags(p: argparse.ArgumentParser) -> None:
@@ -94,6 +87,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     o: dict = {}
     _set(o, "data_dir", getattr(args, "data_dir", None))
     _set(o, "log_level", getattr(args, "log_level", None))
+    _set(o, "log_format", getattr(args, "log_format", None))
     host = getattr(args, "host", None)
     cmd = args.command
     if cmd == "up":
@@ -216,6 +210,9 @@ def make_apps(cfg: Config, services: Sequence[str]) -> list[tuple[str, Any, str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Connexion imports starlette.testclient at import time (never used by a server), and
+    # Starlette warns about that import; nothing an operator can act on.
+    warnings.filterwarnings("ignore", message=r"Using `httpx` with `starlette\.testclient`")
     args = build_parser().parse_args(argv)
     if args.command == "check-specs":
         from qmtl.contracts.loader import SpecError, load_all
@@ -235,7 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
+    try:
+        setup_logging(cfg.log_level, cfg.log_format)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     from qmtl.contracts.loader import SpecError, load_all
 
     try:
@@ -249,8 +250,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         services = ["gateway" if args.command == "gw" else args.command]
     log.info("config: %s", json.dumps(cfg.masked(), sort_keys=True))
-    if cfg.gateway.auth.mode == "dev" and "gateway" in services:
-        log.warning("Gateway auth is in DEVELOPMENT mode: anonymous callers act as %r", cfg.gateway.auth.dev_subject)
     try:
         asyncio.run(_serve_all(make_apps(cfg, services)))
     except KeyboardInterrupt:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from connexion import request
 from connexion.lifecycle import ConnexionResponse
+
+from qmtl.common.metrics import exposition
 
 from qmtl.contracts.app import problem_response
 from qmtl.dagmanager.service import DagManagerService
@@ -17,8 +20,8 @@ async def health(ctx: DagManagerService):
 
 
 async def metrics(ctx: DagManagerService):
-    payload, content_type = ctx.metrics.render()
-    return ConnexionResponse(status_code=200, body=payload, content_type=content_type)
+    body, content_type = exposition(ctx.metrics.registry, request.headers.get("accept"))
+    return ConnexionResponse(status_code=200, body=body, content_type=content_type)
 
 
 async def run_gc(ctx: DagManagerService):

@@ -14,6 +14,7 @@ import hmac
 from connexion import request
 
 from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
+from qmtl.common import tracing
 from qmtl.common.errors import Unprocessable
 
 _ENVELOPE_TOPICS = {"ActivationUpdated": TOPIC_ACTIVATION, "PolicyUpdated": TOPIC_POLICY, "QueueUpdated": TOPIC_QUEUES}
@@ -29,7 +30,11 @@ async def _authorise(ctx) -> None:
 
 async def dag_event(ctx, body):
     await _authorise(ctx)
-    events = ctx.events
+    with tracing.continued(request.headers):  # the frames it causes carry the caller's traceparent
+        return _relay(ctx.events, body)
+
+
+def _relay(events, body):
     try:
         if "event" in body:
             if body["event"] == "queue_update":

@@ -1,7 +1,9 @@
 """Health, status and metrics of the Gateway."""
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from connexion import request
 from connexion.lifecycle import ConnexionResponse
+
+from qmtl.common.metrics import exposition
 
 
 async def health(ctx):
@@ -13,5 +15,5 @@ async def get_status(ctx):
 
 
 async def metrics(ctx):
-    return ConnexionResponse(status_code=200, body=generate_latest(ctx.registry), content_type=CONTENT_TYPE_LATEST.split(";")[0],
-                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = exposition(ctx.registry, request.headers.get("accept"))
+    return ConnexionResponse(status_code=200, body=body, content_type=content_type)

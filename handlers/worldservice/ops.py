@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from connexion import request
 from connexion.lifecycle import ConnexionResponse
+
+from qmtl.common.metrics import exposition
 
 
 async def health(ctx):
@@ -10,4 +13,5 @@ async def health(ctx):
 
 
 async def metrics(ctx):
-    return ConnexionResponse(status_code=200, body=ctx.metrics.render(), content_type=ctx.metrics.content_type)
+    body, content_type = exposition(ctx.metrics.registry, request.headers.get("accept"))
+    return ConnexionResponse(status_code=200, body=body, content_type=content_type)

@@ -38,6 +38,16 @@ class BusConfig:
 
 
 @dataclass
+class TracingConfig:
+    """OpenTelemetry tracing (qmtl.common.tracing): off by default, no cost when off."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"  # OTLP/HTTP (protobuf)
+    sample_ratio: float = 1.0  # parent-based: a sampled caller is always followed
+    service_name_prefix: str = "qmtl-"
+
+
+@dataclass
 class BudgetConfig:
     timeout: float = 0.3
     retries: int = 2
@@ -136,6 +146,9 @@ class DagManagerConfig:
 class Config:
     data_dir: str = ".qmtl"
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line)
+    access_log: bool = True  # one line per HTTP request on the qmtl.access logger
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     controlbus: BusConfig = field(default_factory=BusConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     worldservice: WorldServiceConfig = field(default_factory=WorldServiceConfig)

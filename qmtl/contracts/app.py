@@ -36,6 +36,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
+from qmtl.common.logs import AccessLog, RouteTemplates
+from qmtl.common.tracing import instrument_asgi
 from qmtl.contracts.connexion31 import (
     VALIDATOR_MAP,
     allow_openapi31,
@@ -232,10 +234,12 @@ class DeprecationHeaders:
 class Dispatcher:
     """WebSocket scopes → Starlette router; everything else → the Connexion app."""
 
-    def __init__(self, http_app: ASGIApp, ws_routes: t.Sequence[WebSocketRoute] = ()) -> None:
+    def __init__(self, http_app: ASGIApp, ws_routes: t.Sequence[WebSocketRoute] = (), *,
+                 access_log: t.Callable[[ASGIApp], ASGIApp] | None = None) -> None:
         self.http_app = http_app
         self.ws_router = Router(routes=list(ws_routes)) if ws_routes else None
-        self.inner = CorrelationMiddleware(self._dispatch)
+        # correlation id first, so the access line (written when the response ends) carries it
+        self.inner = CorrelationMiddleware(access_log(self._dispatch) if access_log else self._dispatch)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -286,6 +290,8 @@ def build_app(
     ws_routes: t.Sequence[WebSocketRoute] = (),
     spec: OpenAPISpec | None = None,
     resolver_error: int | None = None,
+    access_log: bool = True,
+    tracer_provider: t.Any = None,
 ) -> Dispatcher:
     """The ASGI app of ``service`` (``gateway``, ``worldservice`` or ``dagmanager``).
 
@@ -318,8 +324,11 @@ def build_app(
     app.add_error_handler(HTTPException, _http_exception)
     app.add_error_handler(UnicodeDecodeError, _unicode_error)
     app.add_error_handler(Exception, _unexpected)
-    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, spec.bundled), ws_routes)
+    routes = RouteTemplates(spec.bundled.get("paths") or {})
+    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, spec.bundled), ws_routes,
+                            access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log))
     dispatcher.spec = spec  # type: ignore[attr-defined]
+    dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
     return dispatcher
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from qmtl.bus.base import ControlBus
 from qmtl.common.config import Config
+from qmtl.common.tracing import make_tracer_provider
 from qmtl.contracts.app import build_app
 from qmtl.store.sql import Database
 
@@ -68,11 +69,15 @@ def create_app(
     clock: Callable[[], float] = time.time,
     gc_interval: float | None = None,
     callback_timeout: float = 2.0,
+    tracer_provider: Any = None,
 ) -> Any:
     """The DAG Manager app. ``clock`` (epoch seconds) is injectable for GC tests;
     ``gc_interval`` overrides ``dagmanager.gc_interval_seconds`` (0 or less: no periodic GC)."""
     service = create_service(config, bus=bus, db=db, topic_admin=topic_admin, clock=clock, callback_timeout=callback_timeout)
     interval = config.dagmanager.gc_interval_seconds if gc_interval is None else gc_interval
+    if tracer_provider is None:
+        tracer_provider = make_tracer_provider(config.tracing, "dagmanager")
+    service.callback.tracer_provider = tracer_provider
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
@@ -91,8 +96,11 @@ def create_app(
             await service.stop()
             if getattr(service, "owns_db", False):
                 await service.db.close()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()
 
-    app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses)
+    app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses,
+                    access_log=config.access_log, tracer_provider=tracer_provider)
     app.ctx = service  # type: ignore[attr-defined]
     return app
 

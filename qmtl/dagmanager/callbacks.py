@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import httpx
 
-from qmtl.common import correlation
+from qmtl.common import correlation, tracing
 
 from .metrics import DagManagerMetrics
 
@@ -47,6 +47,7 @@ class GatewayCallback:
         self._auth = {"X-QMTL-Service-Token": service_token} if service_token else {}
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
+        self.tracer_provider: Any = None  # set by the app factory when tracing is on
 
     @property
     def enabled(self) -> bool:
@@ -56,6 +57,7 @@ class GatewayCallback:
         if not self.enabled or self._task is not None:
             return
         self._client = httpx.AsyncClient(timeout=self.timeout, transport=self._transport)
+        tracing.instrument_httpx(self._client, self.tracer_provider)
         self._task = asyncio.create_task(self._run(), name="dagmanager-gateway-callback")
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
+from qmtl.common import tracing
 from qmtl.bus.base import TOPIC_QUEUES, ControlBus
 from qmtl.bus.keys import queue_key
 from qmtl.store.sql import Database
@@ -231,7 +232,7 @@ class QueueNotifier:
         if self.include_match_mode:
             event["match_mode"] = key.match_mode
         try:
-            await self.bus.publish(TOPIC_QUEUES, event, key=key.bus_key)
+            await self.bus.publish(TOPIC_QUEUES, event, key=key.bus_key, headers=tracing.inject({}) or None)
         except Exception as exc:  # invalid (a bug) or the bus is down: count, log, keep going
             self.metrics.queue_updated_failed.inc()
             log.warning("QueueUpdated for %s/%s/%s not published: %s", key.tags, key.interval, key.match_mode, exc)

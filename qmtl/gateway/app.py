@@ -24,7 +24,9 @@ from typing import Any, Sequence
 from prometheus_client import CollectorRegistry
 
 from qmtl.bus.base import ControlBus
+from qmtl.common import tracing
 from qmtl.common.config import Config
+from qmtl.common.tracing import make_tracer_provider
 from qmtl.contracts.app import build_app
 from qmtl.gateway.backends import Backend, BackendMetrics
 from qmtl.store import Database, make_kv
@@ -36,9 +38,10 @@ COMPONENTS = ("auth", "worlds", "events", "ingest", "status")
 
 class GatewayContext:
     def __init__(self, config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None,
-                 kv_prefix: str = "qmtl:gw:", components: Sequence[str] | None = None) -> None:
+                 kv_prefix: str = "qmtl:gw:", components: Sequence[str] | None = None, tracer_provider: Any = None) -> None:
         self.config = config
         self.bus = bus
+        self.tracer_provider = tracer_provider if tracer_provider is not None else make_tracer_provider(config.tracing, "gateway")
         self.registry = CollectorRegistry(auto_describe=True)
         self.kv = kv if kv is not None else make_kv(config.gateway.kv_url)
         self.kv_prefix = kv_prefix
@@ -55,6 +58,8 @@ class GatewayContext:
             "dagmanager", g.dagmanager_url, timeout=g.dagmanager_budget.timeout, retries=g.dagmanager_budget.retries,
             failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=backend_metrics,
         )
+        tracing.instrument_httpx(self.worldservice.client, self.tracer_provider)
+        tracing.instrument_httpx(self.dagmanager.client, self.tracer_provider)
         self.components: dict[str, Any] = {}
         for name in COMPONENTS:
             if components is not None and name not in components:
@@ -91,6 +96,8 @@ class GatewayContext:
         with contextlib.suppress(Exception):
             await self.kv.aclose()
         await self.db.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # flushes the spans still batched
 
 
 def _component_module(name: str) -> Any:
@@ -104,10 +111,10 @@ def _component_module(name: str) -> Any:
 
 
 def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None, kv_prefix: str = "qmtl:gw:",
-               components: Sequence[str] | None = None) -> Any:
+               components: Sequence[str] | None = None, tracer_provider: Any = None) -> Any:
     """The Gateway's ASGI app. ``components`` (default: all of :data:`COMPONENTS`) selects which
     components to build — for focused tests and benchmarks; production builds them all."""
-    ctx = GatewayContext(config, bus=bus, kv=kv, db=db, kv_prefix=kv_prefix, components=components)
+    ctx = GatewayContext(config, bus=bus, kv=kv, db=db, kv_prefix=kv_prefix, components=components, tracer_provider=tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
@@ -122,7 +129,8 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
     events = ctx.components.get("events")
     if events is not None:
         ws_routes = list(events.ws_routes())
-    app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes)
+    app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
+                    access_log=config.access_log, tracer_provider=ctx.tracer_provider)
     worlds = ctx.components.get("worlds")
     if worlds is not None:  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
         from qmtl.gateway.worlds import DecideFastPath

@@ -42,7 +42,7 @@ are cached (an invalid one is "WorldService failing": safe default). That is wha
 request was validated by it when the entry was filled) at close to the speed of a bare
 HTTP route (``bench/bench_decide.py``).
 
-Metrics (``ctx.registry``): ``world_decide_latency_ms`` (histogram),
+Metrics (``ctx.registry``): ``gateway_world_decide_latency_ms`` (histogram),
 ``world_decide_requests_total{result}``, ``world_decide_cache_hit_ratio``,
 ``world_activation_requests_total{result}``, ``world_activation_cache_hit_ratio`` (hit or
 revalidated over all answers, since start), ``world_live_guard_refusals_total{operation}``,
@@ -254,7 +254,8 @@ class SingleFlight:
 class WorldsMetrics:
     def __init__(self, registry: Any) -> None:
         self.decide_latency = Histogram(
-            "world_decide_latency_ms", "GET /worlds/{id}/decide latency at the Gateway (ms), cache hits included", registry=registry,
+            "gateway_world_decide_latency_ms", "GET /worlds/{id}/decide latency at the Gateway (ms), cache hits included "
+            "(WorldService's world_decide_latency_ms is the time it takes to compute one)", registry=registry,
             buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000),
         )
         self.decide_requests = Counter("world_decide_requests", "Decide answers by cache result", ["result"], registry=registry)

@@ -44,7 +44,7 @@ from typing import Any, Self
 
 import httpx
 
-from qmtl.common import correlation
+from qmtl.common import correlation, tracing
 from qmtl.common.resilience import RetryPolicy
 
 from .dag import Dag
@@ -215,6 +215,7 @@ class GatewayClient:
             # The token per attempt: a retry after a wait (Retry-After, up to retry_after_max)
             # must not go out with a token that expired meanwhile.
             send_headers = {correlation.HEADER: cid, **(await self._auth_headers()), **(headers or {})}
+            tracing.inject(send_headers)  # the caller's span, when there is one, continues at the Gateway
             try:
                 resp = await self._http.request(
                     method, path, params=query, json=json, headers=send_headers,

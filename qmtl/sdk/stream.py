@@ -83,6 +83,13 @@ class StreamEvent:
     world_id: str | None = None
     frame: Mapping[str, Any] | None = None
 
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C trace context of the request that caused this event (the frame's CloudEvents
+        distributed-tracing extension), when the Gateway relayed one: join it to your own traces."""
+        value = (self.frame or {}).get("traceparent")
+        return value if isinstance(value, str) else None
+
 
 @dataclass
 class StreamStats:

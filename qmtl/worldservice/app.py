@@ -9,6 +9,7 @@ from typing import Any
 
 from qmtl.bus.base import ControlBus
 from qmtl.common.config import Config, ConfigError
+from qmtl.common.tracing import make_tracer_provider
 from qmtl.contracts.app import build_app
 from qmtl.store.sql import Database
 from qmtl.worldservice.service import WorldService
@@ -24,12 +25,15 @@ def create_service(config: Config, *, bus: ControlBus, db: Database | None = Non
     return WorldService(config, db=db or Database(config.db_url("worldservice")), bus=bus)
 
 
-def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, service: WorldService | None = None) -> Any:
+def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, service: WorldService | None = None,
+               tracer_provider: Any = None) -> Any:
     """The ASGI app. Its lifespan starts the bus (idempotent) and the service (tables,
     recovery, outbox), then stops the service and closes the database when it opened it. ``app.service`` is the WorldService
     (tests set ``app.service.apply_hook`` or read ``app.service.metrics``)."""
     owns_db = db is None and service is None
     service = service or create_service(config, bus=bus, db=db)
+    if tracer_provider is None:
+        tracer_provider = make_tracer_provider(config.tracing, "worldservice")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -41,12 +45,16 @@ def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, s
             await service.stop()
             if owns_db:
                 await service.db.close()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()
 
     app = build_app(
         "worldservice",
         service,
         lifespan=lifespan,
         validate_responses=config.worldservice.validate_responses,
+        access_log=config.access_log,
+        tracer_provider=tracer_provider,
     )
     app.service = service  # type: ignore[attr-defined]
     return app

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from qmtl.bus.base import ControlBus, InvalidEvent
-from qmtl.common import correlation
+from qmtl.common import correlation, tracing
 from qmtl.contracts.events import event_validators
 from qmtl.store.sql import Database
 from qmtl.worldservice import store
@@ -45,10 +45,11 @@ class Outbox:
         """Queue ``event`` in the caller's transaction (validated against its schema first:
         an invalid event is a bug and must not be committed)."""
         event_validators().validate(topic, event)
-        headers = {}
+        headers: dict[str, str] = {}
         cid = correlation.get()
         if cid:
             headers["correlation_id"] = cid
+        tracing.inject(headers)  # published after the commit, still in the request's trace
         await conn.execute(
             store.outbox.insert().values(
                 world_id=world_id, topic=topic, key=world_id, payload=dict(event), headers=headers, created_at=now_utc()

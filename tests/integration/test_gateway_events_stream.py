@@ -301,8 +301,8 @@ async def test_dag_event_callback_legacy_and_envelopes(make_gw):
     assert frames[0]["data"]["queues"] == ["q0", "q1"] and frames[2]["data"]["queues"] == ["q1"]
     assert frames[1]["data"]["sentinel_id"] == "v2" and frames[1]["data"]["weight"] == 0.25
     assert await gw.metric("gateway_sentinel_traffic_ratio", sentinel_id="v2") == 0.25
-    skew = await gw.metric("sentinel_skew_seconds", sentinel_id="v2")
-    assert 2.0 <= skew < 10.0
+    assert await gw.metric("sentinel_skew_seconds_count") == 1
+    assert 2.0 <= await gw.metric("sentinel_skew_seconds_sum") < 10.0
     await ws.close()
 
 

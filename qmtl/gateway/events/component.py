@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 from starlette.routing import WebSocketRoute
 
 from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
+from qmtl.common import tracing
 from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
 from qmtl.contracts.events import event_validators, schema_validator
 
@@ -42,7 +43,7 @@ from .hub import (
     Hub,
     Subscriber,
 )
-from .metrics import EventMetrics
+from .metrics import WS_ROUTES, EventMetrics
 from .tokens import InvalidToken, Tokens, normalise_topics
 from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, StreamEndpoint, StreamRefused
 
@@ -87,6 +88,7 @@ class EventsComponent:
         )
         self.consumer = ControlBusConsumer(
             ctx.bus, self._apply_from_bus, consumer_id=self.consumer_id, epoch=self.hub.epoch, metrics=self.metrics,
+            tracer_provider=ctx.tracer_provider,
         )
         self._frame_schema = schema_validator("ws_frame.schema.json")
         self.metrics.state_hash_mismatch.set_function(self.state.mismatched_worlds)
@@ -106,8 +108,7 @@ class EventsComponent:
 
     def ws_routes(self) -> list[WebSocketRoute]:
         return [
-            WebSocketRoute("/ws/evt", StreamEndpoint(self, "/ws/evt", legacy=False)),
-            WebSocketRoute("/ws", StreamEndpoint(self, "/ws", legacy=True)),
+            WebSocketRoute(route, StreamEndpoint(self, route, legacy=route != "/ws/evt")) for route in WS_ROUTES
         ]
 
     @property
@@ -137,13 +138,13 @@ class EventsComponent:
             if outcome == st.APPLIED and relay:
                 w = event["world_id"]
                 delivered = self.hub.publish(
-                    "activation_updated", event, (KIND_ACTIVATION, w, None, None), subject=w, extensions={"statehash": h}
+                    "activation_updated", event, (KIND_ACTIVATION, w, None, None), subject=w, extensions={"statehash": h, **tracing.frame_extensions()}
                 )
         elif topic == TOPIC_POLICY:
             outcome, h = self.state.apply_policy(event)
             if outcome == st.APPLIED and relay:
                 w = event["world_id"]
-                delivered = self.hub.publish("policy_updated", event, (KIND_POLICY, w, None, None), subject=w, extensions={"statehash": h})
+                delivered = self.hub.publish("policy_updated", event, (KIND_POLICY, w, None, None), subject=w, extensions={"statehash": h, **tracing.frame_extensions()})
         elif topic == TOPIC_QUEUES:
             key = st.normalise_queue_key(event["tags"], event["interval"], event.get("match_mode"))
             outcome, delivered = self._apply_queues(key, event["queues"], etag=event.get("etag"), ts=event.get("ts"), relay=relay)
@@ -164,7 +165,7 @@ class EventsComponent:
             if entry.etag:
                 data["etag"] = entry.etag
             delivered = self.hub.publish(
-                "queue_update", data, (KIND_QUEUES, None, key, None), subject=f"{st.bus_key_of(key)}/{mode}", extensions={"statehash": h}
+                "queue_update", data, (KIND_QUEUES, None, key, None), subject=f"{st.bus_key_of(key)}/{mode}", extensions={"statehash": h, **tracing.frame_extensions()}
             )
         return outcome, delivered
 
@@ -191,10 +192,11 @@ class EventsComponent:
             for extra in ("version", "ts"):
                 if isinstance(data.get(extra), str):
                     frame[extra] = data[extra]
-            delivered = self.hub.publish("sentinel_weight", frame, (KIND_SENTINEL, None, None, None), subject=sid)
+            delivered = self.hub.publish("sentinel_weight", frame, (KIND_SENTINEL, None, None, None), subject=sid,
+                                         extensions=tracing.frame_extensions() or None)
             changed_at = st.parse_ts(data.get("ts"))
             if changed_at is not None:
-                self.metrics.sentinel_skew_seconds.labels(sid).set(max(0.0, time.time() - changed_at))
+                self.metrics.sentinel_skew_seconds.observe(max(0.0, time.time() - changed_at))
         self.metrics.controlbus_events.labels("sentinel", outcome, source).inc()
         return outcome, delivered
 

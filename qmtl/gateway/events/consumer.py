@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from qmtl.common import tracing
 from qmtl.bus.base import CONTROL_TOPICS, BusMessage, ControlBus
 from qmtl.common.resilience import Backoff
 
@@ -67,9 +68,11 @@ class ControlBusConsumer:
         epoch: str,
         metrics: EventMetrics,
         topics: tuple[str, ...] = CONTROL_TOPICS,
+        tracer_provider: Any = None,
     ) -> None:
         self.bus = bus
         self.apply = apply
+        self.tracer_provider = tracer_provider
         self.consumer_id = consumer_id
         self.rebuild_id = f"{consumer_id}.rebuild-{epoch}"
         self.metrics = metrics
@@ -213,7 +216,11 @@ class ControlBusConsumer:
     def _handle(self, msg: BusMessage) -> None:
         self.stats["consumed"] += 1
         try:
-            self.apply(msg.topic, msg.value, True)
+            if msg.headers and tracing.TRACEPARENT in msg.headers:  # continue the producer's trace
+                with tracing.consumed(msg.headers, f"{msg.topic} process", self.tracer_provider):
+                    self.apply(msg.topic, msg.value, True)
+            else:
+                self.apply(msg.topic, msg.value, True)
         except Exception:
             # A bug in applying one event must not stop the stream; it is committed
             # anyway (re-reading it would fail the same way).

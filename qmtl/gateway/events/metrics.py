@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from qmtl.bus.base import CONTROL_TOPICS
+
+from . import state as st
+
+WS_ROUTES = ("/ws/evt", "/ws")  # the routes of EventsComponent.ws_routes()
+
 
 @dataclass
 class EventMetrics:
@@ -29,12 +35,12 @@ class EventMetrics:
     relay_seconds: Histogram
     # sentinel traffic
     sentinel_ratio: Gauge
-    sentinel_skew_seconds: Gauge
+    sentinel_skew_seconds: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> EventMetrics:
         r = registry
-        return cls(
+        metrics = cls(
             controlbus_lag_ms=Gauge("controlbus_lag_ms", "Time from publish on the ControlBus to apply at this Gateway (ms), last event per topic", ["topic"], registry=r),
             consumer_offset_lag=Gauge("controlbus_consumer_offset_lag", "Messages on the ControlBus not yet applied by this Gateway, per topic", ["topic"], registry=r),
             partition_skew_seconds=Gauge(
@@ -73,7 +79,25 @@ class EventMetrics:
                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
             ),
             sentinel_ratio=Gauge("gateway_sentinel_traffic_ratio", "Traffic weight (0-1) of each version sentinel", ["sentinel_id"], registry=r),
-            sentinel_skew_seconds=Gauge(
-                "sentinel_skew_seconds", "Time from a sentinel weight change (its ts) to its relay by this Gateway", ["sentinel_id"], registry=r,
+            sentinel_skew_seconds=Histogram(
+                "sentinel_skew_seconds", "Time from a sentinel weight change (its ts) to its relay by this Gateway (seconds)",
+                registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             ),
         )
+        metrics.prime()
+        return metrics
+
+    def prime(self) -> None:
+        """Create the series whose label values are known at start, so every one is served
+        (at zero) from the first scrape instead of appearing with its first event."""
+        for topic in CONTROL_TOPICS:
+            for gauge in (self.controlbus_lag_ms, self.consumer_offset_lag, self.partition_skew_seconds):
+                gauge.labels(topic)
+            for counter in (self.consume_errors, self.rebuild_events):
+                counter.labels(topic)
+            for outcome in (st.APPLIED, st.DUPLICATE, st.STALE):
+                self.controlbus_events.labels(topic, outcome, "controlbus")
+        for route in WS_ROUTES:
+            self.ws_subscribers.labels(route)
+            self.ws_dropped_subscribers.labels(route)
+            self.ws_aborted.labels(route)

@@ -126,7 +126,8 @@ class IngestService:
         await self.store.start()
         try:
             if await self.redis.epoch() is None:
-                await self._rebuild("no epoch marker in Redis at startup")
+                # normal on a fresh Redis (first start, or a new embedded run): not a warning
+                await self._rebuild("no epoch marker in Redis at startup", level=logging.INFO)
             else:
                 await self._sweep("startup")
         except TRANSIENT as exc:
@@ -594,12 +595,12 @@ class IngestService:
             except TRANSIENT as exc:
                 log.debug("ingest: reconciliation deferred (%r)", exc)
 
-    async def _rebuild(self, reason: str) -> None:
+    async def _rebuild(self, reason: str, *, level: int = logging.WARNING) -> None:
         token = await self.redis.claim_rebuild()
         if token is None:
             return  # another replica is rebuilding
         try:
-            log.warning("ingest: %s; rebuilding the FSM from the database mirror", reason)
+            log.log(level, "ingest: %s; rebuilding the FSM from the database mirror", reason)
             await self._sweep("rebuild", restore_state=True)
             await self.redis.mark_epoch()
             self.rebuilds += 1
