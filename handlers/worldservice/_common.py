@@ -5,7 +5,8 @@ from __future__ import annotations
 from connexion import request
 
 from qmtl.worldservice.rbac import Identity
-from qmtl.worldservice.service import WorldService, etag_matches
+from qmtl.common.http import if_none_match
+from qmtl.worldservice.service import WorldService
 
 
 def caller(ctx: WorldService) -> Identity:
@@ -20,7 +21,7 @@ def header(name: str) -> str | None:
 def not_modified(etag: str) -> bool:
     """Whether the request's If-None-Match matches ``etag``."""
     value = request.headers.get("If-None-Match")
-    return value is not None and etag_matches(value, etag)
+    return value is not None and if_none_match(value, etag)
 
 
 def quoted(etag: str) -> str:

@@ -18,7 +18,6 @@ import base64
 import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +25,7 @@ from typing import Any, Mapping
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from qmtl.common.cache import LRU
 from qmtl.common.errors import Forbidden, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class _VerifiedTokens:
         self.max_entries = max_entries
         self.max_age = max_age
         self.clock = clock
-        self._data: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self._data: LRU[str, tuple[float, Identity]] = LRU(max_entries)
 
     def get(self, token: str) -> Identity | None:
         hit = self._data.get(token)
@@ -85,9 +85,8 @@ class _VerifiedTokens:
             return None
         until, identity = hit
         if self.clock() >= until:
-            self._data.pop(token, None)
+            self._data.pop(token)
             return None
-        self._data.move_to_end(token)
         return identity
 
     def put(self, token: str, identity: Identity) -> None:
@@ -97,10 +96,7 @@ class _VerifiedTokens:
         until = min(float(exp), self.clock() + self.max_age)
         if until <= self.clock():
             return
-        self._data[token] = (until, identity)
-        self._data.move_to_end(token)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self._data.put(token, (until, identity))
 
 
 class Authenticator:

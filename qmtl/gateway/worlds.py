@@ -52,14 +52,11 @@ and ``gateway_circuit_breaker_state{backend}``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import math
-import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping
@@ -68,6 +65,9 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter, Gauge, Histogram
 
 from qmtl.common import correlation
+from qmtl.common.cache import LRU, SingleFlight
+from qmtl.common.durations import parse_duration
+from qmtl.common.http import if_none_match, quote_etag
 from qmtl.common.errors import BadGateway, Forbidden, ServiceError, ServiceUnavailable
 from qmtl.gateway.backends import BackendUnavailable
 
@@ -85,50 +85,12 @@ PASS_HEADERS = {name.lower(): name for name in (
     "X-QMTL-Gated", "Idempotent-Replayed",
 )}
 
-_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
 def parse_ttl(value: Any, default: float) -> float:
-    """Seconds of an envelope ``ttl`` (``"300s"``, ``"500ms"``, ``"5m"``, a number); ``default``
-    when absent; ValueError when unreadable."""
+    """Seconds of an envelope ``ttl`` (``"300s"``, ``"500ms"``, ``"5m"``, a number, or bare
+    seconds ``"45"``); ``default`` when absent; ValueError when unreadable."""
     if value is None or value == "":
         return float(default)
-    if isinstance(value, bool):
-        raise ValueError(f"ttl {value!r} is not a duration")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = _DURATION_RE.match(str(value))
-        if not m:
-            raise ValueError(f"ttl {value!r} is not a duration")
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"ttl {value!r} is not a duration")
-    return seconds
-
-
-def quote_etag(tag: str) -> str:
-    if tag.startswith(('"', 'W/"')):
-        return tag
-    return f'"{tag}"'
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """RFC 9110 weak comparison of an ``If-None-Match`` list against one entity tag."""
-    if not if_none_match:
-        return False
-    value = if_none_match.strip()
-    if value == "*":
-        return True
-    ours = _opaque(quote_etag(etag))
-    return any(_opaque(part.strip()) == ours for part in value.split(",") if part.strip())
-
-
-def _opaque(tag: str) -> str:
-    if tag.startswith("W/"):
-        tag = tag[2:]
-    return tag.strip()
+    return parse_duration(value, bare_seconds=True)
 
 
 def _now_iso() -> str:
@@ -173,32 +135,6 @@ class Incoming:
 # --------------------------------------------------------------------------- caches
 
 
-class LRU:
-    """A bounded mapping that forgets the least recently used entry first."""
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max(1, int(max_entries))
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any) -> Any:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-
-    def pop(self, key: Any) -> None:
-        self._data.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 @dataclass
 class DecisionEntry:
     envelope: dict
@@ -217,35 +153,6 @@ class ActivationEntry:
     etag: str  # quoted
     upstream_etag: str  # quoted
     headers: dict[str, str] = field(default_factory=dict)  # WorldService's headers worth passing on (X-QMTL-Gated)
-
-
-class SingleFlight:
-    """Coalesce concurrent identical upstream calls: one runs, the others await its result."""
-
-    def __init__(self) -> None:
-        self._inflight: dict[Any, asyncio.Future] = {}
-
-    async def do(self, key: Any, fn: Callable[[], Awaitable[Any]]) -> Any:
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        try:
-            result = await fn()
-        except BaseException as exc:
-            if not fut.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    fut.cancel()
-                else:
-                    fut.set_exception(exc)
-                    fut.exception()  # mark retrieved: followers may be none
-            raise
-        else:
-            fut.set_result(result)
-            return result
-        finally:
-            self._inflight.pop(key, None)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -473,7 +380,7 @@ class WorldsProxy:
     def invalidate(self, world_id: str) -> None:
         """Forget cached decisions of a world after a write through this Gateway changed them
         (other Gateway replicas keep theirs until their ttl: the ttl is the contract)."""
-        for key in [k for k in self.decisions._data if k[0] == world_id]:
+        for key in [k for k in self.decisions.keys() if k[0] == world_id]:
             self.decisions.pop(key)
 
     # -- decide ------------------------------------------------------------------------
@@ -615,7 +522,7 @@ class WorldsProxy:
     @staticmethod
     def _conditional(reply: Reply, req: Incoming) -> Reply:
         etag = reply.headers.get("ETag")
-        if reply.status == 200 and etag and etag_matches(req.header("if-none-match"), etag):
+        if reply.status == 200 and etag and if_none_match(req.header("if-none-match"), etag):
             return Reply(304, b"", None, dict(reply.headers))
         return reply
 

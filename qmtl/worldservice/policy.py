@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,16 +30,13 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from qmtl.common.durations import format_duration, parse_duration
 from qmtl.contracts.connexion31 import schema_errors
 from qmtl.contracts.loader import load_schema_files, schema_registry
 
 POLICY_SCHEMA_FILE = "policy_document.schema.json"
 MODES = ("backtest", "dryrun", "live")
 SIDES = ("long", "short")
-
-_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 # --------------------------------------------------------------------------- parsing
 
@@ -51,38 +47,6 @@ class PolicyError(ValueError):
     def __init__(self, message: str, errors: list[dict]) -> None:
         super().__init__(message)
         self.errors = errors
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds of a duration: a number of seconds, or ``"500ms"``, ``"30s"``, ``"15m"``, ``"2h"``, ``"1d"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"not a duration: {value!r}")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value.strip())
-        if m:
-            return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 2h or a number of seconds)")
-
-
-def format_duration(seconds: float) -> str:
-    """Short human form of a duration (for reasons): ``90s`` → ``1m30s``."""
-    if seconds < 0:
-        return "-" + format_duration(-seconds)
-    if seconds < 1 and seconds != 0:
-        return f"{seconds * 1000:g}ms"
-    total = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if total >= size:
-            parts.append(f"{total // size}{unit}")
-            total %= size
-    if total or not parts:
-        parts.append(f"{total}s")
-    return "".join(parts)
 
 
 def _num(v: float) -> str:

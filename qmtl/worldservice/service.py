@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, ControlBus
+from qmtl.common import http
 from qmtl.common import correlation
 from qmtl.common.config import Config, ConfigError, WorldServiceConfig
 from qmtl.common.errors import (
@@ -656,7 +657,7 @@ class WorldService(ApplyOperations):
             current = next((e for e in entries if e["strategy_id"] == sid and e["side"] == side), None)
             if if_match is not None:
                 seen = views.envelope(world, current, views.gate_of(world, include_freeze=True)) if current else views.absent_envelope(world, sid, side)
-                if not etag_matches(if_match, seen["etag"]):
+                if not http.if_match(if_match, seen["etag"]):
                     raise PreconditionFailed(
                         f"the activation of {sid}/{side} changed (etag {seen['etag']}); read it again",
                         ext={"etag": seen["etag"]},
@@ -795,16 +796,4 @@ class WorldService(ApplyOperations):
         }
 
 
-def etag_matches(header: str, etag: str) -> bool:
-    """Whether an ``If-None-Match`` / ``If-Match`` header value matches ``etag`` (weak comparison)."""
-    for part in header.split(","):
-        tag = part.strip()
-        if tag == "*":
-            return True
-        tag = tag.removeprefix("W/")
-        if tag.strip('"') == etag:
-            return True
-    return False
-
-
-__all__ = ["ApplyHook", "ServiceError", "WorldService", "etag_matches"]
+__all__ = ["ApplyHook", "ServiceError", "WorldService"]

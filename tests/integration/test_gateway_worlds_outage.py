@@ -131,7 +131,7 @@ async def test_ttl_zero_is_not_cached(ws_ttl0, tmp_path):
                 assert r.status_code == 200 and r.json()["ttl"] == "0s"
                 assert r.headers["x-qmtl-cache"] == "miss" and r.headers["cache-control"] == "no-store"
             assert metric((await d.get("/metrics")).text, "world_decide_latency_ms_count") == before + 3
-        assert (w, "") not in app.ctx.worlds.decisions._data
+        assert (w, "") not in app.ctx.worlds.decisions
         ws.stop()
         r = await c.get(f"/worlds/{w}/decide")
         assert r.status_code == 200 and r.headers["x-qmtl-cache"] == "safe-default"

@@ -14,7 +14,7 @@ from qmtl.common.config import load_config
 from qmtl.common.errors import BadGateway, Forbidden, ServiceUnavailable
 from qmtl.gateway.auth import Authenticator
 from qmtl.gateway.backends import Backend, BackendMetrics
-from qmtl.gateway.worlds import LRU, Incoming, Route, SingleFlight, WorldsProxy, etag_matches, parse_ttl, quote_etag
+from qmtl.gateway.worlds import Incoming, Route, WorldsProxy, parse_ttl
 
 ENVELOPE = {"world_id": "w1", "policy_version": 2, "effective_mode": "live", "reason": "promoted", "as_of": "2026-01-01T00:00:00Z",
             "ttl": "300s", "etag": "e1"}
@@ -74,44 +74,6 @@ def test_parse_ttl(value, seconds):
 def test_parse_ttl_refuses_what_is_not_a_duration(value):
     with pytest.raises(ValueError):
         parse_ttl(value, 300)
-
-
-def test_etag_matching_is_rfc_9110_weak_comparison():
-    assert quote_etag("abc") == '"abc"' and quote_etag('"abc"') == '"abc"' and quote_etag('W/"abc"') == 'W/"abc"'
-    assert etag_matches('"abc"', "abc") and etag_matches('W/"abc"', '"abc"') and etag_matches('"x", "abc"', "abc")
-    assert etag_matches("*", "anything")
-    assert not etag_matches('"abcd"', "abc") and not etag_matches(None, "abc") and not etag_matches("", "abc")
-
-
-def test_lru_is_bounded_and_forgets_the_least_recently_used():
-    lru = LRU(3)
-    for k in "abc":
-        lru.put(k, k.upper())
-    assert lru.get("a") == "A"  # a is now the most recent
-    lru.put("d", "D")
-    assert len(lru) == 3 and lru.get("b") is None and lru.get("a") == "A" and lru.get("d") == "D"
-
-
-async def test_single_flight_coalesces_concurrent_calls_and_shares_failures():
-    sf = SingleFlight()
-    calls = 0
-
-    async def slow():
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0.05)
-        return calls
-
-    assert await asyncio.gather(*(sf.do("k", slow) for _ in range(10))) == [1] * 10
-    assert calls == 1
-
-    async def boom():
-        await asyncio.sleep(0.01)
-        raise RuntimeError("upstream")
-
-    results = await asyncio.gather(*(sf.do("k", boom) for _ in range(3)), return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) for r in results)
-    assert await sf.do("k", slow) == 2  # nothing left in flight
 
 
 # --------------------------------------------------------------------------- decide

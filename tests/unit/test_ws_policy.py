@@ -35,30 +35,6 @@ hysteresis: {promote_after: 3, demote_after: 2, min_dwell: 1h, max_mode: live}
 """
 
 
-# --------------------------------------------------------------------------- durations
-
-
-@pytest.mark.parametrize(
-    "value,seconds",
-    [(0, 0.0), (90, 90.0), (1.5, 1.5), ("500ms", 0.5), ("30s", 30.0), ("15m", 900.0), ("2h", 7200.0), ("1d", 86400.0), ("1.5h", 5400.0)],
-)
-def test_parse_duration(value, seconds):
-    assert pol.parse_duration(value) == seconds
-
-
-@pytest.mark.parametrize("value", ["", "15", "15 minutes", "-5s", "1w", True, -1, float("nan"), None])
-def test_parse_duration_rejects(value):
-    with pytest.raises(ValueError):
-        pol.parse_duration(value)
-
-
-def test_format_duration():
-    assert pol.format_duration(90) == "1m30s"
-    assert pol.format_duration(3600) == "1h"
-    assert pol.format_duration(0) == "0s"
-    assert pol.format_duration(0.25) == "250ms"
-
-
 # --------------------------------------------------------------------------- parsing
 
 

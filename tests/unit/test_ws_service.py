@@ -13,7 +13,7 @@ from qmtl.common.errors import Conflict, Forbidden, NotFound, Unprocessable
 from qmtl.contracts.events import event_validators
 from qmtl.store.sql import Database, sqlite_url
 from qmtl.worldservice.rbac import Identity
-from qmtl.worldservice.service import WorldService, etag_matches
+from qmtl.worldservice.service import WorldService
 
 DEV = Identity.development("tester")
 
@@ -81,14 +81,6 @@ async def test_a_conflict_raised_inside_an_apply_stays_a_conflict(service):
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(sub.__anext__(), 0.05)
     await sub.close()
-
-
-@pytest.mark.parametrize(
-    "header,etag,expected",
-    [('"abc"', "abc", True), ("abc", "abc", True), ('W/"abc"', "abc", True), ('"x", "abc"', "abc", True), ("*", "abc", True), ('"abd"', "abc", False)],
-)
-def test_etag_matching(header, etag, expected):
-    assert etag_matches(header, etag) is expected
 
 
 async def test_events_held_back_by_a_bus_outage_are_retried_in_order(tmp_path):

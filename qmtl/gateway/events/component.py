@@ -29,6 +29,7 @@ from starlette.routing import WebSocketRoute
 
 from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
 from qmtl.common import tracing
+from qmtl.common.cache import SingleFlight
 from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
 from qmtl.contracts.events import event_validators, schema_validator
 
@@ -92,9 +93,9 @@ class EventsComponent:
         )
         self._frame_schema = schema_validator("ws_frame.schema.json")
         self.metrics.state_hash_mismatch.set_function(self.state.mismatched_worlds)
-        self._resolving: dict[tuple, asyncio.Future] = {}
+        self._resolving: SingleFlight[tuple] = SingleFlight()
         self._seeded_worlds: set[str] = set()
-        self._seeding: dict[str, asyncio.Future] = {}
+        self._seeding: SingleFlight[str] = SingleFlight()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -261,12 +262,7 @@ class EventsComponent:
         for key in keys:
             if self.state.queue_hash(key) is not None:
                 continue
-            pending = self._resolving.get(key)
-            if pending is None:
-                pending = asyncio.ensure_future(self._fetch_queue_set(key))
-                self._resolving[key] = pending
-                pending.add_done_callback(lambda f, k=key: (self._resolving.pop(k, None), f.cancelled() or f.exception()))
-            await asyncio.shield(pending)
+            await self._resolving.do(key, lambda k=key: self._fetch_queue_set(k))
 
     async def _fetch_queue_set(self, key: tuple) -> None:
         from qmtl.gateway.backends import BackendUnavailable
@@ -300,12 +296,7 @@ class EventsComponent:
         on the next subscription to the world."""
         if world_id in self._seeded_worlds:
             return
-        pending = self._seeding.get(world_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self._seed_world(world_id))
-            self._seeding[world_id] = pending
-            pending.add_done_callback(lambda f, w=world_id: (self._seeding.pop(w, None), f.cancelled() or f.exception()))
-        await asyncio.shield(pending)
+        await self._seeding.do(world_id, lambda: self._seed_world(world_id))
 
     async def _seed_world(self, world_id: str) -> None:
         from qmtl.gateway.auth import Identity
