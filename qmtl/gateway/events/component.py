@@ -31,6 +31,7 @@ from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
 from qmtl.common import tracing
 from qmtl.common.cache import SingleFlight
 from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE
 from qmtl.contracts.events import event_validators, schema_validator
 
 from . import state as st
@@ -210,7 +211,7 @@ class EventsComponent:
             event_validators().validate(topic, data)
             return self.apply_event(topic, data, source="local")[1]
         if type == "queue_update":
-            self._check_frame(type, {"match_mode": "any", **data})
+            self._check_frame(type, {"match_mode": DEFAULT_MATCH_MODE, **data})
             return self.apply_queue_update(data, source="local")[1]
         if type == "sentinel_weight":
             return self.apply_sentinel_weight(data, source="local")[1]

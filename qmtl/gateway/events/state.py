@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.bus.keys import queue_key
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES
 from qmtl.common.statehash import (
     activation_state_hash,
     canonical_json,
@@ -59,7 +60,6 @@ APPLIED = "applied"
 DUPLICATE = "duplicate"
 STALE = "stale"
 
-MATCH_MODES = ("any", "all")
 _POLICY_RANK = {"DRAFT": 0, "ACTIVE": 1, "DEPRECATED": 2}
 _RECENT_ETAGS = 8  # per activation entry: etags applied before the current one
 
@@ -97,9 +97,9 @@ def normalise_queue_key(tags: Iterable[str], interval: Any, match_mode: Any = No
         raise ValueError(f"interval must be an integer, not {interval!r}") from None
     if iv < 1:
         raise ValueError("interval must be >= 1")
-    mode = match_mode or "any"
+    mode = match_mode or DEFAULT_MATCH_MODE
     if mode not in MATCH_MODES:
-        raise ValueError(f"match_mode must be 'any' or 'all', not {mode!r}")
+        raise ValueError(f"match_mode must be one of {', '.join(MATCH_MODES)}, not {mode!r}")
     return (norm, iv, mode)
 
 
