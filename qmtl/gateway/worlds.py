@@ -251,7 +251,7 @@ class WorldsProxy:
     async def live_guard(self, operation: str, rule: str, world_id: str | None, body: Any, req: Incoming, identity: Any) -> None:
         """Raise 403 when this call can move a world to live and the caller did not consent.
 
-        Rules (the route table is in ``handlers/gateway/worlds.py``; documented in the spec):
+        Rules (each operation names its own in ``x-qmtl-proxy`` of specs/openapi.yaml):
 
         * ``always`` — apply: it changes which strategies trade.
         * ``activates`` — activation override with ``active: true``.
