@@ -53,7 +53,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from qmtl.bus.base import ControlBus
 from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
 from qmtl.store.sql import Database
 
 from . import naming, store
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 TAG_QUERY_NODE = "TagQueryNode"
 VERSION_SENTINEL = "VersionSentinel"
 SIM_RUN_TYPES = frozenset({"dry-run", "dryrun", "dry_run", "paper"})
-DEFAULT_RUN_TYPE = "live"
+DEFAULT_RUN_TYPE = RunType.LIVE
 TOPIC_CREATE_TIMEOUT = 10.0
 _GC_LOCK_KEY = 0x716D746C  # "qmtl": the advisory lock diffs share and GC takes alone
 _RETRY_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure

@@ -45,6 +45,7 @@ from qmtl.common.errors import (
     Unprocessable,
 )
 from qmtl.common.statehash import policy_state_hash
+from qmtl.contracts.constants import StreamTopic
 from qmtl.store.sql import Database
 from qmtl.worldservice import policy as pol
 from qmtl.worldservice import store, views
@@ -482,7 +483,7 @@ class WorldService(ApplyOperations):
                     await conn.execute(sa.select(p.c.checksum, p.c.status).where(p.c.world_id == world_id, p.c.version == version))
                 ).first()
                 checksum, status = row.checksum, row.status
-        return {"world_id": world_id, "topic": "policy", "state_hash": policy_state_hash(world_id, version, checksum, status)}
+        return {"world_id": world_id, "topic": StreamTopic.POLICY, "state_hash": policy_state_hash(world_id, version, checksum, status)}
 
     # ------------------------------------------------------------------ observations and decisions
 
@@ -639,7 +640,7 @@ class WorldService(ApplyOperations):
 
     async def activation_state_hash(self, actor: Identity, world_id: str) -> dict:
         full = await self.get_activations(actor, world_id)
-        return {"world_id": world_id, "topic": "activation", "state_hash": full["state_hash"]}
+        return {"world_id": world_id, "topic": StreamTopic.ACTIVATION, "state_hash": full["state_hash"]}
 
     async def override_activation(self, actor: Identity, world_id: str, body: Mapping[str, Any], *, if_match: str | None = None) -> dict:
         """Operator override of one entry; ``if_match`` (an etag or ``*``) makes it conditional (412)."""

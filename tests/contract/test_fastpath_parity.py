@@ -30,7 +30,9 @@ from qmtl.gateway.worlds import DecideFastPath
 from tests.helpers.ingest_stack import ingest_stack, node, submission
 from tests.helpers.server import serve
 from tests.helpers.wsproc import WORLDS_COMPONENTS, client, gateway_config
-from tests.integration.test_gateway_worlds import ws  # noqa: F401 - the module's WorldService process (fixture)
+from tests.integration import test_gateway_worlds as _worlds
+
+ws = _worlds.ws  # the module-scoped WorldService process fixture, shared with the worlds proxy tests
 
 # Headers whose values must be equal on both paths (when either has them).
 SAME_HEADERS = ("content-type", "etag", "x-qmtl-cache", "cache-control", "location", "retry-after", "www-authenticate")
