@@ -35,7 +35,7 @@ from qmtl.contracts.loader import SPECS_DIR, SpecError, load_asyncapi, load_open
 __all__ = [
     "CONTROL_TOPICS", "Contract", "DEFAULT_MATCH_MODE", "MATCH_MODES", "MODES", "MatchMode", "Mode", "Operation", "RunType", "SIDES",
     "STRATEGY_STATES", "STREAM_TOPICS", "Side", "StrategyState", "StreamTopic", "TOPIC_ACTIVATION", "TOPIC_POLICY",
-    "TOPIC_QUEUES", "derive", "operation", "proxy_rules", "schema_enum",
+    "TOPIC_QUEUES", "derive", "operation", "proxy_rules", "schema_enum", "upstream_path",
 ]
 
 # Where each enum lives in the specs: (schema file, JSON pointer to the schema that has the enum).
@@ -270,6 +270,13 @@ def proxy_rules(service: str = "gateway", specs_dir: Path = SPECS_DIR) -> dict[s
         out[op_id] = ProxyRule(op_id, ext["operation"], op.method, op.path, bool(ext["idempotent"]),
                                ext.get("live_guard", "never"), bool(ext.get("changes_decisions", False)))
     return out
+
+
+def upstream_path(operation_id: str, service: str = "gateway", upstream: str = "worldservice", **params: Any) -> str:
+    """The ``upstream`` path that ``service``'s proxied operation ``operation_id`` forwards to,
+    filled with ``params`` (its ``x-qmtl-proxy`` names the upstream operation)."""
+    rule = proxy_rules(service)[operation_id]
+    return operation(upstream, rule.upstream).path.format(**params)
 
 
 # --------------------------------------------------------------------------- everything

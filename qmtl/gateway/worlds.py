@@ -69,7 +69,7 @@ from qmtl.common.cache import LRU, SingleFlight
 from qmtl.common.durations import parse_duration
 from qmtl.common.http import if_none_match, quote_etag
 from qmtl.common.errors import BadGateway, Forbidden, ServiceError, ServiceUnavailable
-from qmtl.contracts.constants import Mode, Operation, operation
+from qmtl.contracts.constants import Mode, Operation, WorldState, operation, upstream_path
 from qmtl.contracts.loader import SpecError
 from qmtl.gateway.backends import BackendUnavailable
 
@@ -281,7 +281,7 @@ class WorldsProxy:
         elif rule == "update_world":
             if b.get("allow_live") is True:
                 self.refuse_live(operation, f"setting allow_live: true on world {world_id!r}")
-            lifts = b.get("state") == "ACTIVE" or b.get("circuit_breaker") is False
+            lifts = b.get("state") == WorldState.ACTIVE or b.get("circuit_breaker") is False
             if lifts and b.get("allow_live") is not False and await self._world_allows_live(world_id, identity):
                 self.refuse_live(operation, f"lifting the gate of world {world_id!r}, which allows live")
         elif rule == "create_policy":
@@ -296,7 +296,7 @@ class WorldsProxy:
     async def _world_allows_live(self, world_id: str | None, identity: Any) -> bool:
         """Whether the world may reach live (its ``allow_live``); unknown worlds cannot."""
         try:
-            resp = await self.backend.request("GET", f"/worlds/{world_id}", headers=identity.forward_headers())
+            resp = await self.backend.request("GET", upstream_path("get_world", world_id=world_id), headers=identity.forward_headers())
         except BackendUnavailable as exc:
             raise self._unavailable(exc) from exc
         if resp.status_code != 200:
@@ -413,8 +413,8 @@ class WorldsProxy:
         headers = identity.forward_headers()
         if stale is not None:
             headers["If-None-Match"] = stale.upstream_etag
-        params = {"as_of": as_of} if as_of else None
-        path = f"/worlds/{world_id}/decide"
+        params = {self.decide_key_param: as_of} if as_of else None
+        path = upstream_path("decide", world_id=world_id)
         try:
             resp = await self.backend.request("GET", path, params=params, headers=headers)
         except BackendUnavailable as exc:
@@ -551,7 +551,7 @@ class WorldsProxy:
         if cached is not None:
             headers["If-None-Match"] = cached.upstream_etag
         try:
-            resp = await self.backend.request("GET", f"/worlds/{world_id}/activation",
+            resp = await self.backend.request("GET", upstream_path("get_activation", world_id=world_id),
                                               params={"strategy_id": strategy_id, "side": side}, headers=headers)
         except BackendUnavailable as exc:
             raise _Unanswered(f"WorldService unavailable ({exc.reason})") from exc

@@ -31,7 +31,7 @@ from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
 from qmtl.common import tracing
 from qmtl.common.cache import SingleFlight
 from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE, StreamTopic
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, StreamTopic, upstream_path
 from qmtl.contracts.events import event_validators, schema_validator
 
 from . import state as st
@@ -306,8 +306,8 @@ class EventsComponent:
         # The Gateway reads as itself; WorldService trusts it by the service token.
         headers = Identity("qmtl-gateway", {"sub": "qmtl-gateway", "world_roles": {world_id: ["reader"]}}).forward_headers()
         try:
-            acts = await self.ctx.worldservice.request("GET", f"/worlds/{world_id}/activations", headers=headers)
-            pols = await self.ctx.worldservice.request("GET", f"/worlds/{world_id}/policies", headers=headers)
+            acts = await self.ctx.worldservice.request("GET", upstream_path("list_activations", world_id=world_id), headers=headers)
+            pols = await self.ctx.worldservice.request("GET", upstream_path("list_policies", world_id=world_id), headers=headers)
         except BackendUnavailable as exc:
             # Serve what is held (unknown activation reads as inactive: orders gated off)
             # and try again on the next subscription to this world.

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.bus.keys import queue_key
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 from qmtl.common.statehash import (
     activation_state_hash,
     canonical_json,
@@ -60,7 +60,7 @@ APPLIED = "applied"
 DUPLICATE = "duplicate"
 STALE = "stale"
 
-_POLICY_RANK = {"DRAFT": 0, "ACTIVE": 1, "DEPRECATED": 2}
+_POLICY_RANK = {status: rank for rank, status in enumerate(PolicyStatus)}  # the schema lists them in lifecycle order
 _RECENT_ETAGS = 8  # per activation entry: etags applied before the current one
 
 QueueKey = tuple  # (tags: tuple[str, ...], interval: int, match_mode: str)
@@ -262,7 +262,7 @@ class StateStore:
     def default_policy(self, world_id: str) -> dict | None:
         best: _Policy | None = None
         for version, p in (self.policies.get(world_id) or {}).items():
-            if p.event.get("status") != "ACTIVE":
+            if p.event.get("status") != PolicyStatus.ACTIVE:
                 continue
             if best is None or (p.ts, version) > (best.ts, int(best.event["policy_version"])):
                 best = p
