@@ -315,4 +315,6 @@ class WsFrame(TypedDict):
     seq: NotRequired[int]
     statehash: NotRequired[str]
     correlationid: NotRequired[str]
+    traceparent: NotRequired[str]
+    tracestate: NotRequired[str]
     data: Any
