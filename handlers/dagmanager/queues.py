@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE
 from qmtl.dagmanager.service import DagManagerService
 
 
 async def queues_by_tag(ctx: DagManagerService, tags: str, interval: int, match_mode: str | None = None, match: str | None = None):
     # match_mode wins over the deprecated alias `match`; the default is `any`
-    mode = match_mode or match or "any"
+    mode = match_mode or match or DEFAULT_MATCH_MODE
     return await ctx.queues_by_tag(tags.split(","), interval, mode)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from connexion import request
 
 from qmtl.common.errors import BadRequest
+from qmtl.contracts.constants import StreamTopic
 
 
 async def subscribe(ctx, body):
@@ -28,7 +29,7 @@ async def get_jwks(ctx):
 async def queues_state_hash(ctx, tags, interval, match_mode=None):
     await ctx.auth.authenticate(request.headers)
     try:
-        h = await ctx.events.resolved_state_hash("queues", tags=tags, interval=interval, match_mode=match_mode)
+        h = await ctx.events.resolved_state_hash(StreamTopic.QUEUES, tags=tags, interval=interval, match_mode=match_mode)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return {"topic": "queues", "state_hash": h}
+    return {"topic": StreamTopic.QUEUES, "state_hash": h}

@@ -1,32 +1,28 @@
 """Worlds proxy: WorldService's API under the same paths (``ctx.worlds``, qmtl/gateway/worlds.py).
 
-Each handler names the WorldService operation, its method, whether a retry is safe
-(idempotent) and its live-guard rule; the proxy does the rest.
+Every proxied operation carries ``x-qmtl-proxy`` in specs/openapi.yaml: the WorldService
+operation it forwards to, whether a retry is safe (idempotent), its live-guard rule and
+whether it changes decisions. Connexion routes and validates each operation; all of them
+but the two cached reads (``decide``, ``get_activation``) are served by :func:`proxy`,
+which forwards the request's own method, path and query.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from urllib.parse import parse_qsl
 
 from connexion import context
 from connexion.lifecycle import ConnexionResponse
 
+from qmtl.contracts.constants import proxy_rules
 from qmtl.gateway.worlds import Incoming, Reply, Route
 
-# method, retry-safe?, live-guard rule (WorldsProxy.live_guard), forgets cached decisions?
-_GET = Route("GET", idempotent=True)
-_CREATE_WORLD = Route("POST", idempotent=False, live_guard="create_world")
-_UPDATE_WORLD = Route("PUT", idempotent=True, live_guard="update_world", changes_decisions=True)
-_DELETE_WORLD = Route("DELETE", idempotent=True, changes_decisions=True)
-_CREATE_POLICY = Route("POST", idempotent=False, live_guard="create_policy", changes_decisions=True)
-_SET_DEFAULT = Route("POST", idempotent=True, live_guard="if_world_allows_live", changes_decisions=True)
-# PUT, but each observation advances the hysteresis counters: never retried.
-_OBSERVATION = Route("PUT", idempotent=False, live_guard="if_world_allows_live", changes_decisions=True)
-_OVERRIDE = Route("PUT", idempotent=True, live_guard="activates")
-# POST, but read-only: safe to retry.
-_EVALUATE = Route("POST", idempotent=True)
-# Retried on the budget only because WorldService makes it idempotent by run_id.
-_APPLY = Route("POST", idempotent=True, live_guard="always")
+
+@lru_cache(maxsize=None)
+def _route(operation_id: str) -> Route:
+    rule = proxy_rules("gateway")[operation_id]
+    return Route(rule.method, idempotent=rule.idempotent, live_guard=rule.live_guard, changes_decisions=rule.changes_decisions)
 
 
 def _incoming() -> Incoming:
@@ -42,109 +38,28 @@ def _respond(reply: Reply) -> ConnexionResponse:
     return ConnexionResponse(status_code=reply.status, body=reply.body or b"", headers=headers)
 
 
-async def _forward(ctx, operation: str, route: Route, path: str, world_id: str | None = None, body=None) -> ConnexionResponse:
-    return _respond(await ctx.worlds.forward(operation, route, path, _incoming(), world_id=world_id, body=body))
+async def proxy(ctx, body=None, **params):
+    """Any proxied operation without a handler of its own: forwarded as the caller sent it
+    (path and query), with the rules of its ``x-qmtl-proxy``. The world it concerns is the
+    path's ``world_id`` or, when creating one, the body's."""
+    operation_id = context.operation.operation_id.rsplit(".", 1)[-1]  # Connexion qualifies it with the module
+    scope = context.scope
+    raw_path = scope.get("raw_path")  # as sent (percent-encoded); some servers put the query in it
+    path = raw_path.split(b"?", 1)[0].decode("latin-1") if raw_path else scope["path"]
+    world_id = params.get("world_id") or (body.get("world_id") if isinstance(body, dict) else None)
+    return _respond(await ctx.worlds.forward(operation_id, _route(operation_id), path, _incoming(), world_id=world_id, body=body))
 
 
-# -- worlds ------------------------------------------------------------------------------
-
-async def list_worlds(ctx, limit=None, cursor=None):
-    return await _forward(ctx, "list_worlds", _GET, "/worlds")
-
-
-async def create_world(ctx, body):
-    return await _forward(ctx, "create_world", _CREATE_WORLD, "/worlds",
-                          world_id=body.get("world_id"), body=body)
-
-
-async def get_world(ctx, world_id):
-    return await _forward(ctx, "get_world", _GET, f"/worlds/{world_id}", world_id)
-
-
-async def update_world(ctx, world_id, body):
-    return await _forward(ctx, "update_world", _UPDATE_WORLD, f"/worlds/{world_id}",
-                          world_id, body)
-
-
-async def delete_world(ctx, world_id):
-    return await _forward(ctx, "delete_world", _DELETE_WORLD, f"/worlds/{world_id}", world_id)
-
-
-# -- policies ----------------------------------------------------------------------------
-
-async def list_policies(ctx, world_id):
-    return await _forward(ctx, "list_policies", _GET, f"/worlds/{world_id}/policies", world_id)
-
-
-async def create_policy(ctx, world_id, body):
-    return await _forward(ctx, "create_policy", _CREATE_POLICY,
-                          f"/worlds/{world_id}/policies", world_id, body)
-
-
-async def get_policy(ctx, world_id, version):
-    return await _forward(ctx, "get_policy", _GET, f"/worlds/{world_id}/policies/{int(version)}", world_id)
-
-
-async def set_default_policy(ctx, world_id, v):
-    return await _forward(ctx, "set_default_policy", _SET_DEFAULT,
-                          f"/worlds/{world_id}/set-default", world_id)
-
-
-async def get_policy_state_hash(ctx, world_id):
-    return await _forward(ctx, "get_policy_state_hash", _GET, f"/worlds/{world_id}/policy/state_hash", world_id)
-
-
-# -- decisions ---------------------------------------------------------------------------
-
-async def record_observation(ctx, world_id, body):
-    return await _forward(ctx, "record_observation", _OBSERVATION,
-                          f"/worlds/{world_id}/observations", world_id, body)
-
-
-async def get_observation(ctx, world_id):
-    return await _forward(ctx, "get_observation", _GET, f"/worlds/{world_id}/observations", world_id)
-
+# -- the two cached reads ----------------------------------------------------------------
 
 async def decide(ctx, world_id, as_of=None):
     req = _incoming()
-    raw_as_of = _raw_query_value(req.query, "as_of")  # the caller's text: part of the cache key
+    raw_as_of = _raw_query_value(req.query, ctx.worlds.decide_key_param)  # the caller's text: part of the cache key
     return _respond(await ctx.worlds.decide(world_id, req, raw_as_of))
 
 
-# -- activation --------------------------------------------------------------------------
-
 async def get_activation(ctx, world_id, strategy_id, side):
     return _respond(await ctx.worlds.activation(world_id, _incoming(), strategy_id, side))
-
-
-async def override_activation(ctx, world_id, body):
-    return await _forward(ctx, "override_activation", _OVERRIDE,
-                          f"/worlds/{world_id}/activation", world_id, body)
-
-
-async def list_activations(ctx, world_id):
-    return await _forward(ctx, "list_activations", _GET, f"/worlds/{world_id}/activations", world_id)
-
-
-async def get_activation_state_hash(ctx, world_id):
-    return await _forward(ctx, "get_activation_state_hash", _GET, f"/worlds/{world_id}/activation/state_hash", world_id)
-
-
-# -- plans -------------------------------------------------------------------------------
-
-async def evaluate(ctx, world_id, body):
-    return await _forward(ctx, "evaluate", _EVALUATE, f"/worlds/{world_id}/evaluate", world_id, body)
-
-
-async def apply(ctx, world_id, body):
-    return await _forward(ctx, "apply", _APPLY, f"/worlds/{world_id}/apply",
-                          world_id, body)
-
-
-# -- audit -------------------------------------------------------------------------------
-
-async def get_audit(ctx, world_id, limit=None, cursor=None):
-    return await _forward(ctx, "get_audit", _GET, f"/worlds/{world_id}/audit", world_id)
 
 
 def _raw_query_value(query: str, name: str) -> str | None:

@@ -20,11 +20,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
-# The three control topics (SPEC §5).
-TOPIC_ACTIVATION = "control.activation"
-TOPIC_POLICY = "control.policy"
-TOPIC_QUEUES = "control.queues"
-CONTROL_TOPICS = (TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES)
+# The three control topics (SPEC §5): the ControlBus channels of specs/asyncapi.yaml.
+from qmtl.contracts.constants import CONTROL_TOPICS, TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES  # noqa: E402,F401
 
 # Validates one event for one topic; raises InvalidEvent (or any ValueError) when invalid.
 EventValidator = Callable[[str, Mapping], None]

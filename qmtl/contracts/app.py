@@ -65,6 +65,19 @@ class HandlerResolver(Resolver):
         module = tags[0].lower().replace("-", "_").replace(" ", "_")
         return f"{self.package}.{module}.{operation.operation_id}"
 
+    def resolve(self, operation: t.Any) -> t.Any:
+        # A proxied operation (``x-qmtl-proxy``) without a handler of its own is served by
+        # its module's generic ``proxy`` handler (Connexion still routes and validates it).
+        if "x-qmtl-proxy" in operation._operation:
+            operation_id = self.resolve_operation_id(operation)
+            module_name, func_name = operation_id.rsplit(".", 1)
+            with contextlib.suppress(ImportError):
+                if not hasattr(importlib.import_module(module_name), func_name):
+                    from connexion.resolver import Resolution
+
+                    return Resolution(self.resolve_function_from_operation_id(f"{module_name}.proxy"), operation_id)
+        return super().resolve(operation)
+
     def resolve_function_from_operation_id(self, operation_id: str) -> t.Callable:
         module_name, func_name = operation_id.rsplit(".", 1)
         try:

@@ -219,6 +219,7 @@ def load_openapi(service: str, specs_dir: Path = SPECS_DIR) -> OpenAPISpec:
         raise SpecError(f"{path}: an OpenAPI document must be a mapping")
     bundled = bundle_openapi(raw, load_schema_files(specs_dir / "schemas"), str(path))
     validate_openapi(bundled, str(path))
+    check_extensions(bundled, path, specs_dir)
     seen: dict[str, str] = {}
     for route, item in bundled.get("paths", {}).items():
         for method, op in item.items():
@@ -231,6 +232,48 @@ def load_openapi(service: str, specs_dir: Path = SPECS_DIR) -> OpenAPISpec:
                 raise SpecError(f"{path}: operationId {op_id!r} used twice ({seen[op_id]} and {method.upper()} {route})")
             seen[op_id] = f"{method.upper()} {route}"
     return OpenAPISpec(service, path, raw, bundled)
+
+
+EXTENSIONS_DIR = "extensions"  # specs/extensions/<x-name>.schema.json: the shape of an OpenAPI extension
+
+
+def check_extensions(doc: dict, where: Path, specs_dir: Path = SPECS_DIR) -> None:
+    """Every ``x-qmtl-*`` member of an operation that has a schema in ``specs/extensions/`` conforms to it."""
+    from jsonschema import Draft202012Validator
+
+    validators: dict[str, Any] = {}
+    for route, item in (doc.get("paths") or {}).items():
+        for method, op in item.items():
+            if not isinstance(op, dict):
+                continue
+            for key, value in op.items():
+                if not key.startswith("x-qmtl-"):
+                    continue
+                if key not in validators:
+                    file = specs_dir / EXTENSIONS_DIR / f"{key}.schema.json"
+                    validators[key] = Draft202012Validator(_load_file(file)) if file.exists() else None
+                if validators[key] is None:
+                    continue
+                for err in validators[key].iter_errors(value):
+                    at = "/".join(str(p) for p in err.absolute_path)
+                    raise SpecError(f"{where}: {method.upper()} {route}: {key}{'/' + at if at else ''}: {err.message}")
+
+
+def check_proxy(gateway: OpenAPISpec, upstream: OpenAPISpec) -> None:
+    """Each ``x-qmtl-proxy`` of the Gateway names an operation of ``upstream`` with the same
+    method and path (the Gateway forwards the request's own path)."""
+    ops = {op["operationId"]: (method, route) for route, method, op in upstream.operations()}
+    for route, method, op in gateway.operations():
+        rule = op.get("x-qmtl-proxy")
+        if rule is None:
+            continue
+        target = ops.get(rule["operation"])
+        if target is None:
+            raise SpecError(f"{gateway.path}: {method.upper()} {route}: x-qmtl-proxy names {rule['operation']!r}, "
+                            f"which {upstream.path.name} does not have")
+        if target != (method, route):
+            raise SpecError(f"{gateway.path}: {method.upper()} {route}: x-qmtl-proxy forwards to {rule['operation']!r}, "
+                            f"which is {target[0].upper()} {target[1]} in {upstream.path.name}: the paths must match")
 
 
 @lru_cache(maxsize=None)
@@ -250,5 +293,6 @@ def load_all(specs_dir: Path = SPECS_DIR) -> dict[str, Any]:
     out: dict[str, Any] = {"schemas": load_schema_files(specs_dir / "schemas")}
     for service in OPENAPI_FILES:
         out[service] = load_openapi(service, specs_dir)
+    check_proxy(out["gateway"], out["worldservice"])
     out["asyncapi"] = load_asyncapi(specs_dir)
     return out

@@ -53,6 +53,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from qmtl.bus.base import ControlBus
 from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
 from qmtl.store.sql import Database
 
 from . import naming, store
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 TAG_QUERY_NODE = "TagQueryNode"
 VERSION_SENTINEL = "VersionSentinel"
 SIM_RUN_TYPES = frozenset({"dry-run", "dryrun", "dry_run", "paper"})
-DEFAULT_RUN_TYPE = "live"
+DEFAULT_RUN_TYPE = RunType.LIVE
 TOPIC_CREATE_TIMEOUT = 10.0
 _GC_LOCK_KEY = 0x716D746C  # "qmtl": the advisory lock diffs share and GC takes alone
 _RETRY_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
@@ -627,7 +628,7 @@ class DagManagerService:
         return sorted(topics)
 
     # -- tag index -----------------------------------------------------------------
-    async def queues_by_tag(self, tags: Iterable[str], interval: int, match_mode: str = "any") -> dict:
+    async def queues_by_tag(self, tags: Iterable[str], interval: int, match_mode: str = DEFAULT_MATCH_MODE) -> dict:
         key = TagKey.of(tags, interval, match_mode)
         if not key.tags:
             raise BadRequest("tags must name at least one non-blank tag",
@@ -1020,7 +1021,7 @@ def _plan(strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None, ass
             continue
         if ntype == TAG_QUERY_NODE:
             try:
-                key = TagKey.of(node.get("tags") or (), node.get("interval") or 0, node.get("match_mode") or "any")
+                key = TagKey.of(node.get("tags") or (), node.get("interval") or 0, node.get("match_mode") or DEFAULT_MATCH_MODE)
             except (TypeError, ValueError) as exc:
                 errors.append({"pointer": f"/dag/nodes/{i}", "message": str(exc)})
                 continue

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from qmtl.common import tracing
 from qmtl.bus.base import TOPIC_QUEUES, ControlBus
 from qmtl.bus.keys import queue_key
+from qmtl.contracts.constants import MATCH_MODES, MatchMode
 from qmtl.store.sql import Database
 
 from . import store
@@ -38,7 +39,6 @@ from .metrics import DagManagerMetrics
 
 log = logging.getLogger(__name__)
 
-MATCH_MODES = ("any", "all")
 
 
 def iso(ts: float) -> str:
@@ -60,7 +60,7 @@ class TagKey:
     @classmethod
     def of(cls, tags: Iterable[str], interval: int, match_mode: str) -> "TagKey":
         if match_mode not in MATCH_MODES:
-            raise ValueError(f"match_mode must be one of {MATCH_MODES}, not {match_mode!r}")
+            raise ValueError(f"match_mode must be one of {', '.join(MATCH_MODES)}, not {match_mode!r}")
         return cls(normalise_tags(tags), int(interval), match_mode)
 
     @property
@@ -77,7 +77,7 @@ class TagKey:
         if interval != self.interval:
             return False
         have = set(tags)
-        if self.match_mode == "all":
+        if self.match_mode == MatchMode.ALL:
             return all(t in have for t in self.tags)
         return any(t in have for t in self.tags)
 
@@ -95,7 +95,7 @@ def match_statement(key: TagKey) -> Any:
         .select_from(qt.join(q, q.c.qid == qt.c.qid))
         .where(qt.c.interval == key.interval, qt.c.sim == sa.false(), qt.c.tag.in_(list(key.tags)))
     )
-    if key.match_mode == "all" and len(key.tags) > 1:
+    if key.match_mode == MatchMode.ALL and len(key.tags) > 1:
         # (tag, interval, sim, qid) is the primary key: a queue carrying every tag has len(tags) rows.
         stmt = stmt.group_by(q.c.topic).having(sa.func.count() == len(key.tags))
     else:

@@ -69,6 +69,8 @@ from qmtl.common.cache import LRU, SingleFlight
 from qmtl.common.durations import parse_duration
 from qmtl.common.http import if_none_match, quote_etag
 from qmtl.common.errors import BadGateway, Forbidden, ServiceError, ServiceUnavailable
+from qmtl.contracts.constants import Mode, Operation, WorldState, operation, upstream_path
+from qmtl.contracts.loader import SpecError
 from qmtl.gateway.backends import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,6 @@ log = logging.getLogger(__name__)
 CACHE_HEADER = "X-QMTL-Cache"
 HIT, MISS, REVALIDATED, SAFE = "hit", "miss", "revalidated", "safe-default"
 ALLOW_LIVE_HEADER = "X-Allow-Live"
-MODES = ("backtest", "dryrun", "live")
-SIDES = ("long", "short")
 
 # Response headers of WorldService that the Gateway passes on to its caller.
 PASS_HEADERS = {name.lower(): name for name in (
@@ -219,8 +219,9 @@ class WorldsProxy:
         self.public_url = ctx.config.gateway_public_url()
         # Upstream envelopes are validated against the Gateway's own contract before they
         # are cached, so a cache hit can be served without re-validation (see DecideFastPath).
-        self._decision_schema = _schema_check("decision_envelope.schema.json")
-        self._activation_schema = _schema_check("activation_envelope.schema.json")
+        self._decision_schema = _schema_check(_response_schema("decide"))
+        self.decide_key_param = operation("gateway", "decide").query_params[0]  # part of the cache key
+        self._activation_schema = _schema_check(_response_schema("get_activation"))
 
     async def start(self) -> None:
         if self.allow_live:
@@ -250,7 +251,7 @@ class WorldsProxy:
     async def live_guard(self, operation: str, rule: str, world_id: str | None, body: Any, req: Incoming, identity: Any) -> None:
         """Raise 403 when this call can move a world to live and the caller did not consent.
 
-        Rules (the route table is in ``handlers/gateway/worlds.py``; documented in the spec):
+        Rules (each operation names its own in ``x-qmtl-proxy`` of specs/openapi.yaml):
 
         * ``always`` — apply: it changes which strategies trade.
         * ``activates`` — activation override with ``active: true``.
@@ -280,7 +281,7 @@ class WorldsProxy:
         elif rule == "update_world":
             if b.get("allow_live") is True:
                 self.refuse_live(operation, f"setting allow_live: true on world {world_id!r}")
-            lifts = b.get("state") == "ACTIVE" or b.get("circuit_breaker") is False
+            lifts = b.get("state") == WorldState.ACTIVE or b.get("circuit_breaker") is False
             if lifts and b.get("allow_live") is not False and await self._world_allows_live(world_id, identity):
                 self.refuse_live(operation, f"lifting the gate of world {world_id!r}, which allows live")
         elif rule == "create_policy":
@@ -295,7 +296,7 @@ class WorldsProxy:
     async def _world_allows_live(self, world_id: str | None, identity: Any) -> bool:
         """Whether the world may reach live (its ``allow_live``); unknown worlds cannot."""
         try:
-            resp = await self.backend.request("GET", f"/worlds/{world_id}", headers=identity.forward_headers())
+            resp = await self.backend.request("GET", upstream_path("get_world", world_id=world_id), headers=identity.forward_headers())
         except BackendUnavailable as exc:
             raise self._unavailable(exc) from exc
         if resp.status_code != 200:
@@ -412,8 +413,8 @@ class WorldsProxy:
         headers = identity.forward_headers()
         if stale is not None:
             headers["If-None-Match"] = stale.upstream_etag
-        params = {"as_of": as_of} if as_of else None
-        path = f"/worlds/{world_id}/decide"
+        params = {self.decide_key_param: as_of} if as_of else None
+        path = upstream_path("decide", world_id=world_id)
         try:
             resp = await self.backend.request("GET", path, params=params, headers=headers)
         except BackendUnavailable as exc:
@@ -432,8 +433,7 @@ class WorldsProxy:
         body = resp.content
         try:
             envelope = resp.json()
-            _check_decision(envelope)
-            if envelope.get("ttl") in (None, ""):
+            if isinstance(envelope, dict) and envelope.get("ttl") in (None, ""):
                 # no ttl: the Gateway's default applies, and the envelope says so
                 envelope["ttl"] = f"{self.default_ttl:g}s"
                 body = json.dumps(envelope, separators=(",", ":")).encode()
@@ -472,8 +472,8 @@ class WorldsProxy:
         body = {
             "world_id": world_id,
             "policy_version": policy_version if isinstance(policy_version, int) and policy_version >= 0 else 0,
-            "effective_mode": "backtest",
-            "reason": f"safe default (backtest): {why}",
+            "effective_mode": Mode.BACKTEST.value,
+            "reason": f"safe default ({Mode.BACKTEST.value}): {why}",
             "as_of": as_of or _now_iso(),
             "ttl": "0s",
             # stable while the Gateway keeps answering the safe default, whatever the cause
@@ -488,14 +488,15 @@ class WorldsProxy:
         Serves only a fresh entry that the full path stored (so the path and query were
         validated by the contract stack, and the body validated against the envelope
         schema), to a caller who authenticates and has ``reader`` on the world; anything
-        else — including every error — is declined and takes the full path.
+        else — including every error — is declined and takes the full path. The query may
+        carry only the operation's one query parameter, which is part of the cache key.
         """
         if not world_id or "/" in world_id:
             return None
         as_of = ""
         if query:
             pairs = _parse_query(query)
-            if len(pairs) != 1 or pairs[0][0] != "as_of" or not pairs[0][1]:
+            if len(pairs) != 1 or pairs[0][0] != self.decide_key_param or not pairs[0][1]:
                 return None
             as_of = pairs[0][1]
         entry: DecisionEntry | None = self.decisions.get((world_id, as_of))
@@ -550,7 +551,7 @@ class WorldsProxy:
         if cached is not None:
             headers["If-None-Match"] = cached.upstream_etag
         try:
-            resp = await self.backend.request("GET", f"/worlds/{world_id}/activation",
+            resp = await self.backend.request("GET", upstream_path("get_activation", world_id=world_id),
                                               params={"strategy_id": strategy_id, "side": side}, headers=headers)
         except BackendUnavailable as exc:
             raise _Unanswered(f"WorldService unavailable ({exc.reason})") from exc
@@ -563,7 +564,6 @@ class WorldsProxy:
             raise _Passthrough(self._map(resp))
         try:
             envelope = resp.json()
-            _check_activation(envelope)
             self._activation_schema(envelope)
         except ValueError as exc:
             log.error("WorldService answered an invalid activation for %s: %s", world_id, exc, extra={"correlation_id": correlation.get()})
@@ -592,6 +592,11 @@ class WorldsProxy:
         return Reply.json(200, body, {"ETag": quote_etag(body["etag"]), CACHE_HEADER: SAFE, "Cache-Control": "no-store"})
 
 
+def _response_schema(operation_id: str, status: int = 200) -> str:
+    """The schema file the Gateway's spec names for ``operation_id``'s ``status`` answer."""
+    return operation("gateway", operation_id).response_schemas[str(status)]
+
+
 def _schema_check(file_name: str) -> Callable[[Any], None]:
     """A fast validator (jsonschema-rs) of one schema file: raises ValueError naming the first violation."""
     import jsonschema_rs
@@ -606,34 +611,6 @@ def _schema_check(file_name: str) -> Callable[[Any], None]:
             raise ValueError(f"{error.message} at {where}")
 
     return check
-
-
-def _check_decision(env: Any) -> None:
-    if not isinstance(env, dict):
-        raise ValueError("not a JSON object")
-    for name in ("world_id", "effective_mode", "as_of", "etag"):
-        if not isinstance(env.get(name), str):
-            raise ValueError(f"{name!r} missing or not a string")
-    if env["effective_mode"] not in MODES:
-        raise ValueError(f"effective_mode {env['effective_mode']!r} is not one of {MODES}")
-    pv = env.get("policy_version")
-    if not isinstance(pv, int) or isinstance(pv, bool) or pv < 0:
-        raise ValueError("policy_version missing or not a non-negative integer")
-    if "ttl" in env and not isinstance(env["ttl"], (str, int, float)):
-        raise ValueError("ttl is not a duration")
-
-
-def _check_activation(env: Any) -> None:
-    if not isinstance(env, dict):
-        raise ValueError("not a JSON object")
-    for name in ("world_id", "strategy_id", "side", "etag", "ts"):
-        if not isinstance(env.get(name), str):
-            raise ValueError(f"{name!r} missing or not a string")
-    if not isinstance(env.get("active"), bool):
-        raise ValueError("'active' missing or not a boolean")
-    w = env.get("weight")
-    if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= 1:
-        raise ValueError("'weight' missing or not in [0, 1]")
 
 
 class _Unanswered(Exception):
@@ -670,18 +647,31 @@ class DecideFastPath:
     do: no fresh entry, an unexpected query, a failed authentication or missing role.
     """
 
-    def __init__(self, app: Any, proxy: WorldsProxy) -> None:
+    OPERATION = "decide"  # the Gateway operation whose cache hits it answers (specs/openapi.yaml)
+
+    def __init__(self, app: Any, proxy: WorldsProxy, op: Operation | None = None) -> None:
         self.app = app
         self.proxy = proxy
+        # Route, parameters and statuses come from the operation in the spec; a spec this
+        # fast path cannot serve by the same rules stops the Gateway at startup.
+        self.op = op or operation("gateway", self.OPERATION)
+        if len(self.op.path_params) != 1 or len(self.op.query_params) != 1:
+            raise SpecError(f"{self.op.method} {self.op.path}: the decide fast path needs one path parameter (the world) "
+                            f"and one query parameter (part of the cache key); the spec has {self.op.path_params} "
+                            f"and {self.op.query_params}")
+        self.world_param = self.op.path_params[0]
+        self.statuses = (self.op.status(200), self.op.status(304))  # what a cache hit answers
+        self.served = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            path: str = scope["path"]
-            if path.startswith("/worlds/") and path.endswith("/decide"):
-                pending = self.proxy.fast_decide(path[8:-7], scope.get("query_string", b""), scope.get("headers", ()))
+        if scope["type"] == "http" and scope["method"] == self.op.method:
+            params = self.op.match(scope["path"])
+            if params is not None:
+                pending = self.proxy.fast_decide(params[self.world_param], scope.get("query_string", b""), scope.get("headers", ()))
                 if pending is not None:
                     reply = await pending
-                    if reply is not None:
+                    if reply is not None and reply.status in self.statuses:
+                        self.served += 1
                         await _send_reply(send, reply)
                         return
         await self.app(scope, receive, send)

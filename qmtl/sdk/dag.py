@@ -36,6 +36,8 @@ from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.nodeid import NODE_ID_FIELDS, Lookup, compute_node_id, sha256_node_id
 from qmtl.common.statehash import canonical_json
 
+from .types import MATCH_MODE_VALUES, RUN_TYPE_VALUES
+
 __all__ = [
     "Dag",
     "Node",
@@ -193,8 +195,8 @@ class TagQueryNode(Node):
             raise ValueError("a TagQueryNode needs at least one non-blank tag")
         if int(interval) < 1:
             raise ValueError("a TagQueryNode's interval must be >= 1 second")
-        if match_mode not in ("any", "all"):
-            raise ValueError("match_mode must be 'any' or 'all'")
+        if match_mode not in MATCH_MODE_VALUES:
+            raise ValueError(f"match_mode must be one of {', '.join(map(repr, MATCH_MODE_VALUES))}, not {match_mode!r}")
         self.match_mode = match_mode
         self.queues: list[str] = []
         self._listeners: list[Listener] = []
@@ -347,8 +349,8 @@ class Dag:
                    meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The body of ``POST /strategies``: base64 ``dag_json``, ``meta``, ``run_type``,
         ``node_ids_crc32`` and ``world_id`` when given."""
-        if run_type not in ("backtest", "dry-run", "live"):
-            raise ValueError("run_type must be 'backtest', 'dry-run' or 'live'")
+        if run_type not in RUN_TYPE_VALUES:
+            raise ValueError(f"run_type must be one of {', '.join(map(repr, RUN_TYPE_VALUES))}, not {run_type!r}")
         body: dict[str, Any] = {
             "dag_json": base64.b64encode(self.to_json().encode()).decode("ascii"),
             "meta": dict(meta) if meta is not None else ({"name": self.name} if self.name else None),

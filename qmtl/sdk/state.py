@@ -31,6 +31,8 @@ from qmtl.common.statehash import (
     policy_state_hash,
 )
 
+from .types import MATCH_MODE_VALUES
+
 __all__ = [
     "QueueKey",
     "StreamState",
@@ -67,8 +69,8 @@ def normalise_queue_key(tags: Iterable[str] | str, interval: Any, match_mode: An
     if iv < 1:
         raise ValueError("interval must be >= 1")
     mode = match_mode or "any"
-    if mode not in ("any", "all"):
-        raise ValueError(f"match_mode must be 'any' or 'all', not {mode!r}")
+    if mode not in MATCH_MODE_VALUES:
+        raise ValueError(f"match_mode must be one of {', '.join(map(repr, MATCH_MODE_VALUES))}, not {mode!r}")
     return (norm, iv, mode)
 
 

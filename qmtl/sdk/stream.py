@@ -57,7 +57,7 @@ from .state import (
     parse_ts,
     queue_snapshot_hash,
 )
-from .types import StreamDescriptor
+from .types import SIDE_VALUES, TOPIC_VALUES, StreamDescriptor
 
 __all__ = ["EventStream", "StreamEvent", "StreamStats"]
 
@@ -596,7 +596,7 @@ class EventStream:
         await self._on_change(ftype, data, frame, fid, seq)
 
     async def _on_snapshot(self, frame: dict, data: Any, fid: str | None, epoch: str | None, seq: int | None) -> None:
-        if not isinstance(data, dict) or data.get("topic") not in ("activation", "policy", "queues"):
+        if not isinstance(data, dict) or data.get("topic") not in TOPIC_VALUES:
             return
         topic = data["topic"]
         if epoch is not None:
@@ -745,7 +745,7 @@ class EventStream:
                 # stream's strategy) one by one
                 sides = set(self.state.activation.get(world_id) or {})
                 if self.strategy_id:
-                    sides |= {(self.strategy_id, "long"), (self.strategy_id, "short")}
+                    sides |= {(self.strategy_id, side) for side in SIDE_VALUES}
                 held = self.state.activation.get(world_id) or {}
                 entries = [await c.get_activation(world_id, sid, side) for sid, side in sorted(sides)]
                 # a safe default says nothing; an inactive side not held here may never have
@@ -816,7 +816,7 @@ def _normalise_topics(topics: Iterable[str]) -> list[str]:
     out: list[str] = []
     for t in topics:
         t = "queues" if t == "queue" else t
-        if t not in ("activation", "policy", "queues"):
+        if t not in TOPIC_VALUES:
             raise ValueError(f"unknown topic {t!r}: use activation, policy or queues")
         if t not in out:
             out.append(t)

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from qmtl.common import correlation
 from qmtl.common.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from qmtl.contracts.constants import WorldState
 from qmtl.worldservice import policy as pol
 from qmtl.worldservice import store, views
 from qmtl.worldservice.rbac import OPERATOR, Identity
@@ -143,7 +144,7 @@ class ApplyOperations:
                     )
                 # Left in flight by a process that died (one WorldService owns a database).
                 world = await self._restore(conn, world, other, "abandoned by a previous WorldService process")
-            if world["state"] != "ACTIVE":
+            if world["state"] != WorldState.ACTIVE:
                 raise Conflict(f"world {world_id!r} is {world['state']}; apply needs an ACTIVE world")
             now = self.now()
             entries = await self._entries(conn, world_id)
@@ -210,7 +211,7 @@ class ApplyOperations:
                 entries = await self._entries(conn, world_id)
                 after = views.view(world, entries, include_freeze=False)
                 await self._emit_activation(conn, world_id, before, after, run_id=run_id)
-                stored = views.view(dict(world, state="ACTIVE", circuit_breaker=False, gate_epoch=0), entries, include_freeze=False)
+                stored = views.view(dict(world, state=WorldState.ACTIVE, circuit_breaker=False, gate_epoch=0), entries, include_freeze=False)
                 changed = sorted(k for k, e in after.items() if (before.get(k) or {}).get("etag") != e["etag"])
                 result = {
                     "ok": True,

@@ -32,11 +32,11 @@ from jsonschema import Draft202012Validator
 
 from qmtl.common.durations import format_duration, parse_duration
 from qmtl.contracts.connexion31 import schema_errors
+from qmtl.contracts.constants import MODES, SIDES, Mode
 from qmtl.contracts.loader import load_schema_files, schema_registry
 
 POLICY_SCHEMA_FILE = "policy_document.schema.json"
-MODES = ("backtest", "dryrun", "live")
-SIDES = ("long", "short")
+# MODES (promotion order) and SIDES are the enums of decision_envelope / activation_envelope.
 
 # --------------------------------------------------------------------------- parsing
 
@@ -159,7 +159,7 @@ class Policy:
     promote_after: int = 1
     demote_after: int = 1
     min_dwell: float = 0.0
-    max_mode: str = "live"
+    max_mode: str = Mode.LIVE
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any], version: int = 0) -> Policy:
@@ -181,7 +181,7 @@ class Policy:
             promote_after=int(hyst.get("promote_after", 1)),
             demote_after=int(hyst.get("demote_after", 1)),
             min_dwell=parse_duration(hyst["min_dwell"]) if "min_dwell" in hyst else 0.0,
-            max_mode=hyst.get("max_mode", "live"),
+            max_mode=hyst.get("max_mode", Mode.LIVE),
         )
 
 
@@ -289,13 +289,13 @@ class HysteresisState:
 def ceiling(policy: Policy, allow_live: bool) -> str:
     """The highest mode the world may reach: ``max_mode``, and never live without allow_live."""
     top = policy.max_mode
-    if top == "live" and not allow_live:
-        top = "dryrun"
+    if top == Mode.LIVE and not allow_live:
+        top = Mode.DRYRUN
     return top
 
 
 def initial_state(now: datetime) -> HysteresisState:
-    return HysteresisState(mode="backtest", since=now)
+    return HysteresisState(mode=Mode.BACKTEST, since=now)
 
 
 def step_hysteresis(
@@ -334,7 +334,7 @@ def step_hysteresis(
         return HysteresisState(target, now, 0, 0, why), why
     passes, fails = 0, state.fails + 1
     if idx == 0:
-        return HysteresisState(state.mode, state.since, passes, fails, state.mode_reason), "stays backtest: lowest mode"
+        return HysteresisState(state.mode, state.since, passes, fails, state.mode_reason), f"stays {MODES[0]}: lowest mode"
     target = MODES[idx - 1]
     if fails < policy.demote_after:
         left = policy.demote_after - fails
@@ -372,23 +372,23 @@ def decide(
     (they do not contain ``as_of`` or the current lag), so an etag over them changes only
     when the decision changes."""
     if suspended:
-        return "backtest", "world suspended"
+        return Mode.BACKTEST, "world suspended"
     if circuit_breaker:
-        return "backtest", "circuit breaker engaged"
+        return Mode.BACKTEST, "circuit breaker engaged"
     if policy is None:
-        return "backtest", "no default policy"
+        return Mode.BACKTEST, "no default policy"
     if state is None:
-        return "backtest", "no observation recorded"
+        return Mode.BACKTEST, "no observation recorded"
     if policy.max_lag is not None:
         if data_end is None:
-            return "backtest", "data currency unknown: no data_end recorded"
+            return Mode.BACKTEST, "data currency unknown: no data_end recorded"
         if (as_of - data_end).total_seconds() > policy.max_lag:
-            return "backtest", f"data stale: data_end {_iso(data_end)} is more than {format_duration(policy.max_lag)} old"
+            return Mode.BACKTEST, f"data stale: data_end {_iso(data_end)} is more than {format_duration(policy.max_lag)} old"
     mode = state.mode
     if MODES.index(mode) > MODES.index(policy.max_mode):
         return policy.max_mode, f"capped to {policy.max_mode} by the policy's max_mode"
-    if mode == "live" and not allow_live:
-        return "dryrun", "live not allowed for this world (allow_live is false)"
+    if mode == Mode.LIVE and not allow_live:
+        return Mode.DRYRUN, "live not allowed for this world (allow_live is false)"
     return mode, f"{mode} since {_iso(state.since)}: {state.mode_reason}"
 
 

@@ -45,6 +45,7 @@ from qmtl.common.errors import (
     Unprocessable,
 )
 from qmtl.common.statehash import policy_state_hash
+from qmtl.contracts.constants import PolicyStatus, StreamTopic, WorldState
 from qmtl.store.sql import Database
 from qmtl.worldservice import policy as pol
 from qmtl.worldservice import store, views
@@ -166,7 +167,7 @@ class WorldService(ApplyOperations):
         row = (
             await conn.execute(
                 w.update()
-                .where(w.c.world_id == world_id, w.c.state != "DELETED")
+                .where(w.c.world_id == world_id, w.c.state != WorldState.DELETED)
                 .values(rev=w.c.rev + 1)
                 .returning(*w.c)
             )
@@ -179,7 +180,7 @@ class WorldService(ApplyOperations):
         w = store.worlds
         q = sa.select(w).where(w.c.world_id == world_id)
         if not include_deleted:
-            q = q.where(w.c.state != "DELETED")
+            q = q.where(w.c.state != WorldState.DELETED)
         row = (await conn.execute(q)).mappings().first()
         if row is None:
             raise NotFound(f"world {world_id!r} not found")
@@ -238,7 +239,7 @@ class WorldService(ApplyOperations):
             "description": body.get("description", ""),
             "owner": body.get("owner") or actor.subject,
             "labels": dict(body.get("labels") or {}),
-            "state": "ACTIVE",
+            "state": WorldState.ACTIVE,
             "default_policy_version": 0,
             "allow_live": bool(body.get("allow_live", False)),
             "circuit_breaker": bool(body.get("circuit_breaker", False)),
@@ -262,18 +263,18 @@ class WorldService(ApplyOperations):
                     out = self._world_out(values)
                     await self._audit(conn, world_id, actor, "world.created", body, out)
             except IntegrityError:
-                raise self._exists(world_id, "ACTIVE") from None
+                raise self._exists(world_id, WorldState.ACTIVE) from None
         return out
 
     @staticmethod
     def _exists(world_id: str, state: str) -> Conflict:
-        if state == "DELETED":
+        if state == WorldState.DELETED:
             return Conflict(f"world id {world_id!r} belonged to a deleted world and cannot be reused")
         return Conflict(f"world {world_id!r} already exists")
 
     async def list_worlds(self, actor: Identity, *, limit: int = 100, cursor: str | None = None) -> dict:
         w = store.worlds
-        q = sa.select(w).where(w.c.state != "DELETED").order_by(w.c.world_id).limit(limit + 1)
+        q = sa.select(w).where(w.c.state != WorldState.DELETED).order_by(w.c.world_id).limit(limit + 1)
         if cursor:
             q = q.where(w.c.world_id > _decode_cursor(cursor))
         if not actor.has("*", READER):
@@ -319,14 +320,14 @@ class WorldService(ApplyOperations):
             now = self.now()
             entries = await self._entries(conn, world_id)
             before = views.view(world, entries, include_freeze=False)
-            new = dict(world, state="DELETED", updated_at=now, gate_epoch=int(world["gate_epoch"] or 0) + 1, gate_changed_at=now)
+            new = dict(world, state=WorldState.DELETED, updated_at=now, gate_epoch=int(world["gate_epoch"] or 0) + 1, gate_changed_at=now)
             await conn.execute(
                 store.worlds.update()
                 .where(store.worlds.c.world_id == world_id)
-                .values(state="DELETED", updated_at=now, gate_epoch=new["gate_epoch"], gate_changed_at=now)
+                .values(state=WorldState.DELETED, updated_at=now, gate_epoch=new["gate_epoch"], gate_changed_at=now)
             )
             emitted = await self._emit_activation(conn, world_id, before, views.view(new, entries, include_freeze=False))
-            await self._audit(conn, world_id, actor, "world.deleted", {}, {"state": "DELETED", "activation_events": emitted})
+            await self._audit(conn, world_id, actor, "world.deleted", {}, {"state": WorldState.DELETED, "activation_events": emitted})
 
     # ------------------------------------------------------------------ policies
 
@@ -393,7 +394,7 @@ class WorldService(ApplyOperations):
                 "version": version,
                 "yaml": text,
                 "checksum": digest,
-                "status": "ACTIVE" if set_default else "DRAFT",
+                "status": PolicyStatus.ACTIVE if set_default else PolicyStatus.DRAFT,
                 "created_by": actor.subject,
                 "created_at": now,
             }
@@ -401,7 +402,7 @@ class WorldService(ApplyOperations):
             if set_default:
                 await self._switch_default(conn, world, version, now)
             else:
-                await self.outbox.add(conn, TOPIC_POLICY, world_id, views.policy_event(world_id, version, digest, "DRAFT", now))
+                await self.outbox.add(conn, TOPIC_POLICY, world_id, views.policy_event(world_id, version, digest, PolicyStatus.DRAFT, now))
             out = dict(self._policy_summary(row), yaml=text, document=document)
             await self._audit(
                 conn, world_id, actor, "policy.created",
@@ -417,15 +418,15 @@ class WorldService(ApplyOperations):
         world_id = world["world_id"]
         old = int(world["default_policy_version"] or 0)
         if old and old != version:
-            await conn.execute(p.update().where(p.c.world_id == world_id, p.c.version == old).values(status="DEPRECATED"))
+            await conn.execute(p.update().where(p.c.world_id == world_id, p.c.version == old).values(status=PolicyStatus.DEPRECATED))
             old_sum = (await conn.execute(sa.select(p.c.checksum).where(p.c.world_id == world_id, p.c.version == old))).scalar_one()
-            await self.outbox.add(conn, TOPIC_POLICY, world_id, views.policy_event(world_id, old, old_sum, "DEPRECATED", now))
-        await conn.execute(p.update().where(p.c.world_id == world_id, p.c.version == version).values(status="ACTIVE"))
+            await self.outbox.add(conn, TOPIC_POLICY, world_id, views.policy_event(world_id, old, old_sum, PolicyStatus.DEPRECATED, now))
+        await conn.execute(p.update().where(p.c.world_id == world_id, p.c.version == version).values(status=PolicyStatus.ACTIVE))
         new_sum = (await conn.execute(sa.select(p.c.checksum).where(p.c.world_id == world_id, p.c.version == version))).scalar_one()
         await conn.execute(
             store.worlds.update().where(store.worlds.c.world_id == world_id).values(default_policy_version=version, updated_at=now)
         )
-        await self.outbox.add(conn, TOPIC_POLICY, world_id, views.policy_event(world_id, version, new_sum, "ACTIVE", now))
+        await self.outbox.add(conn, TOPIC_POLICY, world_id, views.policy_event(world_id, version, new_sum, PolicyStatus.ACTIVE, now))
 
     async def list_policies(self, actor: Identity, world_id: str) -> dict:
         actor.require(world_id, READER, "listing policies")
@@ -482,7 +483,7 @@ class WorldService(ApplyOperations):
                     await conn.execute(sa.select(p.c.checksum, p.c.status).where(p.c.world_id == world_id, p.c.version == version))
                 ).first()
                 checksum, status = row.checksum, row.status
-        return {"world_id": world_id, "topic": "policy", "state_hash": policy_state_hash(world_id, version, checksum, status)}
+        return {"world_id": world_id, "topic": StreamTopic.POLICY, "state_hash": policy_state_hash(world_id, version, checksum, status)}
 
     # ------------------------------------------------------------------ observations and decisions
 
@@ -587,7 +588,7 @@ class WorldService(ApplyOperations):
             data_end=utc(row["data_end"]) if row is not None else None,
             as_of=when,
             allow_live=bool(world["allow_live"]),
-            suspended=world["state"] == "SUSPENDED",
+            suspended=world["state"] == WorldState.SUSPENDED,
             circuit_breaker=bool(world["circuit_breaker"]),
         )
         envelope = {
@@ -639,7 +640,7 @@ class WorldService(ApplyOperations):
 
     async def activation_state_hash(self, actor: Identity, world_id: str) -> dict:
         full = await self.get_activations(actor, world_id)
-        return {"world_id": world_id, "topic": "activation", "state_hash": full["state_hash"]}
+        return {"world_id": world_id, "topic": StreamTopic.ACTIVATION, "state_hash": full["state_hash"]}
 
     async def override_activation(self, actor: Identity, world_id: str, body: Mapping[str, Any], *, if_match: str | None = None) -> dict:
         """Operator override of one entry; ``if_match`` (an etag or ``*``) makes it conditional (412)."""

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.common.statehash import activation_state_hash, canonical_json
+from qmtl.contracts.constants import WorldState
 from qmtl.worldservice.store import utc
 
 GATE_APPLY = "apply"
@@ -94,9 +95,9 @@ def decision_etag(world_id: str, policy_version: int, mode: str, reason: str) ->
 
 def gate_of(world: Mapping[str, Any], *, include_freeze: bool) -> str | None:
     """Why every activation of ``world`` reads inactive, or None."""
-    if world["state"] == "DELETED":
+    if world["state"] == WorldState.DELETED:
         return GATE_DELETED
-    if world["state"] == "SUSPENDED":
+    if world["state"] == WorldState.SUSPENDED:
         return GATE_SUSPENDED
     if world["circuit_breaker"]:
         return GATE_CIRCUIT_BREAKER

@@ -31,6 +31,7 @@ from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
 from qmtl.common import tracing
 from qmtl.common.cache import SingleFlight
 from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, StreamTopic, upstream_path
 from qmtl.contracts.events import event_validators, schema_validator
 
 from . import state as st
@@ -45,7 +46,7 @@ from .hub import (
     Subscriber,
 )
 from .metrics import WS_ROUTES, EventMetrics
-from .tokens import InvalidToken, Tokens, normalise_topics
+from .tokens import TOPIC_ALIASES, InvalidToken, Tokens, normalise_topics
 from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, StreamEndpoint, StreamRefused
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class EventsComponent:
             event_validators().validate(topic, data)
             return self.apply_event(topic, data, source="local")[1]
         if type == "queue_update":
-            self._check_frame(type, {"match_mode": "any", **data})
+            self._check_frame(type, {"match_mode": DEFAULT_MATCH_MODE, **data})
             return self.apply_queue_update(data, source="local")[1]
         if type == "sentinel_weight":
             return self.apply_sentinel_weight(data, source="local")[1]
@@ -234,18 +235,18 @@ class EventsComponent:
     def state_hash(self, topic: str, *, world_id: str | None = None, tags: Any = None, interval: Any = None,
                    match_mode: str | None = None) -> str | None:
         """The hash the stream sends for this state now (None: queue key not held)."""
-        if topic == "activation":
+        if topic == StreamTopic.ACTIVATION:
             return self.state.activation_hash(world_id or "")
-        if topic == "policy":
+        if topic == StreamTopic.POLICY:
             return self.state.policy_hash(world_id or "")
-        if topic in ("queues", "queue"):
+        if TOPIC_ALIASES.get(topic, topic) == StreamTopic.QUEUES:
             return self.state.queue_hash(st.normalise_queue_key(tags, interval, match_mode))
         raise ValueError(f"unknown topic {topic!r}")
 
     async def resolved_state_hash(self, topic: str, **kw: Any) -> str:
         if not await self.wait_ready():
             raise ServiceUnavailable("the Gateway is still rebuilding its event state", retry_after=2)
-        if topic in ("queues", "queue"):
+        if TOPIC_ALIASES.get(topic, topic) == StreamTopic.QUEUES:
             key = st.normalise_queue_key(kw.get("tags"), kw.get("interval"), kw.get("match_mode"))
             await self.resolve_queue_keys([key])
             h = self.state.queue_hash(key)
@@ -305,8 +306,8 @@ class EventsComponent:
         # The Gateway reads as itself; WorldService trusts it by the service token.
         headers = Identity("qmtl-gateway", {"sub": "qmtl-gateway", "world_roles": {world_id: ["reader"]}}).forward_headers()
         try:
-            acts = await self.ctx.worldservice.request("GET", f"/worlds/{world_id}/activations", headers=headers)
-            pols = await self.ctx.worldservice.request("GET", f"/worlds/{world_id}/policies", headers=headers)
+            acts = await self.ctx.worldservice.request("GET", upstream_path("list_activations", world_id=world_id), headers=headers)
+            pols = await self.ctx.worldservice.request("GET", upstream_path("list_policies", world_id=world_id), headers=headers)
         except BackendUnavailable as exc:
             # Serve what is held (unknown activation reads as inactive: orders gated off)
             # and try again on the next subscription to this world.
@@ -348,7 +349,7 @@ class EventsComponent:
             raise Unprocessable(str(exc), ext={"errors": [{"pointer": "/topics", "message": str(exc)}]}) from None
         world_id = body.get("world_id") or None
         strategy_id = body.get("strategy_id") or None
-        needs_world = [t for t in topics if t in ("activation", "policy")]
+        needs_world = [t for t in topics if t in (StreamTopic.ACTIVATION, StreamTopic.POLICY)]
         if needs_world and not world_id:
             msg = f"topic(s) {', '.join(needs_world)} are per world: world_id is required"
             raise Unprocessable(msg, ext={"errors": [{"pointer": "/world_id", "message": msg}]})
@@ -360,7 +361,7 @@ class EventsComponent:
                 keys.append(st.normalise_queue_key(k.get("tags") or [], k.get("interval"), k.get("match_mode")))
             except ValueError as exc:
                 raise Unprocessable(str(exc), ext={"errors": [{"pointer": f"/queue_keys/{i}", "message": str(exc)}]}) from None
-        if keys and "queues" not in topics:
+        if keys and StreamTopic.QUEUES not in topics:
             msg = "queue_keys need the 'queues' topic"
             raise Unprocessable(msg, ext={"errors": [{"pointer": "/queue_keys", "message": msg}]})
         token, exp = self.tokens.issue(subject=identity.subject, topics=topics, world_id=world_id, strategy_id=strategy_id, queue_keys=keys)
@@ -400,19 +401,19 @@ class EventsComponent:
             topics = asked
         keys = set(grant.queue_keys)
         if query.get("tags") or query.get("interval"):
-            if "queues" not in topics:
+            if StreamTopic.QUEUES not in topics:
                 raise StreamRefused(CLOSE_POLICY, "queue keys need the 'queues' topic in the token", "scope")
             try:
                 keys.add(st.normalise_queue_key(query.get("tags", ""), query.get("interval"), query.get("match_mode") or query.get("match")))
             except ValueError as exc:
                 raise StreamRefused(CLOSE_POLICY, f"bad queue key: {exc}", "bad_queue_key") from None
         if grant.world_id is None:
-            topics -= {"activation", "policy"}
+            topics -= {StreamTopic.ACTIVATION, StreamTopic.POLICY}
         if not await self.wait_ready():
             raise StreamRefused(CLOSE_TRY_AGAIN, "the Gateway is rebuilding its event state; retry shortly", "not_ready")
-        if grant.world_id is not None and topics & {"activation", "policy"}:
+        if grant.world_id is not None and topics & {StreamTopic.ACTIVATION, StreamTopic.POLICY}:
             await self.resolve_world(grant.world_id)
-        if "queues" in topics and keys:
+        if StreamTopic.QUEUES in topics and keys:
             try:
                 await self.resolve_queue_keys(keys)
             except ServiceError as exc:
@@ -427,7 +428,7 @@ class EventsComponent:
     async def _open_legacy(self, route: str, token: str | None) -> Subscriber:
         auth = self.ctx.auth
         size = self.cfg.client_queue_size
-        all_topics = ("activation", "policy", "queues")
+        all_topics = tuple(StreamTopic)
         if token:
             try:
                 grant = self.tokens.verify(token)
@@ -456,16 +457,16 @@ class EventsComponent:
         """One ``snapshot`` frame per subscribed topic, in the subscriber's scope."""
         out = []
         epoch = self.hub.epoch
-        for topic in ("activation", "policy", "queues"):
+        for topic in tuple(StreamTopic):
             if topic not in sub.topics:
                 continue
             data: dict[str, Any] = {"topic": topic}
-            if topic in ("activation", "policy"):
+            if topic in (StreamTopic.ACTIVATION, StreamTopic.POLICY):
                 w = sub.world_id
                 if w is None:
                     continue
                 data["world_id"] = w
-                if topic == "activation":
+                if topic == StreamTopic.ACTIVATION:
                     data["state_hash"], data["items"] = self.state.activation_hash(w), self.state.activation_items(w)
                 else:
                     data["state_hash"], data["items"] = self.state.policy_hash(w), self.state.policy_items(w)

@@ -27,15 +27,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.common.cloudevents import encode, make_event
+from qmtl.contracts.constants import StreamTopic
 
 from .metrics import EventMetrics
 
 log = logging.getLogger(__name__)
 
 # Scope kinds of a frame (the ``topic`` label of event_fanout_total).
-KIND_ACTIVATION = "activation"
-KIND_POLICY = "policy"
-KIND_QUEUES = "queues"
+KIND_ACTIVATION = StreamTopic.ACTIVATION
+KIND_POLICY = StreamTopic.POLICY
+KIND_QUEUES = StreamTopic.QUEUES
 KIND_SENTINEL = "sentinel"
 KIND_INGEST = "ingest"
 KIND_HEARTBEAT = "heartbeat"
@@ -107,7 +108,7 @@ class Subscriber:
         self,
         route: str,
         *,
-        topics: Iterable[str] = ("activation", "policy", "queues"),
+        topics: Iterable[str] = tuple(StreamTopic),
         world_id: str | None = None,
         strategy_id: str | None = None,
         queue_keys: Iterable[tuple] | None = None,

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.bus.keys import queue_key
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 from qmtl.common.statehash import (
     activation_state_hash,
     canonical_json,
@@ -59,8 +60,7 @@ APPLIED = "applied"
 DUPLICATE = "duplicate"
 STALE = "stale"
 
-MATCH_MODES = ("any", "all")
-_POLICY_RANK = {"DRAFT": 0, "ACTIVE": 1, "DEPRECATED": 2}
+_POLICY_RANK = {status: rank for rank, status in enumerate(PolicyStatus)}  # the schema lists them in lifecycle order
 _RECENT_ETAGS = 8  # per activation entry: etags applied before the current one
 
 QueueKey = tuple  # (tags: tuple[str, ...], interval: int, match_mode: str)
@@ -97,9 +97,9 @@ def normalise_queue_key(tags: Iterable[str], interval: Any, match_mode: Any = No
         raise ValueError(f"interval must be an integer, not {interval!r}") from None
     if iv < 1:
         raise ValueError("interval must be >= 1")
-    mode = match_mode or "any"
+    mode = match_mode or DEFAULT_MATCH_MODE
     if mode not in MATCH_MODES:
-        raise ValueError(f"match_mode must be 'any' or 'all', not {mode!r}")
+        raise ValueError(f"match_mode must be one of {', '.join(MATCH_MODES)}, not {mode!r}")
     return (norm, iv, mode)
 
 
@@ -262,7 +262,7 @@ class StateStore:
     def default_policy(self, world_id: str) -> dict | None:
         best: _Policy | None = None
         for version, p in (self.policies.get(world_id) or {}).items():
-            if p.event.get("status") != "ACTIVE":
+            if p.event.get("status") != PolicyStatus.ACTIVE:
                 continue
             if best is None or (p.ts, version) > (best.ts, int(best.event["policy_version"])):
                 best = p

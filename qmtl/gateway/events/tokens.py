@@ -26,17 +26,24 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 
 from qmtl.common.keys import InvalidToken, KeyRing, SigningKey
+from qmtl.contracts.constants import STREAM_TOPICS, StreamTopic
 
 from .state import QueueKey, normalise_queue_key
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "controlbus"
-TOPICS = ("activation", "policy", "queues")
-TOPIC_ALIASES = {"queue": "queues"}
+TOPICS = STREAM_TOPICS  # stream_descriptor.schema.json
+# The alias subscribe_request.schema.json accepts besides TOPICS (documented in prose there;
+# test_spec_drift checks the schema's enum is exactly TOPICS plus these).
+TOPIC_ALIASES = {"queue": StreamTopic.QUEUES.value}
 GENERATED_KEY_FILE = "gateway-events-signing-key.pem"
 
 __all__ = ["AUDIENCE", "TOPICS", "InvalidToken", "Scope", "Tokens", "normalise_topics"]
+
+
+def _aliases() -> str:
+    return ", ".join(f"{a!r} as an alias of {t!r}" for a, t in TOPIC_ALIASES.items())
 
 
 def normalise_topics(topics: Iterable[str]) -> list[str]:
@@ -45,7 +52,7 @@ def normalise_topics(topics: Iterable[str]) -> list[str]:
     for t in topics:
         t = TOPIC_ALIASES.get(t, t)
         if t not in TOPICS:
-            raise ValueError(f"unknown topic {t!r}; known: {', '.join(TOPICS)} (and 'queue' as an alias of 'queues')")
+            raise ValueError(f"unknown topic {t!r}; known: {', '.join(TOPICS)} (and {_aliases()})")
         if t not in out:
             out.append(t)
     return out

@@ -36,6 +36,7 @@ from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.errors import BadRequest, Unprocessable
 from qmtl.common.nodeid import NODE_ID_FIELDS, missing_fields, sha3_node_id, sha256_node_id, verify_node_ids
 from qmtl.contracts.connexion31 import pointer
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE
 from qmtl.contracts.events import schema_validator
 from qmtl.contracts.loader import load_schema_files, schema_registry
 
@@ -299,5 +300,5 @@ def tag_queries(dag: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], int,
     out: dict[str, tuple[tuple[str, ...], int, str]] = {}
     for node in dag["nodes"]:
         if node.get("node_type") == TAG_QUERY_TYPE:
-            out[node["node_id"]] = (tuple(node["tags"]), int(node["interval"]), node.get("match_mode") or "any")
+            out[node["node_id"]] = (tuple(node["tags"]), int(node["interval"]), node.get("match_mode") or DEFAULT_MATCH_MODE)
     return out

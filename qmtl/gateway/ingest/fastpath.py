@@ -6,8 +6,10 @@ parameter decoding, request and response validation) costs about as much CPU as 
 itself, and one Gateway process has one core; G-02 (p95 ≤ 150 ms from POST to ack) needs
 that CPU.
 
-What it keeps: every rule of the route. The body is parsed and validated against the very
-schema the spec names (``strategy_submission.schema.json``, with jsonschema-rs); anything the
+What it keeps: every rule of the route. Its method, path, request content type, request
+schema and success status are those of the ``submit_strategy`` operation in
+specs/openapi.yaml (read at start, never restated). The body is parsed and validated against
+the very schema the spec names (``strategy_submission.schema.json``, with jsonschema-rs); anything the
 contract stack must judge — not ``application/json``, not JSON, a schema violation, not
 UTF-8 — is **declined**: the request, body replayed, goes to the stack, which answers exactly
 as it would have. Authentication is the handler's (``ctx.auth``). Errors the ingest raises
@@ -25,24 +27,33 @@ from typing import Any
 
 from qmtl.common.errors import ServiceError
 from qmtl.contracts.app import problem_response
+from qmtl.contracts.constants import Operation, operation
 from qmtl.contracts.events import schema_validator
+from qmtl.contracts.loader import SpecError
 
 log = logging.getLogger(__name__)
 
-SUBMISSION_SCHEMA = "strategy_submission.schema.json"  # the requestBody schema of POST /strategies in specs/openapi.yaml
-PATH = "/strategies"
+OPERATION = "submit_strategy"  # the Gateway operation it serves (specs/openapi.yaml)
 
 
 class SubmitFastPath:
-    def __init__(self, app: Any, ctx: Any) -> None:
+    def __init__(self, app: Any, ctx: Any, op: Operation | None = None) -> None:
         self.app = app
         self.ctx = ctx
-        self.validator = schema_validator(SUBMISSION_SCHEMA)
+        self.op = op or operation("gateway", OPERATION)
+        if self.op.path_params or not self.op.request_schema or not self.op.request_content_types:
+            raise SpecError(f"{self.op.method} {self.op.path}: the submit fast path serves an operation without path "
+                            "parameters whose request body has a schema")
+        self.content_type = self.op.request_content_types[0].encode("latin-1")
+        self.validator = schema_validator(self.op.request_schema)
+        self.status = self.op.status(202)  # what the handler answers for an accepted submission
+        self.ack_type = self.op.content_type(self.status).encode("latin-1")
         self.served = 0
         self.declined = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH or not _is_json(scope):
+        if (scope["type"] != "http" or scope["method"] != self.op.method or scope["path"] != self.op.path
+                or not _is_type(scope, self.content_type)):
             await self.app(scope, receive, send)
             return
         raw, more = await _read_body(receive)
@@ -67,16 +78,16 @@ class SubmitFastPath:
                 500, "Internal Server Error", "An unexpected error occurred; the correlation id identifies it in the logs."))
             return
         payload = json.dumps(ack, separators=(",", ":")).encode()
-        out = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        out = [(b"content-type", self.ack_type), (b"content-length", str(len(payload)).encode())]
         out += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": 202, "headers": out})
+        await send({"type": "http.response.start", "status": self.status, "headers": out})
         await send({"type": "http.response.body", "body": payload})
 
 
-def _is_json(scope: Any) -> bool:
+def _is_type(scope: Any, content_type: bytes) -> bool:
     for name, value in scope.get("headers", ()):
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+            return value.split(b";", 1)[0].strip().lower() == content_type
     return False
 
 

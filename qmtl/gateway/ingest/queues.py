@@ -17,6 +17,7 @@ import time
 from typing import Any, AsyncIterator, Sequence
 
 from qmtl.common.errors import BadGateway, BadRequest, ServiceUnavailable
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE
 from qmtl.gateway.backends import Backend, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def parse_tags(tags: str | Sequence[str]) -> tuple[str, ...]:
 
 def effective_match_mode(match_mode: str | None, match: str | None) -> str:
     """``match_mode`` wins over the deprecated ``match``; default ``any``."""
-    return match_mode or match or "any"
+    return match_mode or match or DEFAULT_MATCH_MODE
 
 
 def unavailable(exc: BackendUnavailable) -> ServiceUnavailable:
@@ -55,7 +56,7 @@ class QueueLookup:
         self.ack_ttl = ack_ttl
         self._ack_cache: dict[Key, tuple[float, list[str]]] = {}
 
-    async def by_tag(self, tags: Sequence[str], interval: int, match_mode: str = "any") -> dict:
+    async def by_tag(self, tags: Sequence[str], interval: int, match_mode: str = DEFAULT_MATCH_MODE) -> dict:
         """``{"queues": [...], "etag"?: ...}`` from the DAG Manager.
 
         Raises :class:`BackendUnavailable` when it cannot answer on its budget,

@@ -29,10 +29,12 @@ from typing import Any, Mapping
 
 from redis.exceptions import ResponseError, WatchError
 
+from qmtl.contracts.constants import STRATEGY_STATES, StrategyState
+
 LOCK_TTL_MS = 60_000
 TERMINAL_TTL_S = 24 * 3600
-STATES = ("queued", "processing", "diffed", "completed", "failed")
-TERMINAL = ("completed", "failed")
+STATES = STRATEGY_STATES  # the ingest FSM: strategy_status.schema.json's status enum
+TERMINAL = (StrategyState.COMPLETED, StrategyState.FAILED)
 
 
 _UNLOCK_LUA = """
@@ -53,7 +55,7 @@ class RedisIngest:
         self.prefix = prefix
         self.terminal_ttl = terminal_ttl
         self.fifo = prefix + "fifo"
-        self.processing = prefix + "processing"
+        self.processing = prefix + "processing"  # a Redis list name, not the FSM state
         self.epoch_key = prefix + "epoch"
         self.rebuild_key = prefix + "rebuild"
         self._unlock_script = kv.register_script(_UNLOCK_LUA)
@@ -96,7 +98,7 @@ class RedisIngest:
         """State ``queued`` and the id on the FIFO, in one round trip (no MULTI needed: if the
         push is lost the database mirror still has the strategy and the sweep re-enqueues it)."""
         async with self.kv.pipeline(transaction=False) as pipe:
-            pipe.hset(self.fsm_key(sid), mapping=self._fields("queued", extra, None))
+            pipe.hset(self.fsm_key(sid), mapping=self._fields(StrategyState.QUEUED, extra, None))
             pipe.lpush(self.fifo, sid)
             await pipe.execute()
 

@@ -62,6 +62,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from qmtl.common import correlation
 from qmtl.common.errors import BadGateway, Conflict, NotFound, ServiceError, ServiceUnavailable
+from qmtl.contracts.constants import StrategyState
 from qmtl.gateway.backends import BackendUnavailable
 from qmtl.gateway.ingest import dag as dagmod
 from qmtl.gateway.ingest.fallback import FallbackQueue
@@ -214,9 +215,9 @@ class IngestService:
             raise self._duplicate(owner)
         # durable from here on: whatever happens next, the sweep finds it
         self._remember(record)
-        self.metrics.fsm.labels("queued").inc()
+        self.metrics.fsm.labels(StrategyState.QUEUED).inc()
         await self._enqueue_accepted(record)
-        await self._relay("progress", {"strategy_id": sid, "status": "queued"}, sid, record.world_id)
+        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.QUEUED}, sid, record.world_id)
         queue_map = await lookups
         ack: dict[str, Any] = {"strategy_id": sid, "queue_map": queue_map}
         if sentinel_id is not None:
@@ -296,7 +297,7 @@ class IngestService:
                 await self.redis.enqueue_new(sid, extra)
                 self._wakeup.set()
                 return
-            await self.redis.set_state(sid, "queued", extra)
+            await self.redis.set_state(sid, StrategyState.QUEUED, extra)
         except TRANSIENT as exc:
             log.warning("ingest: Redis refused strategy %s (%r); keeping it in the fallback queue", sid, exc)
         if not self.fallback.put(sid):
@@ -342,7 +343,7 @@ class IngestService:
         if mirrored.diff:
             state["queue_map"] = mirrored.diff.get("queue_map")
             state["tag_queries"] = mirrored.diff.get("tag_queries")
-        if mirrored.status == "failed":
+        if mirrored.status == StrategyState.FAILED:
             state["error"] = mirrored.detail.get("error")
         try:
             await self.redis.set_state(sid, mirrored.status, {k: v for k, v in state.items() if k not in ("status", "updated_at")},
@@ -395,7 +396,7 @@ class IngestService:
         try:
             record = record or await self.store.record(sid)
             if record is not None:
-                await self._transition(record, "failed", {"error": f"internal error in the Gateway: {type(exc).__name__}: {exc}"})
+                await self._transition(record, StrategyState.FAILED, {"error": f"internal error in the Gateway: {type(exc).__name__}: {exc}"})
         except Exception:  # noqa: BLE001 - the original error is logged above; this one too
             log.exception("ingest: could not record the failure of %s", sid)
 
@@ -436,7 +437,7 @@ class IngestService:
             return True
         if status is None:
             restored = await self._restore(sid)
-            status = restored["status"] if restored else "queued"
+            status = restored["status"] if restored else StrategyState.QUEUED
         if status in TERMINAL:
             self._records.pop(sid, None)
             return True
@@ -449,7 +450,7 @@ class IngestService:
                 self._dagmanager_down(BackendUnavailable("dagmanager", "circuit breaker open", breaker.retry_after()))
             return True
         await self._yield_to_ingest()
-        await self._transition(record, "processing")
+        await self._transition(record, StrategyState.PROCESSING)
         payload: dict[str, Any] = {"strategy_id": sid, "run_type": record.run_type}
         asset = _meta_str(record.meta, "asset", _ASSET_RE)
         if asset:
@@ -461,14 +462,14 @@ class IngestService:
             resp = await self.ctx.dagmanager.request("POST", "/diff", content=content, headers={"Content-Type": "application/json"},
                                                      idempotent=True)  # a diff is idempotent
         except BackendUnavailable as exc:
-            await self._transition(record, "queued", {"reason": f"DAG Manager unavailable: {exc.reason}"})
+            await self._transition(record, StrategyState.QUEUED, {"reason": f"DAG Manager unavailable: {exc.reason}"})
             self._park(sid)
             self._dagmanager_down(exc)
             return True
         finally:
             self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
         if resp.status_code >= 400:
-            await self._transition(record, "failed", {"error": f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"})
+            await self._transition(record, StrategyState.FAILED, {"error": f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"})
             self._records.pop(sid, None)
             return True
         try:
@@ -481,21 +482,21 @@ class IngestService:
                 "reused_queues": len(result.get("reused_queues") or []),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            await self._transition(record, "failed", {"error": f"the DAG Manager's diff answer is malformed: {exc}"})
+            await self._transition(record, StrategyState.FAILED, {"error": f"the DAG Manager's diff answer is malformed: {exc}"})
             self._records.pop(sid, None)
             return True
         if diff["new_queues"]:
             self.queues.queues_changed()
         # diffed → (queue map stored) → completed: both transitions written in one mirror
         # commit and one Redis round trip, then relayed in order with the queue_map frame
-        await self.store.append_many(sid, [("diffed", diff), ("completed", None)])
-        await self.redis.set_states(sid, [("diffed", self._extra("diffed", diff)), ("completed", None)])
-        self.metrics.fsm.labels("diffed").inc()
-        self.metrics.fsm.labels("completed").inc()
-        await self._relay("progress", {"strategy_id": sid, "status": "diffed"}, sid, record.world_id)
+        await self.store.append_many(sid, [(StrategyState.DIFFED, diff), (StrategyState.COMPLETED, None)])
+        await self.redis.set_states(sid, [(StrategyState.DIFFED, self._extra(StrategyState.DIFFED, diff)), (StrategyState.COMPLETED, None)])
+        self.metrics.fsm.labels(StrategyState.DIFFED).inc()
+        self.metrics.fsm.labels(StrategyState.COMPLETED).inc()
+        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.DIFFED}, sid, record.world_id)
         await self._relay("queue_map", {"strategy_id": sid, "queue_map": diff["queue_map"], "tag_queries": diff["tag_queries"],
                                         "sentinel_id": diff["sentinel_id"]}, sid, record.world_id)
-        await self._relay("progress", {"strategy_id": sid, "status": "completed"}, sid, record.world_id)
+        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.COMPLETED}, sid, record.world_id)
         self._records.pop(sid, None)
         return True
 
@@ -514,9 +515,9 @@ class IngestService:
     @staticmethod
     def _extra(status: str, detail: dict | None) -> dict[str, Any]:
         """What the Redis FSM hash keeps besides the status."""
-        if status == "diffed" and detail:
+        if status == StrategyState.DIFFED and detail:
             return {"queue_map": detail["queue_map"], "tag_queries": detail["tag_queries"], "sentinel_id": detail["sentinel_id"]}
-        if status == "failed" and detail:
+        if status == StrategyState.FAILED and detail:
             return {"error": detail.get("error")}
         return {}
 

@@ -28,11 +28,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from qmtl.contracts.constants import StrategyState
+from qmtl.gateway.ingest.redisq import TERMINAL
 from qmtl.store import Database
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("completed", "failed")
 
 metadata = sa.MetaData()
 
@@ -255,7 +256,7 @@ class IngestStore:
                 for op in accepts:
                     rec: StrategyRecord = op.payload
                     if owners.get(rec.content_hash) == rec.strategy_id:
-                        events.append({"strategy_id": rec.strategy_id, "status": "queued", "at": rec.created_at,
+                        events.append({"strategy_id": rec.strategy_id, "status": StrategyState.QUEUED, "at": rec.created_at,
                                        "detail": '{"reason":"accepted"}'})
             if events:
                 await conn.execute(self._insert_event, events if len(events) > 1 else events[0])
@@ -298,7 +299,7 @@ class IngestStore:
                 return None
             res = await conn.execute(
                 sa.select(strategy_events.c.detail)
-                .where(strategy_events.c.strategy_id == strategy_id, strategy_events.c.status == "diffed")
+                .where(strategy_events.c.strategy_id == strategy_id, strategy_events.c.status == StrategyState.DIFFED)
                 .order_by(strategy_events.c.id.desc()).limit(1)
             )
             diffed = res.scalar_one_or_none()
