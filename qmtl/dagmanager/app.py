@@ -42,7 +42,7 @@ def create_service(
     the caller must not close ``db`` itself."""
     dm = config.dagmanager
     owns_db = db is None
-    db = db or Database(config.db_url("dagmanager"))
+    db = db or Database(config.db_url("dagmanager"), schema=dm.database_schema or None)
     metrics = DagManagerMetrics()
     service = DagManagerService(
         db,
