@@ -55,6 +55,7 @@ def create_service(
         partitions=config.controlbus.num_partitions,
         clock=clock,
         include_match_mode=schema_allows_match_mode(),
+        outbox_poll_seconds=dm.outbox_poll_seconds,
     )
     service.owns_db = owns_db  # type: ignore[attr-defined]
     return service
