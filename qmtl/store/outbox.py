@@ -246,6 +246,7 @@ class Outbox:
     async def _run(self) -> None:
         backoff = Backoff(*self.backoff)
         failures = 0
+        stats_at = float("-inf")
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
@@ -270,8 +271,11 @@ class Outbox:
                 )
                 await asyncio.sleep(delay)
                 self._wake.set()
-            with contextlib.suppress(Exception):
-                await self.stats()
+            now = asyncio.get_running_loop().time()
+            if now - stats_at >= self.poll_interval:  # the gauges, at most once per poll interval
+                stats_at = now
+                with contextlib.suppress(Exception):
+                    await self.stats()
 
 
 __all__ = ["Outbox", "OutboxMetrics", "lock_id", "lock_key", "outbox_table"]

@@ -96,7 +96,7 @@ async def test_events_held_back_by_a_bus_outage_are_retried_in_order(tmp_path):
     await bus.start()
     db = Database(sqlite_url(tmp_path / "ws.db"))
     svc = WorldService(Config(), db=db, bus=bus)
-    svc.outbox.retry_interval = 0.05
+    svc.outbox.backoff = (0.01, 0.05)  # retry fast
     await svc.start()
     try:
         sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="t")
