@@ -150,7 +150,10 @@ class QueueNotifier:
         self.known_watches: set[str] = set()
 
     async def start(self) -> None:
+        """Start the task; its first job recomputes every watch, so a change another process
+        committed and died before announcing is announced now."""
         if self._task is None:
+            self._queue.put_nowait(("all", None))
             self._task = asyncio.create_task(self._run(), name="dagmanager-queue-notifier")
 
     async def close(self) -> None:
@@ -180,6 +183,8 @@ class QueueNotifier:
             try:
                 if kind == "changes":
                     await self._process_changes(payload)
+                elif kind == "all":
+                    await self._process_all()
                 else:
                     await self._process_keys(payload)
             except asyncio.CancelledError:
@@ -200,6 +205,18 @@ class QueueNotifier:
             if any(key.matches(c.tags, c.interval) for c in changes):
                 affected.append((key, row.etag))
         await self._recompute(affected)
+
+    async def _process_all(self, page: int = 1000) -> None:
+        w = store.tag_watches
+        after = ""
+        while True:
+            async with self.db.connect() as conn:
+                rows = (await conn.execute(
+                    sa.select(w).where(w.c.watch_key > after).order_by(w.c.watch_key).limit(page))).all()
+            if not rows:
+                return
+            after = rows[-1].watch_key
+            await self._recompute([(TagKey(tuple(store.loads(r.tags)), r.interval, r.match_mode), r.etag) for r in rows])
 
     async def _process_keys(self, keys: list[TagKey]) -> None:
         w = store.tag_watches

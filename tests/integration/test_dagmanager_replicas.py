@@ -1,7 +1,8 @@
 """Two DAG Manager processes (``qmtl dagmanager``) on one PostgreSQL schema (issue 11):
 concurrent diffs of the same new DAG through both make exactly one queue per node (each
 created by one of them); the periodic GC runs once per interval across them (a lease) and
-collects each released queue once."""
+collects each released queue once; a change a dead process left unannounced is announced
+by the next one to start."""
 
 from __future__ import annotations
 
@@ -60,3 +61,41 @@ async def test_two_dag_managers_diffing_one_new_dag_make_one_queue_per_node(kafk
                 return await metric_sum(procs, "dm_gc_skipped_total") >= 1
 
             await poll(one_skipped, what="a GC pass left to the other replica")
+
+
+async def test_a_change_left_unannounced_by_a_dead_process_is_announced_at_the_next_start(pg_schema):
+    """The notifier's queue is in memory: a process that dies after a diff committed and
+    before it recomputed the watches leaves the change unannounced; the next DAG Manager
+    process to start recomputes every watch and announces it."""
+    from qmtl.bus.base import TOPIC_QUEUES
+    from qmtl.bus.inproc import InProcessBus
+    from qmtl.bus.keys import queue_key
+    from qmtl.common.config import Config
+    from qmtl.contracts.events import event_validators
+    from qmtl.dagmanager.app import create_service
+    from qmtl.store.sql import Database
+    from tests.helpers.bus import take
+
+    url, schema = pg_schema
+    bus = InProcessBus(validator=event_validators())
+    await bus.start()
+    sub = await bus.subscribe([TOPIC_QUEUES], consumer_id="rec", from_beginning=True)
+    db = Database(url, schema=schema)
+    try:
+        first = create_service(Config(), bus=bus, db=db)
+        await first.start()
+        await first.queues_by_tag(["lost"], 60)  # a watched key
+        first.notifier.queues_changed = lambda changes: None  # "dies" before announcing
+        result = await first.diff("s-lost", {"nodes": [dag_node("lost-1", tags=("lost",))]})
+        await first.stop()
+
+        second = create_service(Config(), bus=bus, db=db)
+        await second.start()
+        await second.drain()
+        [msg] = await take(sub, 1)
+        assert msg.key == queue_key(["lost"], 60) and msg.value["queues"] == result.new_queues
+        await second.stop()
+    finally:
+        await sub.close()
+        await db.close()
+        await bus.close()
