@@ -235,7 +235,7 @@ class QueueNotifier:
             # Again under the key's lock, against the etag as recorded now: another replica
             # may have announced this change already.
             async with self._write() as conn:
-                await lock_key(conn, self.outbox.name, key.bus_key)
+                await lock_key(conn, "dagmanager-watch", key.bus_key)  # not the publisher's claim: writers never wait for it
                 recorded = (await conn.execute(sa.select(w.c.etag).where(w.c.watch_key == key.watch_key))).scalar_one_or_none()
                 queues = await match(conn, key)
                 etag = etag_of(key, queues)

@@ -73,7 +73,9 @@ def lock_id(namespace: str, key: str) -> int:
 
 async def lock_key(conn: Any, namespace: str, key: str) -> None:
     """Hold an advisory lock on ``key`` until the caller's transaction ends (PostgreSQL;
-    no-op on SQLite, whose writers are serialised by the database)."""
+    no-op on SQLite, whose writers are serialised by the database). For writers that
+    serialise one key's events; use a namespace of their own, not the outbox's ``name``
+    (the publisher's claim), so that a write never waits for a publish in progress."""
     if conn.dialect.name == "postgresql":
         await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id(namespace, key)})
 

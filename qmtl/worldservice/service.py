@@ -9,8 +9,10 @@ schemas in ``specs/schemas/``.
 
 Every write runs in one transaction that starts by updating the world's row (which
 serialises writes per world and bumps its revision), writes its audit record and its
-events (to the outbox) in the same transaction, and publishes the events after the
-commit.
+events (to the outbox) in the same transaction, and answers after the commit; the
+outbox's background publisher sends the events (the write never waits for the ControlBus).
+Several processes may serve one PostgreSQL database (see :mod:`qmtl.worldservice.apply`
+for apply leases and :mod:`qmtl.store.outbox` for publishing order).
 """
 
 from __future__ import annotations

@@ -80,7 +80,6 @@ async def test_writes_answer_while_kafka_is_down_and_events_follow_in_order(fres
             assert health["outbox_pending"] == 5 + CHAIN * len(WORLDS)  # committed, none published, none lost
             assert health["outbox_oldest_age_seconds"] > 0
             assert (await dmc.get("/health")).json()["outbox_pending"] >= len(TAGS)
-            assert rec.of(TOPIC_ACTIVATION) == [] or all(m.key not in [*WORLDS, "w"] for m in rec.of(TOPIC_ACTIVATION))
 
             cluster.broker_up()
 
