@@ -133,3 +133,28 @@ async def test_two_replicas_publish_every_event_once_in_order_per_world(kafka_bo
                 assert weights == [(i + 1) / 100 for i in range(chain)]  # once each, in commit order
             published = await metric_sum(procs, "world_events_published_total", topic=TOPIC_ACTIVATION)
             assert published == chain * len(worlds)
+
+
+async def test_a_burst_of_applies_through_both_replicas_runs_them_one_at_a_time(kafka_bootstrap, pg_schema, tmp_path):
+    env = service_env("worldservice", pg_schema, kafka_bootstrap, apply_drain_seconds=0.2)
+    runs = 12
+    with processes(tmp_path, "worldservice", 2, env) as procs:
+        async with client(procs[0]) as c0, client(procs[1]) as c1:
+            assert (await c0.post("/worlds", json={"world_id": "bw", "name": "bw"})).status_code == 201
+            everyone = [f"s{i}" for i in range(runs)]
+
+            async def apply(i: int):
+                plan = {"activate": [f"s{i}"], "deactivate": [s for s in everyone if s != f"s{i}"]}
+                return await (c0, c1)[i % 2].post("/worlds/bw/apply", json={"run_id": f"r{i}", "plan": plan})
+
+            answers = await asyncio.gather(*(apply(i) for i in range(runs)))
+            codes = [a.status_code for a in answers]
+            assert set(codes) <= {200, 409} and 200 in codes, [a.text for a in answers]
+            winners = [i for i, a in enumerate(answers) if a.status_code == 200]
+            audit = (await c1.get("/worlds/bw/audit", params={"limit": 200})).json()["records"]
+            succeeded = [a["request"]["run_id"] for a in audit if a["event"] == "apply.succeeded"]
+            assert sorted(succeeded) == sorted(f"r{i}" for i in winners)  # each 200 is one whole apply
+            # the activation set is exactly the plan of the last apply that ran: never a mix
+            active = {e["strategy_id"] for e in (await c0.get("/worlds/bw/activations")).json()["activations"] if e["active"]}
+            assert active == {f"s{succeeded[0][1:]}"}
+            assert (await c0.get("/worlds/bw")).json()["apply_run_id"] is None
