@@ -61,7 +61,7 @@ async def test_one_apply_per_world_across_replicas(kafka_bootstrap, pg_schema, t
 
 
 async def test_a_replica_killed_mid_apply_is_rolled_back_by_another(kafka_bootstrap, pg_schema, tmp_path):
-    env = service_env("worldservice", pg_schema, kafka_bootstrap, apply_lease_seconds=2)
+    env = service_env("worldservice", pg_schema, kafka_bootstrap, apply_lease_seconds=4)
     extra, pause = hook(tmp_path, "switched")
     with processes(tmp_path, "worldservice", 2, env, hooked={0: extra}) as [p0, p1]:
         async with client(p0) as c0, client(p1) as c1:
@@ -77,11 +77,11 @@ async def test_a_replica_killed_mid_apply_is_rolled_back_by_another(kafka_bootst
             await wait_until(reached.exists, timeout=30, what="replica 0 to switch the activation set")
             # switched, not unfrozen: the world is frozen with the new set written
             assert (await c1.get("/worlds/cw")).json()["apply_run_id"] == "r-x"
-            # the lease is renewed while replica 0 lives (it outlasts several lease lengths)
-            for _ in range(3):
+            # the lease (4 s) is renewed while replica 0 lives: still held after more than its length
+            for _ in range(5):
                 r = await c1.post("/worlds/cw/apply", json={"run_id": "r-y", "plan": {"activate": ["y"]}})
                 assert r.status_code == 409 and r.json()["run_id_in_flight"] == "r-x"
-                await asyncio.sleep(1)
+                await asyncio.sleep(1.2)
 
             p0.stop()  # SIGKILL in the middle of the apply
             with contextlib.suppress(Exception):
