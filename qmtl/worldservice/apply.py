@@ -375,8 +375,10 @@ class ApplyOperations:
         await conn.execute(store.worlds.update().where(store.worlds.c.world_id == world_id).values(**_UNFROZEN))
         return dict(world, **_UNFROZEN)
 
-    async def _recover_orphaned_applies(self) -> None:
-        """Roll back every apply whose lease expired (its process died or stalled)."""
+    async def _recover_orphaned_applies(self, *, all_of_them: bool = False) -> None:
+        """Roll back every apply whose lease expired (its process died or stalled); with
+        ``all_of_them``, every apply in flight (at the start of the only process there can
+        be: SQLite, embedded)."""
         w = store.worlds
         async with self.db.connect() as conn:
             frozen = (
@@ -385,12 +387,12 @@ class ApplyOperations:
                 )
             ).mappings().all()
         for row in frozen:
-            if self._lease_live(row):
+            if self._lease_live(row) and not all_of_them:
                 continue
             world_id, run_id = row["world_id"], row["apply_run_id"]
             with contextlib.suppress(NotFound):
                 async with self._write(world_id) as (conn, world):
-                    if world["apply_run_id"] == run_id and not self._lease_live(world):
+                    if world["apply_run_id"] == run_id and (all_of_them or not self._lease_live(world)):
                         await self._recover(conn, world, run_id)
 
     async def _recovery_loop(self) -> None:

@@ -134,7 +134,10 @@ class WorldService(ApplyOperations):
         added = await self.db.add_missing_columns(store.worlds)
         if added:
             logger.info("ws_worlds: added column(s) %s", ", ".join(added))
-        await self._recover_orphaned_applies()
+        # SQLite is the embedded, one-process setup: what is in flight at start is this
+        # process's predecessor's, rolled back at once; on PostgreSQL other replicas may be
+        # running theirs, so only expired leases are.
+        await self._recover_orphaned_applies(all_of_them=self.db.is_sqlite)
         await self.outbox.start()
         self._recovery_task = asyncio.create_task(self._recovery_loop(), name="worldservice-apply-recovery")
         if self.cfg.rbac == "dev":
