@@ -127,6 +127,12 @@ class WorldServiceConfig:
     validate_responses: bool = True
     decision_ttl: str = "300s"
     apply_drain_seconds: float = 0.0
+    # Replicas: an apply holds a lease on its world, renewed while it runs; another replica
+    # rolls back an apply whose lease expired (its process died). The outbox publisher also
+    # polls every outbox_poll_seconds for events another replica committed and did not publish.
+    apply_lease_seconds: float = 30.0
+    outbox_poll_seconds: float = 1.0
+    database_schema: str = ""  # PostgreSQL schema (search_path) for the tables; default: the user's
 
 
 @dataclass
@@ -139,6 +145,8 @@ class DagManagerConfig:
     kafka_admin: bool = False  # create data topics through the Kafka admin API
     queue_ttl_seconds: int = 7 * 24 * 3600
     gc_interval_seconds: float = 300.0
+    database_schema: str = ""  # PostgreSQL schema (search_path) for the tables; default: the user's
+    outbox_poll_seconds: float = 1.0  # how often the outbox publisher looks for events other replicas left
     validate_responses: bool = True
 
 

@@ -42,7 +42,7 @@ def create_service(
     the caller must not close ``db`` itself."""
     dm = config.dagmanager
     owns_db = db is None
-    db = db or Database(config.db_url("dagmanager"))
+    db = db or Database(config.db_url("dagmanager"), schema=dm.database_schema or None)
     metrics = DagManagerMetrics()
     service = DagManagerService(
         db,
@@ -55,6 +55,7 @@ def create_service(
         partitions=config.controlbus.num_partitions,
         clock=clock,
         include_match_mode=schema_allows_match_mode(),
+        outbox_poll_seconds=dm.outbox_poll_seconds,
     )
     service.owns_db = owns_db  # type: ignore[attr-defined]
     return service

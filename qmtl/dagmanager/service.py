@@ -35,6 +35,15 @@ On PostgreSQL, rows are written in node-id order so that concurrent diffs lock t
 the same order, diffs hold a shared advisory lock that GC takes exclusively (a queue is
 never collected while a diff is re-using it), and a deadlock or serialisation failure
 is retried. On SQLite (one process) diffs and GC are serialised by a lock.
+
+Replicas: every guarantee above is the database's (unique constraints, row and advisory
+locks), so several DAG Manager processes may serve one PostgreSQL database: concurrent
+diffs of one DAG through different processes converge on one queue per node.
+QueueUpdated goes through the transactional outbox (:mod:`qmtl.store.outbox`), so no
+diff or GC waits for the ControlBus and each key's events are published in order by one
+process at a time. The periodic GC runs once per interval across replicas (a lease row,
+``dm_leases``); a topic a concurrent diff re-used while GC was deleting it is created
+again.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from qmtl.bus.base import ControlBus
 from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
+from qmtl.contracts.events import event_validators
+from qmtl.store.outbox import Outbox, OutboxMetrics
 from qmtl.store.sql import Database
 
 from . import naming, store
@@ -206,8 +217,10 @@ class DagManagerService:
         partitions: int = 4,
         clock: Callable[[], float] = time.time,
         include_match_mode: bool = False,
+        outbox_poll_seconds: float = 1.0,
     ) -> None:
         self.db = db
+        self.instance_id = uuid.uuid4().hex[:12]  # names this process in leases
         self.bus = bus
         self.topic_admin = topic_admin
         self.callback = callback
@@ -222,8 +235,21 @@ class DagManagerService:
             # The graph's indexes outgrow SQLite's default 2 MB page cache quickly; a diff
             # of 1,000 nodes then reads its index pages back from the OS on every write.
             sa.event.listen(db.engine.sync_engine, "connect", _sqlite_cache_pragma)
+        self.outbox = Outbox(
+            db, bus, store.outbox,
+            validate=event_validators().validate,
+            metrics=OutboxMetrics(
+                published=lambda _topic: metrics.queue_updated.inc(),
+                failed=metrics.queue_updated_failed.inc,
+                dropped=metrics.queue_updated_failed.inc,
+                pending=metrics.outbox_pending,
+                oldest_age=metrics.outbox_oldest_age,
+            ),
+            poll_interval=outbox_poll_seconds,
+            name="dagmanager-outbox",
+        )
         self.notifier = QueueNotifier(db, bus, callback=callback, metrics=metrics, clock=clock,
-                                      include_match_mode=include_match_mode, write=self._write)
+                                      include_match_mode=include_match_mode, write=self._write, outbox=self.outbox)
         # PostgreSQL plans the diff's lookups from table statistics; right after the graph
         # grew fast they are stale (autovacuum analyzes within a minute or so) and a plan
         # made for a tiny table can scan the whole table per row. Growth therefore
@@ -241,6 +267,7 @@ class DagManagerService:
         await self.topic_admin.start()
         await self.callback.start()
         await self.notifier.start()
+        await self.outbox.start()
 
     async def stop(self) -> None:
         if self._analyze_task is not None:
@@ -251,6 +278,7 @@ class DagManagerService:
         with contextlib.suppress(Exception):
             await self.notifier.drain(timeout=2.0)
         await self.notifier.close()
+        await self.outbox.stop()
         with contextlib.suppress(Exception):
             await self.callback.drain(timeout=2.0)
         await self.callback.close()
@@ -260,8 +288,9 @@ class DagManagerService:
             log.exception("closing the topic admin failed")
 
     async def drain(self) -> None:
-        """Wait for background notifications and callbacks (tests)."""
+        """Wait for background notifications, their publication and callbacks (tests)."""
         await self.notifier.drain()
+        await self.outbox.flush()
         await self.callback.drain()
 
     @contextlib.asynccontextmanager
@@ -833,6 +862,8 @@ class DagManagerService:
                 await self.topic_admin.delete(r.topic)
             except Exception as exc:
                 log.warning("deleting topic %s failed: %s", r.topic, exc)
+        if rows:
+            await self._recreate_reused_topics([r.topic for r in rows])
         self.notifier.queues_changed(
             [QueueChange(r.topic, tuple(store.loads(r.tags)), int(r.interval)) for r in rows if not r.sim]
         )
@@ -843,11 +874,41 @@ class DagManagerService:
             "ran_at": iso(now),
         }
 
+    async def _recreate_reused_topics(self, topics: list[str]) -> None:
+        """A diff (of this or another replica) may have given a collected queue's name to a
+        new queue between GC's commit and its topic deletion: create those topics again."""
+        q = store.queues
+        async with self.db.connect() as conn:
+            reused = [r[0] for r in (await conn.execute(sa.select(q.c.topic).where(q.c.topic.in_(topics)))).all()]
+        if reused:
+            log.info("re-creating %d topic(s) a diff re-used while GC deleted them", len(reused))
+            await self._create_topics(sorted(reused))
+
+    async def claim_lease(self, name: str, seconds: float) -> bool:
+        """Take the named lease for ``seconds`` unless another process holds it (wall clock)."""
+        ls = store.leases
+        now = time.time()
+        values = {"name": name, "owner": self.instance_id, "until": now + seconds}
+        async with self.db.begin() as conn:
+            inserted = await self.sql.insert_ignore_returning(conn, ls, [values], [ls.c.name])
+            if inserted:
+                return True
+            res = await conn.execute(
+                sa.update(ls)
+                .where(ls.c.name == name, sa.or_(ls.c.until <= now, ls.c.owner == self.instance_id))
+                .values(owner=self.instance_id, until=now + seconds)
+            )
+            return res.rowcount == 1
+
     async def gc_loop(self, interval: float) -> None:
-        """Run GC every ``interval`` seconds until cancelled; a failed pass is logged."""
+        """Run GC every ``interval`` seconds until cancelled, once per interval across every
+        replica on the database (the ``gc`` lease); a failed pass is logged."""
         while True:
             await asyncio.sleep(interval)
             try:
+                if not await self.claim_lease("gc", interval * 0.9):
+                    self.metrics.gc_skipped.inc()
+                    continue
                 await self.gc()
             except asyncio.CancelledError:
                 raise
@@ -862,7 +923,9 @@ class DagManagerService:
         except (SQLAlchemyError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
             log.warning("health: database down: %s", exc)
             return False, {"database": "down", "topic_admin": self.topic_admin.mode}
-        return True, {"status": "ok", "database": "ok", "topic_admin": self.topic_admin.mode, "queues": int(count)}
+        outbox = await self.outbox.stats()
+        return True, {"status": "ok", "database": "ok", "topic_admin": self.topic_admin.mode, "queues": int(count),
+                      "outbox_pending": outbox["pending"], "outbox_oldest_age_seconds": outbox["oldest_age_seconds"]}
 
 
 SQLITE_CACHE_KIB = 32768  # per connection, filled lazily (bounded by the database size)

@@ -24,6 +24,9 @@ the number of index pages a transaction dirties is what its cost is made of.
 * ``dm_tag_watches`` — the (tags, interval, match_mode) keys someone asked about, with
   the etag of the set last announced for each (QueueUpdated is published when it
   changes).
+* ``dm_outbox`` — QueueUpdated events committed with the etag change that caused them,
+  published on the ControlBus after the commit (:mod:`qmtl.store.outbox`).
+* ``dm_leases`` — named leases between replicas (GC: one pass per interval).
 
 Times are epoch seconds (float). Lists are JSON text.
 """
@@ -37,6 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from qmtl.store.outbox import outbox_table
 from qmtl.store.sql import Database
 
 metadata = sa.MetaData()
@@ -142,6 +146,16 @@ tag_watches = sa.Table(
     sa.Column("match_mode", sa.String(3), nullable=False),
     sa.Column("etag", sa.String(64), nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+outbox = outbox_table(metadata, "dm_outbox")
+
+leases = sa.Table(
+    "dm_leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("until", sa.Float, nullable=False),  # epoch seconds
 )
 
 # ids per IN (...) for SQLAlchemy Core statements on SQLite (its bind limit is 32766);

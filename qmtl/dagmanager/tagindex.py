@@ -4,13 +4,15 @@ Live queues are indexed by (tag, interval) in ``dm_queue_tags``. A *watch* is a
 (tags, interval, match_mode) someone asked about — a ``GET /queues/by_tag`` or a
 TagQueryNode in a diffed DAG — stored with the etag of its set as last announced.
 When queues are created or collected, :class:`QueueNotifier` (one background task)
-recomputes every watch they can affect and, for each whose set changed, publishes
-``QueueUpdated`` on the ControlBus (``control.queues``, key ``queue_key(tags,
-interval)``; the bus validates it against its schema) and sends the legacy
-``queue_update`` callback to the Gateway. It publishes first and records the new etag
-after, so a failed publish is retried by the next change rather than lost, and
-several DAG Manager replicas at worst publish a change twice (consumers are
-idempotent by etag).
+recomputes every watch they can affect and, for each whose set changed, records the
+new etag and queues ``QueueUpdated`` (``control.queues``, key ``queue_key(tags,
+interval)``, validated against its schema) in the DAG Manager's transactional outbox
+(:mod:`qmtl.store.outbox`) in one transaction, then sends the legacy ``queue_update``
+callback to the Gateway. The outbox publishes it when the ControlBus takes it (a broker
+that is away delays the event, never loses it, and nothing waits for it). The
+recomputation holds an advisory lock on the bus key (PostgreSQL), so with several DAG
+Manager replicas a change is recorded once and one key's events are committed, and
+published, in order.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
-from qmtl.common import tracing
 from qmtl.bus.base import TOPIC_QUEUES, ControlBus
 from qmtl.bus.keys import queue_key
 from qmtl.contracts.constants import MATCH_MODES, MatchMode
+from qmtl.store.outbox import Outbox, lock_key
 from qmtl.store.sql import Database
 
 from . import store
@@ -131,10 +133,12 @@ class QueueNotifier:
         clock: Callable[[], float] = time.time,
         include_match_mode: bool = False,
         write: Callable[[], Any] | None = None,
+        outbox: Outbox,
     ) -> None:
         self.db = db
         self._write = write or db.begin
         self.bus = bus
+        self.outbox = outbox
         self.callback = callback
         self.metrics = metrics
         self.clock = clock
@@ -146,7 +150,10 @@ class QueueNotifier:
         self.known_watches: set[str] = set()
 
     async def start(self) -> None:
+        """Start the task; its first job recomputes every watch, so a change another process
+        committed and died before announcing is announced now."""
         if self._task is None:
+            self._queue.put_nowait(("all", None))
             self._task = asyncio.create_task(self._run(), name="dagmanager-queue-notifier")
 
     async def close(self) -> None:
@@ -176,6 +183,8 @@ class QueueNotifier:
             try:
                 if kind == "changes":
                     await self._process_changes(payload)
+                elif kind == "all":
+                    await self._process_all()
                 else:
                     await self._process_keys(payload)
             except asyncio.CancelledError:
@@ -197,6 +206,18 @@ class QueueNotifier:
                 affected.append((key, row.etag))
         await self._recompute(affected)
 
+    async def _process_all(self, page: int = 1000) -> None:
+        w = store.tag_watches
+        after = ""
+        while True:
+            async with self.db.connect() as conn:
+                rows = (await conn.execute(
+                    sa.select(w).where(w.c.watch_key > after).order_by(w.c.watch_key).limit(page))).all()
+            if not rows:
+                return
+            after = rows[-1].watch_key
+            await self._recompute([(TagKey(tuple(store.loads(r.tags)), r.interval, r.match_mode), r.etag) for r in rows])
+
     async def _process_keys(self, keys: list[TagKey]) -> None:
         w = store.tag_watches
         async with self.db.connect() as conn:
@@ -209,17 +230,28 @@ class QueueNotifier:
         for key, old_etag in affected:
             async with self.db.connect() as conn:
                 queues = await match(conn, key)
-            etag = etag_of(key, queues)
-            if etag == old_etag:
+            if etag_of(key, queues) == old_etag:
                 continue
-            if not await self._publish(key, queues, etag):
-                continue  # not recorded: the next change of this key publishes again
+            # Again under the key's lock, against the etag as recorded now: another replica
+            # may have announced this change already.
             async with self._write() as conn:
+                await lock_key(conn, "dagmanager-watch", key.bus_key)  # not the publisher's claim: writers never wait for it
+                recorded = (await conn.execute(sa.select(w.c.etag).where(w.c.watch_key == key.watch_key))).scalar_one_or_none()
+                queues = await match(conn, key)
+                etag = etag_of(key, queues)
+                if recorded is None or etag == recorded:
+                    continue
+                await self.outbox.add(conn, TOPIC_QUEUES, key.bus_key, self._event(key, queues, etag))
                 await conn.execute(
                     sa.update(w).where(w.c.watch_key == key.watch_key).values(etag=etag, updated_at=self.clock())
                 )
+            self.outbox.notify()
+            self.callback.send(
+                "queue_update",
+                {"tags": list(key.tags), "interval": key.interval, "queues": queues, "match_mode": key.match_mode, "etag": etag},
+            )
 
-    async def _publish(self, key: TagKey, queues: list[str], etag: str) -> bool:
+    def _event(self, key: TagKey, queues: list[str], etag: str) -> dict[str, Any]:
         event: dict[str, Any] = {
             "type": "QueueUpdated",
             "version": 1,
@@ -231,18 +263,7 @@ class QueueNotifier:
         }
         if self.include_match_mode:
             event["match_mode"] = key.match_mode
-        try:
-            await self.bus.publish(TOPIC_QUEUES, event, key=key.bus_key, headers=tracing.inject({}) or None)
-        except Exception as exc:  # invalid (a bug) or the bus is down: count, log, keep going
-            self.metrics.queue_updated_failed.inc()
-            log.warning("QueueUpdated for %s/%s/%s not published: %s", key.tags, key.interval, key.match_mode, exc)
-            return False
-        self.metrics.queue_updated.inc()
-        self.callback.send(
-            "queue_update",
-            {"tags": list(key.tags), "interval": key.interval, "queues": queues, "match_mode": key.match_mode, "etag": etag},
-        )
-        return True
+        return event
 
 
 async def register_watches(conn: Any, helpers: store.SqlHelpers, keys: dict[TagKey, list[str]], now: float) -> list[TagKey]:

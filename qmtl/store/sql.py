@@ -67,6 +67,24 @@ class Database:
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(metadata.create_all)
 
+    async def add_missing_columns(self, table: sa.Table) -> list[str]:
+        """Add ``table``'s nullable columns that an older version's database lacks
+        (``create_all`` creates missing tables only); returns the names added."""
+
+        def missing(sync_conn: Any) -> list[str]:
+            have = {c["name"] for c in sa.inspect(sync_conn).get_columns(table.name)}
+            return [c.name for c in table.columns if c.name not in have]
+
+        async with self.engine.begin() as conn:
+            names = await conn.run_sync(missing)
+            for name in names:
+                column = table.c[name]
+                if not column.nullable:
+                    raise RuntimeError(f"{table.name}.{name} is missing and not nullable: migrate the database")
+                ddl = column.type.compile(dialect=conn.dialect)
+                await conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{name}" {ddl}'))
+        return names
+
     def begin(self) -> Any:
         """A transaction: ``async with db.begin() as conn: ...``."""
         return self.engine.begin()

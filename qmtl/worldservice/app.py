@@ -22,7 +22,8 @@ def create_service(config: Config, *, bus: ControlBus, db: Database | None = Non
     ws = config.worldservice
     if ws.rbac == "enforce" and not ws.service_token:
         raise ConfigError("worldservice.rbac is 'enforce' but worldservice.service_token is empty: no caller could ever be trusted")
-    return WorldService(config, db=db or Database(config.db_url("worldservice")), bus=bus)
+    db = db or Database(config.db_url("worldservice"), schema=ws.database_schema or None)
+    return WorldService(config, db=db, bus=bus)
 
 
 def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, service: WorldService | None = None,

@@ -9,21 +9,31 @@ unfreeze, then one ActivationUpdated per changed entry, published after the comm
 
 * Idempotent by ``run_id``: runs are stored (``ws_apply_runs``) with their plan checksum
   and result, so a repeat — also after a restart — returns the stored result.
-* Single flight per world: the world row holds the run_id in flight; another run_id
-  meanwhile is 409 (with Retry-After); the same run_id in this process waits for it.
+* Single flight per world, across every WorldService process on the database: the
+  world row holds the run_id in flight and its **lease** (``apply_owner``, a token of
+  this attempt, and ``apply_lease_until``), renewed every third of
+  ``apply_lease_seconds`` while the apply runs. Another run_id meanwhile is 409 (with
+  Retry-After); the same run_id in this process waits for it, in another process it is
+  409 until it completes (then the stored result is returned).
 * Any failure before unfreeze (an exception, a cancellation, a fault injected through
   :attr:`apply_hook`) restores the snapshot and unfreezes; the run is marked rolled back
-  and may be applied again. A run left in flight by a process that died is rolled back at
-  the next start (one WorldService process owns a database).
+  and may be applied again. A run whose lease expired (its process died or stalled) is
+  rolled back the same way by any process: by the next apply on the world, or by the
+  periodic recovery every process runs (and at start). Each phase checks that the lease
+  still carries its own token (fencing), so an attempt that lost its lease changes
+  nothing more. The switch is one transaction, so an apply is never left half-done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,6 +63,8 @@ class ApplyOperations:
 
     apply_hook: ApplyHook | None
     drain_seconds: float
+    lease_seconds: float
+    instance_id: str
     _inflight: dict[tuple[str, str], asyncio.Future]
 
     @staticmethod
@@ -124,6 +136,7 @@ class ApplyOperations:
     ) -> tuple[dict, bool]:
         r = store.apply_runs
         request = {"run_id": run_id, "plan": dict(raw_plan)}
+        token = f"{self.instance_id}-{uuid.uuid4().hex[:12]}"  # this attempt's lease
         # -- freeze
         async with self._write(world_id) as (conn, world):
             run = (await conn.execute(sa.select(r).where(r.c.world_id == world_id, r.c.run_id == run_id))).mappings().first()
@@ -135,15 +148,21 @@ class ApplyOperations:
                 return dict(run["result"]), True
             if world["apply_run_id"]:
                 other = world["apply_run_id"]
-                if (world_id, other) in self._inflight and other != run_id:
+                if self._lease_live(world):
                     self.metrics.apply_total.labels("conflict").inc()
+                    if other == run_id:  # run by another process (this one waits above)
+                        raise Conflict(
+                            f"apply {other!r} is in flight on world {world_id!r} (in another WorldService process); "
+                            "repeat the request for its result once it completes",
+                            ext={"run_id_in_flight": other},
+                            headers={"Retry-After": "1"},
+                        )
                     raise Conflict(
                         f"apply {other!r} is in flight on world {world_id!r}; only one apply per world at a time",
                         ext={"run_id_in_flight": other},
                         headers={"Retry-After": "1"},
                     )
-                # Left in flight by a process that died (one WorldService owns a database).
-                world = await self._restore(conn, world, other, "abandoned by a previous WorldService process")
+                world = await self._recover(conn, world, other)
             if world["state"] != WorldState.ACTIVE:
                 raise Conflict(f"world {world_id!r} is {world['state']}; apply needs an ACTIVE world")
             now = self.now()
@@ -167,9 +186,12 @@ class ApplyOperations:
             else:  # a rolled-back run_id applied again
                 await conn.execute(r.update().where(r.c.world_id == world_id, r.c.run_id == run_id).values(**run_values))
             await conn.execute(
-                store.worlds.update().where(store.worlds.c.world_id == world_id).values(apply_run_id=run_id, apply_started_at=now)
+                store.worlds.update()
+                .where(store.worlds.c.world_id == world_id)
+                .values(apply_run_id=run_id, apply_started_at=now, apply_owner=token, apply_lease_until=self._lease_end())
             )
         phase = "frozen"
+        renewer = asyncio.create_task(self._renew_lease(world_id, run_id, token), name=f"apply-lease-{world_id}")
         try:
             await self._hook("frozen", world_id, run_id)
             phase = "drain"
@@ -179,7 +201,7 @@ class ApplyOperations:
             # -- switch
             phase = "switch"
             async with self._write(world_id) as (conn, world):
-                self._check_still_mine(world, run_id)
+                self._check_still_mine(world, run_id, token)
                 now = self.now()
                 current = {(e["strategy_id"], e["side"]): e for e in await self._entries(conn, world_id)}
                 unchanged = 0
@@ -202,12 +224,10 @@ class ApplyOperations:
             # -- unfreeze
             phase = "unfreeze"
             async with self._write(world_id) as (conn, world):
-                self._check_still_mine(world, run_id)
+                self._check_still_mine(world, run_id, token)
                 now = self.now()
-                await conn.execute(
-                    store.worlds.update().where(store.worlds.c.world_id == world_id).values(apply_run_id=None, apply_started_at=None)
-                )
-                world = dict(world, apply_run_id=None, apply_started_at=None)
+                await conn.execute(store.worlds.update().where(store.worlds.c.world_id == world_id).values(**_UNFROZEN))
+                world = dict(world, **_UNFROZEN)
                 entries = await self._entries(conn, world_id)
                 after = views.view(world, entries, include_freeze=False)
                 await self._emit_activation(conn, world_id, before, after, run_id=run_id)
@@ -235,7 +255,7 @@ class ApplyOperations:
                 )
             return result, False
         except BaseException as exc:
-            await asyncio.shield(self._rollback(actor, world_id, run_id, request, phase, exc))
+            await asyncio.shield(self._rollback(actor, world_id, run_id, token, request, phase, exc))
             self.metrics.apply_total.labels("rolled_back").inc()
             if isinstance(exc, (Conflict, ServiceUnavailable)):
                 raise
@@ -246,6 +266,10 @@ class ApplyOperations:
                     ext={"run_id": run_id, "phase": phase},
                 ) from exc
             raise
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
 
     @staticmethod
     def _result_entry(world: Mapping[str, Any], stored: dict, seen: dict) -> dict:
@@ -253,9 +277,62 @@ class ApplyOperations:
         return dict(stored, etag=seen["etag"], ts=seen["ts"])
 
     @staticmethod
-    def _check_still_mine(world: Mapping[str, Any], run_id: str) -> None:
-        if world["apply_run_id"] != run_id:
-            raise Conflict(f"apply {run_id!r} lost its freeze on world {world['world_id']!r} (now {world['apply_run_id']!r})")
+    def _check_still_mine(world: Mapping[str, Any], run_id: str, token: str) -> None:
+        if world["apply_run_id"] != run_id or world["apply_owner"] != token:
+            raise Conflict(
+                f"apply {run_id!r} lost its freeze on world {world['world_id']!r} (its lease expired and it was rolled back; "
+                f"now {world['apply_run_id']!r} is in flight)"
+            )
+
+    # -- leases
+
+    @staticmethod
+    def _wall_clock() -> datetime:
+        # Leases compare wall-clock times of several processes (keep their clocks in sync);
+        # never the service's injectable clock.
+        return datetime.now(UTC)
+
+    def _lease_end(self) -> datetime:
+        return self._wall_clock() + timedelta(seconds=self.lease_seconds)
+
+    def _lease_live(self, world: Mapping[str, Any]) -> bool:
+        until = store.utc(world["apply_lease_until"])
+        return until is not None and until > self._wall_clock()
+
+    async def _renew_lease(self, world_id: str, run_id: str, token: str) -> None:
+        """Extend this attempt's lease every third of its length while the apply runs."""
+        w = store.worlds
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                async with self.db.begin() as conn:
+                    res = await conn.execute(
+                        w.update().where(w.c.world_id == world_id, w.c.apply_owner == token).values(apply_lease_until=self._lease_end())
+                    )
+                if res.rowcount == 0:
+                    logger.warning("apply %r on world %r lost its lease", run_id, world_id)
+                    return
+            except Exception as exc:  # the database is away: try again; the lease may expire meanwhile
+                logger.warning("renewing the lease of apply %r on world %r failed: %r", run_id, world_id, exc)
+
+    async def _recover(self, conn: Any, world: dict, run_id: str) -> dict:
+        """In the caller's transaction: roll back ``run_id``, whose lease expired."""
+        world_id = world["world_id"]
+        logger.warning(
+            "rolling back apply %r on world %r: its lease (%s) expired; its process died or stalled",
+            run_id, world_id, world["apply_owner"] or "none",
+        )
+        world = await self._restore(conn, world, run_id, "interrupted: its WorldService process stopped renewing its lease")
+        await conn.execute(
+            store.audit.insert().values(
+                world_id=world_id, actor="worldservice", event="apply.rolled_back",
+                request={"run_id": run_id},
+                result={"ok": False, "error": "interrupted: the lease of the process running it expired", "by": self.instance_id},
+                created_at=self.now(), correlation_id=None,
+            )
+        )
+        self.metrics.apply_total.labels("rolled_back").inc()
+        return world
 
     async def _hook(self, phase: str, world_id: str, run_id: str) -> None:
         hook = self.apply_hook
@@ -265,12 +342,14 @@ class ApplyOperations:
         if inspect.isawaitable(result):
             await result
 
-    async def _rollback(self, actor: Identity, world_id: str, run_id: str, request: Mapping, phase: str, exc: BaseException) -> None:
+    async def _rollback(
+        self, actor: Identity, world_id: str, run_id: str, token: str, request: Mapping, phase: str, exc: BaseException
+    ) -> None:
         """Restore the snapshot taken at freeze and unfreeze (if the freeze is still ours)."""
         error = f"failed during {phase}: {type(exc).__name__}: {exc}"
         try:
             async with self._write(world_id) as (conn, world):
-                if world["apply_run_id"] != run_id:
+                if world["apply_run_id"] != run_id or world["apply_owner"] != token:
                     return
                 await self._restore(conn, world, run_id, error)
                 await self._audit(conn, world_id, actor, "apply.rolled_back", request, {"ok": False, "phase": phase, "error": error})
@@ -293,26 +372,37 @@ class ApplyOperations:
             await conn.execute(
                 r.update().where(r.c.world_id == world_id, r.c.run_id == run_id).values(status="rolled_back", error=error, finished_at=self.now())
             )
-        await conn.execute(
-            store.worlds.update().where(store.worlds.c.world_id == world_id).values(apply_run_id=None, apply_started_at=None)
-        )
-        return dict(world, apply_run_id=None, apply_started_at=None)
+        await conn.execute(store.worlds.update().where(store.worlds.c.world_id == world_id).values(**_UNFROZEN))
+        return dict(world, **_UNFROZEN)
 
-    async def _recover_orphaned_applies(self) -> None:
+    async def _recover_orphaned_applies(self, *, all_of_them: bool = False) -> None:
+        """Roll back every apply whose lease expired (its process died or stalled); with
+        ``all_of_them``, every apply in flight (at the start of the only process there can
+        be: SQLite, embedded)."""
         w = store.worlds
         async with self.db.connect() as conn:
             frozen = (
-                await conn.execute(sa.select(w.c.world_id, w.c.apply_run_id).where(w.c.apply_run_id.is_not(None)))
-            ).all()
-        for world_id, run_id in frozen:
-            async with self._write(world_id) as (conn, world):
-                if world["apply_run_id"] == run_id:
-                    logger.warning("rolling back apply %r on world %r left in flight by a previous process", run_id, world_id)
-                    await self._restore(conn, world, run_id, "interrupted: WorldService restarted during the apply")
-                    await conn.execute(
-                        store.audit.insert().values(
-                            world_id=world_id, actor="worldservice", event="apply.rolled_back",
-                            request={"run_id": run_id}, result={"ok": False, "error": "interrupted by a restart"},
-                            created_at=self.now(), correlation_id=None,
-                        )
-                    )
+                await conn.execute(
+                    sa.select(w.c.world_id, w.c.apply_run_id, w.c.apply_lease_until).where(w.c.apply_run_id.is_not(None))
+                )
+            ).mappings().all()
+        for row in frozen:
+            if self._lease_live(row) and not all_of_them:
+                continue
+            world_id, run_id = row["world_id"], row["apply_run_id"]
+            with contextlib.suppress(NotFound):
+                async with self._write(world_id) as (conn, world):
+                    if world["apply_run_id"] == run_id and (all_of_them or not self._lease_live(world)):
+                        await self._recover(conn, world, run_id)
+
+    async def _recovery_loop(self) -> None:
+        interval = max(0.2, min(5.0, self.lease_seconds / 3))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._recover_orphaned_applies()
+            except Exception as exc:  # the database is away: next round
+                logger.warning("recovery of expired applies failed (will retry): %r", exc)
+
+
+_UNFROZEN = {"apply_run_id": None, "apply_started_at": None, "apply_owner": None, "apply_lease_until": None}

@@ -37,6 +37,9 @@ class WorldServiceMetrics:
             "world_events_dropped_total", "Outbox events the bus refused as invalid (never publishable; logged).", registry=r
         )
         self.outbox_pending = Gauge("world_outbox_pending", "Committed events not yet published.", registry=r)
+        self.outbox_oldest_age = Gauge(
+            "world_outbox_oldest_age_seconds", "Age of the oldest committed event not yet published (0 when none).", registry=r
+        )
         self.policy_rejected = Counter("world_policy_rejected_total", "Policy uploads rejected (YAML or schema errors).", registry=r)
         self.activation_not_modified = Counter(
             "world_activation_not_modified_total", "Activation reads answered 304 Not Modified.", registry=r

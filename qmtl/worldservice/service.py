@@ -9,8 +9,10 @@ schemas in ``specs/schemas/``.
 
 Every write runs in one transaction that starts by updating the world's row (which
 serialises writes per world and bumps its revision), writes its audit record and its
-events (to the outbox) in the same transaction, and publishes the events after the
-commit.
+events (to the outbox) in the same transaction, and answers after the commit; the
+outbox's background publisher sends the events (the write never waits for the ControlBus).
+Several processes may serve one PostgreSQL database (see :mod:`qmtl.worldservice.apply`
+for apply leases and :mod:`qmtl.store.outbox` for publishing order).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
@@ -112,7 +115,10 @@ class WorldService(ApplyOperations):
         self.decision_ttl_seconds = _ttl_seconds(cfg.decision_ttl)
         self.drain_seconds = float(cfg.apply_drain_seconds)
         self.apply_hook: ApplyHook | None = None
-        self.outbox = Outbox(db, bus, self.metrics)
+        self.outbox = Outbox(db, bus, self.metrics, poll_interval=float(cfg.outbox_poll_seconds))
+        self.lease_seconds = float(cfg.apply_lease_seconds)
+        self.instance_id = uuid.uuid4().hex[:12]  # names this process in apply leases
+        self._recovery_task: asyncio.Task | None = None
         # Per-world write locks, dropped when no request holds one (ids come from requests).
         self._world_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
@@ -121,11 +127,19 @@ class WorldService(ApplyOperations):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Create tables, roll back applies a previous process left in flight, publish
-        events it committed but did not publish, and start the outbox retry task."""
+        """Create tables, roll back applies whose lease expired (their process died), and
+        start the outbox publisher (it publishes what was committed and not published)
+        and the periodic recovery of expired applies."""
         await self.db.create_all(store.metadata)
-        await self._recover_orphaned_applies()
+        added = await self.db.add_missing_columns(store.worlds)
+        if added:
+            logger.info("ws_worlds: added column(s) %s", ", ".join(added))
+        # SQLite is the embedded, one-process setup: what is in flight at start is this
+        # process's predecessor's, rolled back at once; on PostgreSQL other replicas may be
+        # running theirs, so only expired leases are.
+        await self._recover_orphaned_applies(all_of_them=self.db.is_sqlite)
         await self.outbox.start()
+        self._recovery_task = asyncio.create_task(self._recovery_loop(), name="worldservice-apply-recovery")
         if self.cfg.rbac == "dev":
             logger.warning(
                 "WorldService RBAC is in DEVELOPMENT mode: callers without a forwarded identity act as %r "
@@ -134,6 +148,11 @@ class WorldService(ApplyOperations):
             )
 
     async def stop(self) -> None:
+        task, self._recovery_task = self._recovery_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.outbox.stop()
 
     # ------------------------------------------------------------------ plumbing
@@ -149,18 +168,12 @@ class WorldService(ApplyOperations):
 
     @contextlib.asynccontextmanager
     async def _write(self, world_id: str) -> AsyncIterator[tuple[Any, dict]]:
-        """A write transaction on a live world: ``(conn, world row)``; events published after commit."""
+        """A write transaction on a live world: ``(conn, world row)``. After the commit the
+        outbox publisher is woken; the write does not wait for the ControlBus."""
         async with self._lock(world_id), self.db.begin() as conn:
             world = await self._lock_world(conn, world_id)
             yield conn, world
-        await self._publish()
-
-    async def _publish(self) -> None:
-        try:
-            await self.outbox.flush()
-        except Exception as exc:  # committed already; the retry task publishes later
-            logger.warning("outbox flush after commit failed (will retry): %r", exc)
-            self.outbox.schedule_retry()
+        self.outbox.notify()
 
     async def _lock_world(self, conn: Any, world_id: str) -> dict:
         w = store.worlds
@@ -788,12 +801,14 @@ class WorldService(ApplyOperations):
     async def health(self) -> dict:
         if not await self.db.ping():
             raise ServiceUnavailable("the WorldService database is unreachable", retry_after=2)
+        outbox = await self.outbox.stats()
         return {
             "status": "ok",
             "service": "worldservice",
             "rbac": self.cfg.rbac,
             "database": "ok",
-            "outbox_pending": await self.outbox.pending(),
+            "outbox_pending": outbox["pending"],
+            "outbox_oldest_age_seconds": outbox["oldest_age_seconds"],
         }
 
 

@@ -3,7 +3,8 @@
 * ``ws_worlds`` — worlds; ``rev`` is bumped by every write transaction on the world
   (it takes the world's row lock, serialising writes per world, and it makes
   activation etags unique); ``apply_run_id`` is set while an apply is in flight (the
-  world is frozen).
+  world is frozen), with the lease that says which attempt holds it and until when
+  (``apply_owner``, ``apply_lease_until``).
 * ``ws_policies`` — policy versions (YAML text, checksum, status).
 * ``ws_decisions`` — each world's hysteresis state and latest observation.
 * ``ws_activations`` — per world, strategy and side: active, weight, etag, run_id, ts.
@@ -20,6 +21,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+
+from qmtl.store.outbox import outbox_table
 
 metadata = sa.MetaData()
 
@@ -46,6 +49,10 @@ worlds = sa.Table(
     sa.Column("gate_changed_at", TS, nullable=True),
     sa.Column("apply_run_id", sa.String(128), nullable=True),
     sa.Column("apply_started_at", TS, nullable=True),
+    # The lease of the apply in flight: the attempt holding it (fencing token) and until
+    # when; a replica that finds it expired rolls the apply back (see apply.py).
+    sa.Column("apply_owner", sa.String(64), nullable=True),
+    sa.Column("apply_lease_until", TS, nullable=True),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
 )
@@ -125,17 +132,7 @@ audit = sa.Table(
     sa.Index("ix_ws_audit_world_id_id", "world_id", "id"),
 )
 
-outbox = sa.Table(
-    "ws_outbox",
-    metadata,
-    sa.Column("seq", BigIntId, primary_key=True, autoincrement=True),
-    sa.Column("world_id", sa.String(63), nullable=False),
-    sa.Column("topic", sa.String(64), nullable=False),
-    sa.Column("key", sa.String(200), nullable=False),
-    sa.Column("payload", sa.JSON, nullable=False),
-    sa.Column("headers", sa.JSON, nullable=False),
-    sa.Column("created_at", TS, nullable=False),
-)
+outbox = outbox_table(metadata, "ws_outbox", sa.Column("world_id", sa.String(63), nullable=False))
 
 
 def utc(ts: datetime | None) -> datetime | None:

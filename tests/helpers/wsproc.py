@@ -1,5 +1,7 @@
 """A real WorldService process for tests: started, killed (a real outage) and restarted
-on the same port and data directory."""
+on the same port and data directory. ``service="dagmanager"`` starts a DAG Manager the
+same way; ``argv`` replaces the ``qmtl`` executable (e.g. a launcher that installs a
+test hook, see tests/helpers/ws_hooked.py)."""
 
 from __future__ import annotations
 
@@ -20,19 +22,22 @@ QMTL = str(Path(sys.executable).parent / "qmtl")
 
 
 class WorldServiceProcess:
-    def __init__(self, data_dir: Path, *, service_token: str, env: Mapping[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, service_token: str, env: Mapping[str, str] | None = None, port: int | None = None,
+                 service: str = "worldservice", argv: list[str] | None = None) -> None:
+        self.service = service
+        self.argv = list(argv or [QMTL])
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.service_token = service_token
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.data_dir / "worldservice.log"
+        self.log_path = self.data_dir / f"{service}.log"
 
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QMTL")}
         env.update({
-            "QMTL__WORLDSERVICE__SERVICE_TOKEN": self.service_token,
+            f"QMTL__{self.service.upper()}__SERVICE_TOKEN": self.service_token,
             "QMTL__LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         })
@@ -45,14 +50,14 @@ class WorldServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [QMTL, "worldservice", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [*self.argv, self.service, "--port", str(self.port), "--data-dir", str(self.data_dir)],
             cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"WorldService exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.service} exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
                     return
@@ -60,7 +65,7 @@ class WorldServiceProcess:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"WorldService did not become healthy within {timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.service} did not become healthy within {timeout} s:\n{self.log_tail()}")
 
     @property
     def running(self) -> bool:

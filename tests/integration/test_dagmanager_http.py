@@ -430,7 +430,8 @@ async def test_a_bad_dag_gets_422_with_error_paths(env: Env):
 async def test_health_and_metrics(env: Env):
     await env.diff("s1", [node("a")])
     r = await env.client.get("/health")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "database": "ok", "topic_admin": "embedded", "queues": 1}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "database": "ok", "topic_admin": "embedded", "queues": 1,
+                                                "outbox_pending": 0, "outbox_oldest_age_seconds": 0.0}
     r = await env.client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "diff_duration_ms_count 1.0" in r.text and "dm_queues_created_total 1.0" in r.text

@@ -24,6 +24,7 @@ from qmtl.store.sql import Database, sqlite_url
 from qmtl.worldservice import store
 from qmtl.worldservice.app import create_app
 from qmtl.worldservice.rbac import encode_claims
+from tests.helpers.bus import wait_until
 from tests.helpers.server import serve
 
 TOKEN = "test-service-token"
@@ -76,7 +77,9 @@ class Env:
         return self.app.service
 
     async def events(self, topic: str | None = None, world: str | None = None) -> list[BusMessage]:
-        """Every event published since the last call (the service publishes before it answers)."""
+        """Every event published since the last call. Writes answer without waiting for the
+        bus, so what they committed is published first (the outbox's own flush)."""
+        await self.service.outbox.flush()
         out = []
         while True:
             try:
@@ -717,14 +720,16 @@ async def test_state_survives_a_restart_and_unpublished_events_follow(db_target)
     await flaky.start()
     async with running(db_target, bus=flaky) as env:
         await env.call("POST", "/worlds/sw/apply", json={"run_id": "r2", "plan": {"deactivate": ["s-1"]}})
+        # the write answered; its events wait in the outbox while the bus refuses them
         assert (await env.call("GET", "/health")).json()["outbox_pending"] == 2
-        assert env.service.metrics.publish_failures._value.get() >= 1
+        await wait_until(lambda: env.service.metrics.publish_failures._value.get() >= 1, what="a failed publish attempt")
     bus = InProcessBus(validator=event_validators())
     await bus.start()
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="late")
     async with running(db_target, bus=bus) as env:
+        late = [await asyncio.wait_for(sub.__anext__(), 5) for _ in range(2)]
+        await env.service.outbox.flush()  # the publisher's batch (and its delete) is done
         assert (await env.call("GET", "/health")).json()["outbox_pending"] == 0
-        late = [await asyncio.wait_for(sub.__anext__(), 2) for _ in range(2)]
         assert [(m.value["side"], m.value["active"], m.value["run_id"]) for m in late] == [("long", False, "r2"), ("short", False, "r2")]
     await sub.close()
 

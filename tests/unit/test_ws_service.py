@@ -96,7 +96,7 @@ async def test_events_held_back_by_a_bus_outage_are_retried_in_order(tmp_path):
     await bus.start()
     db = Database(sqlite_url(tmp_path / "ws.db"))
     svc = WorldService(Config(), db=db, bus=bus)
-    svc.outbox.retry_interval = 0.05
+    svc.outbox.backoff = (0.01, 0.05)  # retry fast
     await svc.start()
     try:
         sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="t")
@@ -130,3 +130,32 @@ async def test_health_is_503_when_the_database_is_down(service, monkeypatch):
     monkeypatch.setattr(service.db, "ping", down)
     with pytest.raises(ServiceUnavailable, match="database is unreachable"):
         await service.health()
+
+
+async def test_embedded_sqlite_rolls_back_an_apply_in_flight_at_start_whatever_its_lease(tmp_path):
+    """SQLite is the one-process setup: an apply in flight at start was the previous
+    process's, and is rolled back at once (on PostgreSQL only once its lease expired)."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from qmtl.worldservice import store
+
+    bus = InProcessBus(validator=event_validators())
+    await bus.start()
+    db = Database(sqlite_url(tmp_path / "ws.db"))
+    first = WorldService(Config(), db=db, bus=bus)
+    await first.start()
+    await first.create_world(DEV, {"world_id": "w", "name": "W"})
+    await first.stop()
+    async with db.begin() as conn:  # a process died holding a lease for another hour
+        await conn.execute(sa.update(store.worlds).values(
+            apply_run_id="gone", apply_owner="dead-process", apply_lease_until=datetime.now(UTC) + timedelta(hours=1)))
+    second = WorldService(Config(), db=db, bus=bus)
+    await second.start()
+    try:
+        assert (await second.get_world(DEV, "w"))["apply_run_id"] is None
+        assert (await second.get_activations(DEV, "w"))["frozen"] is False
+    finally:
+        await second.stop()
+        await db.close()
