@@ -83,7 +83,7 @@ class EventsComponent:
             signing_keys=list(cfg.signing_keys), data_dir=ctx.config.data_dir, token_ttl=cfg.token_ttl,
             algorithm=cfg.algorithm, issuer=self.public_url,
         )
-        self.state = st.StateStore()
+        self.state = st.StateStore(max_skew=ctx.config.gateway.callbacks.max_clock_skew)
         self.hub = Hub(
             self.metrics, source=f"qmtl.gateway/{self.instance_id}", queue_size=cfg.client_queue_size,
             replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval,
