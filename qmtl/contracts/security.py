@@ -143,8 +143,10 @@ class SpecSecurity:
         if "authorization" in headers and not bearer_accepted:
             # e.g. a caller's bearer JWT on a service-to-service route
             raise Forbidden(f"this operation is service-to-service: a caller's token is not accepted; it needs {accepts}")
-        challenge = {"WWW-Authenticate": 'Bearer realm="qmtl"'} if bearer_accepted else None
-        raise Unauthorized(f"this operation needs {accepts}", headers=challenge)
+        if bearer_accepted:
+            raise Unauthorized(f"a bearer token is required (this operation accepts {accepts})",
+                               headers={"WWW-Authenticate": 'Bearer realm="qmtl"'})
+        raise Unauthorized(f"a service credential is required: this operation needs {accepts}")
 
 
 # -- the service credential -------------------------------------------------------------------

@@ -44,6 +44,7 @@ def create_service(
     owns_db = db is None
     db = db or Database(config.db_url("dagmanager"), schema=dm.database_schema or None)
     metrics = DagManagerMetrics()
+    metrics.sentinel_label.cap = dm.metric_label_cap
     service = DagManagerService(
         db,
         bus,
