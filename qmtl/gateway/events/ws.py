@@ -7,7 +7,8 @@ documented code (1008 policy, 1013 try again later), so every client library see
 A stream lives as long as its token: when the token's ``exp`` passes, the Gateway closes
 it with 1008 (reason ``token expired``), unless the client sent a fresh token on the open
 stream first: a text message ``{"type": "refresh", "token": "<token>"}`` (same subject, at
-least the stream's scope) moves the end to the new token's ``exp``.
+least the stream's scope) moves the end to the new token's ``exp`` (plus the verification
+leeway, :data:`EXPIRY_GRACE`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_TOO_SLOW = 4008
+# Seconds past a token's exp before its stream is closed: the leeway the token verification
+# allows (tokens carry whole-second exp; a client refreshing "on time" must not lose).
+EXPIRY_GRACE = 2.0
 
 
 class StreamRefused(Exception):
@@ -130,7 +134,7 @@ class StreamEndpoint:
             if exp is None:
                 await asyncio.Event().wait()
                 return
-            delay = exp - time.time()
+            delay = exp + EXPIRY_GRACE - time.time()
             if delay <= 0:
                 return
             await asyncio.sleep(min(delay, 60.0))
