@@ -281,3 +281,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"gateway.auth.mode must be 'dev' or 'jwt', got {cfg.gateway.auth.mode!r}")
     if cfg.worldservice.rbac not in ("dev", "enforce"):
         raise ConfigError(f"worldservice.rbac must be 'dev' or 'enforce', got {cfg.worldservice.rbac!r}")
+    import ipaddress
+
+    for cidr in cfg.gateway.callbacks.trusted_networks:
+        try:
+            ipaddress.ip_network(str(cidr).strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"gateway.callbacks.trusted_networks: {cidr!r} is not a CIDR network ({exc})") from None

@@ -157,3 +157,12 @@ async def test_in_band_refresh_needs_the_same_subject_and_scope(tmp_path):
             await comp.refresh(sub, bad)
         assert sub.expires_at == 1.0
     assert await comp.refresh(sub, token()) > 1.0
+
+
+def test_a_bad_trusted_network_is_a_config_error():
+    from qmtl.common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="trusted_networks: 'nope'"):
+        load_config(environ={"QMTL__GATEWAY__CALLBACKS__TRUSTED_NETWORKS": '["10.0.0.0/8", "nope"]'})
+    cfg = load_config(environ={"QMTL__GATEWAY__CALLBACKS__TRUSTED_NETWORKS": '["10.0.0.0/8", "::1/128"]'})
+    assert cfg.gateway.callbacks.trusted_networks == ["10.0.0.0/8", "::1/128"]
