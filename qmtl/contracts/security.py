@@ -150,7 +150,6 @@ class SpecSecurity:
 
 
 # -- the service credential -------------------------------------------------------------------
-SERVICE_TOKEN_HEADER = "x-qmtl-service-token"
 TRUSTED_NETWORKS_EXTENSION = "x-qmtl-trusted-networks"  # operation flag: callers may be admitted by address
 
 
@@ -192,23 +191,36 @@ def client_in(scope: Scope, networks: tuple) -> str | None:
     return str(addr) if any(addr in net for net in networks) else None
 
 
-def service_token_verifier(token: str, *, trusted_networks: tuple = (), open_when_unset: bool = False) -> Verifier:
-    """Verifier of the ``X-QMTL-Service-Token`` scheme: the header equal to ``token``
+def api_key_header(service: str, scheme: str) -> str:
+    """The header an ``apiKey`` security scheme of ``service``'s spec names (lower-case)."""
+    from qmtl.contracts.loader import load_openapi
+
+    schemes = (load_openapi(service).bundled.get("components") or {}).get("securitySchemes") or {}
+    s = schemes.get(scheme) or {}
+    if s.get("type") != "apiKey" or s.get("in") != "header" or not s.get("name"):
+        raise ValueError(f"the {service} spec has no header apiKey security scheme {scheme!r}")
+    return str(s["name"]).lower()
+
+
+def service_token_verifier(token: str, *, header: str, trusted_networks: tuple = (), open_when_unset: bool = False) -> Verifier:
+    """Verifier of the service-token scheme (``header``, from the spec: see
+    :func:`api_key_header`): the header equal to ``token``
     (constant-time compare); without the header, a peer inside ``trusted_networks`` on an
     operation flagged ``x-qmtl-trusted-networks``. ``open_when_unset``: with no token
     configured, every request passes (development; the service warns at startup)."""
     import hmac
 
     expected = token.encode() if token else b""
+    header = header.lower()
 
     async def verify(scope: Scope, headers: t.Mapping[str, str], operation: t.Mapping[str, t.Any]) -> t.Any:
         if not expected and open_when_unset:
             return ServiceCaller("unauthenticated", "open", anonymous_dev=True)
-        presented = headers.get(SERVICE_TOKEN_HEADER)
+        presented = headers.get(header)
         if presented is not None:
             if expected and hmac.compare_digest(expected, presented.encode("latin-1")):
                 return ServiceCaller("service", "token")
-            raise Unauthorized(f"the {SERVICE_TOKEN_HEADER} header does not hold this service's token")
+            raise Unauthorized(f"the {header} header does not hold this service's token")
         if operation.get(TRUSTED_NETWORKS_EXTENSION):
             peer = client_in(scope, trusted_networks)
             if peer is not None:

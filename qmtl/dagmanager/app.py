@@ -101,12 +101,13 @@ def create_app(
             if tracer_provider is not None:
                 tracer_provider.shutdown()
 
-    from qmtl.contracts.security import service_token_verifier
+    from qmtl.contracts.security import api_key_header, service_token_verifier
 
     if not config.dagmanager.service_token:
         log.warning("DAG Manager writes are UNAUTHENTICATED: dagmanager.service_token is empty (development only; "
                     "set it to the control plane's service token)")
-    verifiers = {"serviceToken": service_token_verifier(config.dagmanager.service_token, open_when_unset=True)}
+    verifiers = {"serviceToken": service_token_verifier(
+        config.dagmanager.service_token, header=api_key_header("dagmanager", "serviceToken"), open_when_unset=True)}
     app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses,
                     access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers)
     app.ctx = service  # type: ignore[attr-defined]

@@ -214,7 +214,7 @@ def spec_security(ctx: Any) -> tuple[dict, Any]:
       operations marked ``x-qmtl-trusted-networks``) a TCP peer inside
       ``gateway.callbacks.trusted_networks``; never a caller's token;
     * ``{}`` (anonymous) — only in development auth mode (the development identity)."""
-    from qmtl.contracts.security import parse_networks, service_token_verifier
+    from qmtl.contracts.security import api_key_header, parse_networks, service_token_verifier
 
     g = ctx.config.gateway
     networks = parse_networks(g.callbacks.trusted_networks, "gateway.callbacks.trusted_networks")
@@ -228,7 +228,8 @@ def spec_security(ctx: Any) -> tuple[dict, Any]:
         auth = ctx.auth
         return await auth.authenticate({}) if auth.mode == "dev" else None
 
-    verifiers = {"bearerAuth": bearer, "serviceToken": service_token_verifier(g.service_token, trusted_networks=networks)}
+    verifiers = {"bearerAuth": bearer, "serviceToken": service_token_verifier(
+        g.service_token, header=api_key_header("gateway", "serviceToken"), trusted_networks=networks)}
     return verifiers, anonymous
 
 

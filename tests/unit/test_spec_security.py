@@ -59,7 +59,7 @@ def middleware(dev: bool = False, networks=("127.0.0.2/32",)):
         return "dev-user" if dev else None
 
     verifiers = {"bearerAuth": bearer,
-                 "serviceToken": service_token_verifier("s3cret", trusted_networks=parse_networks(networks, "test"))}
+                 "serviceToken": service_token_verifier("s3cret", header="X-QMTL-Service-Token", trusted_networks=parse_networks(networks, "test"))}
     return SpecSecurity(app, doc=DOC, verifiers=verifiers, anonymous=anonymous), app
 
 
