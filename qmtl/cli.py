@@ -135,8 +135,11 @@ async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
         # compressing ~0.5 KB frames per client nearly doubles its CPU per frame (bench/bench_ws.py).
         # timeout_graceful_shutdown: open streaming responses (the legacy GET /queues/watch
         # NDJSON stream never ends by itself) must not hold a shutdown forever.
+        # proxy_headers=False: a client address is the TCP peer's, never an X-Forwarded-For value
+        # (uvicorn believes it from 127.0.0.1 by default, which would let a local caller claim a
+        # trusted callback network, see gateway.callbacks.trusted_networks).
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
-                                ws_per_message_deflate=False, timeout_graceful_shutdown=5)
+                                ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle signals once for all
         servers.append(server)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from connexion import request
 
+from qmtl.gateway.auth import caller
+
 from qmtl.common.errors import BadRequest
 from qmtl.contracts.constants import StreamTopic
 
 
 async def subscribe(ctx, body):
-    identity = await ctx.auth.authenticate(request.headers)
+    identity = await caller(ctx, request)
     return await ctx.events.describe(identity, body)
 
 
@@ -27,7 +29,7 @@ async def get_jwks(ctx):
 
 
 async def queues_state_hash(ctx, tags, interval, match_mode=None):
-    await ctx.auth.authenticate(request.headers)
+    await caller(ctx, request)
     try:
         h = await ctx.events.resolved_state_hash(StreamTopic.QUEUES, tags=tags, interval=interval, match_mode=match_mode)
     except ValueError as exc:

@@ -1,6 +1,8 @@
 """Queue lookup routes (SPEC §3), answered from the DAG Manager on its budget (500 ms, 1 retry)."""
 
 from connexion import request
+
+from qmtl.gateway.auth import caller
 from starlette.responses import StreamingResponse
 
 from qmtl.gateway.backends import BackendUnavailable
@@ -8,7 +10,7 @@ from qmtl.gateway.ingest.queues import effective_match_mode, parse_tags, unavail
 
 
 async def queues_by_tag(ctx, tags, interval, match_mode=None, match=None):
-    await ctx.auth.authenticate(request.headers)
+    await caller(ctx, request)
     try:
         return await ctx.ingest.queues.by_tag(parse_tags(tags), interval, effective_match_mode(match_mode, match))
     except BackendUnavailable as exc:
@@ -18,7 +20,7 @@ async def queues_by_tag(ctx, tags, interval, match_mode=None, match=None):
 async def watch_queues(ctx, tags, interval, match_mode=None, match=None):
     """NDJSON stream. Its ``Deprecation`` and ``Link`` headers come from the spec's
     ``x-qmtl-deprecation`` (added to every response, errors included, by the app builder)."""
-    await ctx.auth.authenticate(request.headers)
+    await caller(ctx, request)
     tag_list, mode = parse_tags(tags), effective_match_mode(match_mode, match)
     lookup = ctx.ingest.queues
     try:

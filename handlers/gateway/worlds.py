@@ -16,6 +16,7 @@ from connexion import context
 from connexion.lifecycle import ConnexionResponse
 
 from qmtl.contracts.constants import proxy_rules
+from qmtl.contracts.security import IDENTITY_KEY
 from qmtl.gateway.worlds import Incoming, Reply, Route
 
 
@@ -28,7 +29,7 @@ def _route(operation_id: str) -> Route:
 def _incoming() -> Incoming:
     scope = context.scope
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-    return Incoming(headers, scope.get("query_string", b"").decode("latin-1"))
+    return Incoming(headers, scope.get("query_string", b"").decode("latin-1"), scope.get(IDENTITY_KEY))
 
 
 def _respond(reply: Reply) -> ConnexionResponse:

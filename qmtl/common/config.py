@@ -71,6 +71,8 @@ class AuthConfig:
     algorithms: list[str] = field(default_factory=lambda: ["ES256", "RS256"])
     dev_subject: str = "dev-user"
     dev_roles: dict[str, list[str]] = field(default_factory=lambda: {"*": ["owner", "operator", "reader"]})
+    # Longest lifetime a caller's token may claim (exp - iat, or exp - now without iat); 0 = no cap.
+    max_token_lifetime: float = 86400.0
 
 
 @dataclass
@@ -86,6 +88,14 @@ class EventsConfig:
     instance_id: str = ""
     fallback_url: str = ""  # descriptor fallback_url; default: this Gateway's /ws (legacy route)
     ready_timeout: float = 10.0  # how long /ws/evt waits for the state rebuild before 1013
+
+
+@dataclass
+class CallbacksConfig:
+    # POST /callbacks/dag-event is service-to-service: the service token, or a source address
+    # inside one of these CIDRs (for DAG Managers that send no credential). Empty = nobody by address.
+    trusted_networks: list[str] = field(default_factory=list)
+    max_clock_skew: float = 60.0  # an event's ts may lie at most this far in the future (seconds)
 
 
 @dataclass
@@ -109,6 +119,9 @@ class GatewayConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    # Values a client-chosen metric label (e.g. sentinel_id) may take before the rest fold into "other".
+    metric_label_cap: int = 200
     fallback_queue_size: int = 10_000
     workers: int = 2
 
@@ -141,13 +154,17 @@ class DagManagerConfig:
     port: int = 8002
     database_url: str = ""  # default sqlite under data_dir
     gateway_callback_url: str = ""  # legacy HTTP callback to the Gateway (optional)
-    service_token: str = ""  # sent as X-QMTL-Service-Token so the Gateway accepts the callback in jwt mode
+    # Sent as X-QMTL-Service-Token on callbacks to the Gateway, and required from callers of every
+    # write (POST /diff, /gc, /callbacks/sentinel-traffic, DELETE /strategies/{id}). Empty: writes
+    # are open (development only, warned at startup); `qmtl up` generates one shared token.
+    service_token: str = ""
     kafka_admin: bool = False  # create data topics through the Kafka admin API
     queue_ttl_seconds: int = 7 * 24 * 3600
     gc_interval_seconds: float = 300.0
     database_schema: str = ""  # PostgreSQL schema (search_path) for the tables; default: the user's
     outbox_poll_seconds: float = 1.0  # how often the outbox publisher looks for events other replicas left
     validate_responses: bool = True
+    metric_label_cap: int = 200  # distinct sentinel ids in metric labels before "other"
 
 
 @dataclass
@@ -264,3 +281,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"gateway.auth.mode must be 'dev' or 'jwt', got {cfg.gateway.auth.mode!r}")
     if cfg.worldservice.rbac not in ("dev", "enforce"):
         raise ConfigError(f"worldservice.rbac must be 'dev' or 'enforce', got {cfg.worldservice.rbac!r}")
+    import ipaddress
+
+    for cidr in cfg.gateway.callbacks.trusted_networks:
+        try:
+            ipaddress.ip_network(str(cidr).strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"gateway.callbacks.trusted_networks: {cidr!r} is not a CIDR network ({exc})") from None

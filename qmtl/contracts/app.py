@@ -305,12 +305,18 @@ def build_app(
     resolver_error: int | None = None,
     access_log: bool = True,
     tracer_provider: t.Any = None,
+    security: t.Mapping[str, t.Any] | None = None,
+    anonymous: t.Callable[[], t.Awaitable[t.Any]] | None = None,
 ) -> Dispatcher:
     """The ASGI app of ``service`` (``gateway``, ``worldservice`` or ``dagmanager``).
 
     ``resolver_error=501`` lets operations whose handler is not built yet answer 501
     problem+json (documented in the spec) instead of refusing to start; without it a
     missing handler stops the service at startup.
+
+    ``security`` maps each security scheme of the spec to its verifier and ``anonymous``
+    admits the spec's ``{}`` alternative (see :mod:`qmtl.contracts.security`, which takes
+    the place of Connexion's own security middleware: authentication before validation).
     """
     allow_openapi31()
     decorate_handlers_once()
@@ -319,6 +325,7 @@ def build_app(
         f"qmtl.{service}",
         lifespan=lifespan,
         swagger_ui_options=SwaggerUIOptions(swagger_ui=True, swagger_ui_path="/docs"),
+        middlewares=_middlewares(spec.bundled, security or {}, anonymous),
     )
     app.add_api(
         spec.bundled,
@@ -343,6 +350,19 @@ def build_app(
     dispatcher.spec = spec  # type: ignore[attr-defined]
     dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
     return dispatcher
+
+
+def _middlewares(doc: dict, verifiers: t.Mapping[str, t.Any], anonymous: t.Any) -> list:
+    """Connexion's default stack with its SecurityMiddleware replaced by :class:`SpecSecurity`
+    (same place: after routing, before request validation)."""
+    from connexion.middleware.main import ConnexionMiddleware
+    from connexion.middleware.security import SecurityMiddleware
+
+    from qmtl.contracts.security import SpecSecurity
+
+    out = list(ConnexionMiddleware.default_middlewares)
+    out[out.index(SecurityMiddleware)] = functools.partial(SpecSecurity, doc=doc, verifiers=verifiers, anonymous=anonymous)
+    return out
 
 
 def json_response(body: t.Any, status: int = 200, headers: dict | None = None, content_type: str = "application/json") -> ConnexionResponse:

@@ -44,6 +44,7 @@ def create_service(
     owns_db = db is None
     db = db or Database(config.db_url("dagmanager"), schema=dm.database_schema or None)
     metrics = DagManagerMetrics()
+    metrics.sentinel_label.cap = dm.metric_label_cap
     service = DagManagerService(
         db,
         bus,
@@ -100,8 +101,15 @@ def create_app(
             if tracer_provider is not None:
                 tracer_provider.shutdown()
 
+    from qmtl.contracts.security import api_key_header, service_token_verifier
+
+    if not config.dagmanager.service_token:
+        log.warning("DAG Manager writes are UNAUTHENTICATED: dagmanager.service_token is empty (development only; "
+                    "set it to the control plane's service token)")
+    verifiers = {"serviceToken": service_token_verifier(
+        config.dagmanager.service_token, header=api_key_header("dagmanager", "serviceToken"), open_when_unset=True)}
     app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses,
-                    access_log=config.access_log, tracer_provider=tracer_provider)
+                    access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers)
     app.ctx = service  # type: ignore[attr-defined]
     return app
 

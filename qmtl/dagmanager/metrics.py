@@ -12,6 +12,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from qmtl.common.labels import BoundedLabel
+
 DIFF_BUCKETS_MS = (1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120)
 
 
@@ -40,7 +42,9 @@ class DagManagerMetrics:
         self.tag_watches = Gauge("dm_tag_watches", "Watched (tags, interval, match_mode) keys known to this process", registry=r)
         self.callbacks = Counter("dm_gateway_callbacks", "Gateway HTTP callbacks by event and result", ["event", "result"], registry=r)
         self.callbacks_dropped = Counter("dm_gateway_callbacks_dropped", "Gateway callbacks dropped because the send queue was full", registry=r)
-        self.sentinel_weight = Gauge("dm_sentinel_weight", "Traffic weight last set per sentinel", ["sentinel_id"], registry=r)
+        self.sentinel_weight = Gauge("dm_sentinel_weight", "Traffic weight last set per sentinel (beyond dagmanager.metric_label_cap "
+                                     "distinct ids: one series 'other')", ["sentinel_id"], registry=r)
+        self.sentinel_label = BoundedLabel(200)  # cap set from dagmanager.metric_label_cap
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -788,7 +788,7 @@ class DagManagerService:
                 await conn.execute(sa.update(sen).where(sen.c.sentinel_id == row.sentinel_id)
                                    .values(weight=float(weight), weight_updated_at=now))
         ts = iso(now)
-        self.metrics.sentinel_weight.labels(row.sentinel_id).set(float(weight))
+        self.metrics.sentinel_weight.labels(self.metrics.sentinel_label(row.sentinel_id)).set(float(weight))
         relayed = self.callback.send("sentinel_weight", {"sentinel_id": row.sentinel_id, "weight": float(weight), "ts": ts})
         body: dict[str, Any] = {"sentinel_id": row.sentinel_id, "weight": float(weight), "ts": ts, "relayed": relayed}
         if row.version is not None:
@@ -819,8 +819,9 @@ class DagManagerService:
                 await conn.execute(sa.delete(s).where(s.c.sid == prev.sid))
         sentinel_ids = sorted(r.sentinel_id for r in sentinel_rows)
         for sentinel_id in sentinel_ids:
-            with contextlib.suppress(KeyError):
-                self.metrics.sentinel_weight.remove(sentinel_id)
+            if self.metrics.sentinel_label.release(sentinel_id):
+                with contextlib.suppress(KeyError):
+                    self.metrics.sentinel_weight.remove(sentinel_id)
         return {"strategy_id": strategy_id, "released_nodes": len(nids), "released_queues": topics,
                 "sentinels": sentinel_ids}
 

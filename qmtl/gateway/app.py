@@ -57,6 +57,7 @@ class GatewayContext:
         self.dagmanager = Backend(
             "dagmanager", g.dagmanager_url, timeout=g.dagmanager_budget.timeout, retries=g.dagmanager_budget.retries,
             failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=backend_metrics,
+            default_headers=headers,  # the DAG Manager authenticates every write by the same service token
         )
         tracing.instrument_httpx(self.worldservice.client, self.tracer_provider)
         tracing.instrument_httpx(self.dagmanager.client, self.tracer_provider)
@@ -129,8 +130,11 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
     events = ctx.components.get("events")
     if events is not None:
         ws_routes = list(events.ws_routes())
+    from qmtl.gateway.auth import spec_security
+
+    verifiers, anonymous = spec_security(ctx)
     app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
-                    access_log=config.access_log, tracer_provider=ctx.tracer_provider)
+                    access_log=config.access_log, tracer_provider=ctx.tracer_provider, security=verifiers, anonymous=anonymous)
     worlds = ctx.components.get("worlds")
     if worlds is not None:  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
         from qmtl.gateway.worlds import DecideFastPath

@@ -171,21 +171,75 @@ class Authenticator:
             except jwt.PyJWKClientError as exc:
                 if not keys:
                     raise Unauthorized(f"token key not found: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
+        max_life = float(getattr(self.config, "max_token_lifetime", 0) or 0)
         options = {"require": ["exp", "sub"], "verify_aud": bool(self.config.audience), "verify_iss": bool(self.config.issuer)}
         last: Exception | None = None
         for key in keys:
             try:
-                return jwt.decode(
+                claims = jwt.decode(
                     token, key=key, algorithms=list(self.config.algorithms),
                     audience=self.config.audience or None, issuer=self.config.issuer or None,
                     options=options, leeway=5,
                 )
+                if max_life > 0:
+                    _check_lifetime(claims, max_life)
+                return claims
             except jwt.InvalidSignatureError as exc:
                 last = exc
                 continue
             except jwt.PyJWTError as exc:
                 raise Unauthorized(f"invalid token: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
         raise Unauthorized(f"invalid token: {last or 'no key verifies it'}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def _check_lifetime(claims: Mapping[str, Any], max_life: float) -> None:
+    """A token may not claim to live longer than ``gateway.auth.max_token_lifetime``:
+    ``exp - iat``, or ``exp - now`` when it has no ``iat``."""
+    exp = claims.get("exp")
+    iat = claims.get("iat")
+    start = float(iat) if isinstance(iat, (int, float)) and not isinstance(iat, bool) else time.time()
+    if isinstance(exp, (int, float)) and float(exp) - start > max_life + 5:  # 5 s: the verification leeway
+        raise Unauthorized(
+            f"the token's lifetime ({float(exp) - start:.0f} s) exceeds the allowed {max_life:.0f} s (gateway.auth.max_token_lifetime)",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+
+
+def spec_security(ctx: Any) -> tuple[dict, Any]:
+    """The verifiers of the Gateway spec's security schemes and its anonymous rule, for
+    :func:`qmtl.contracts.app.build_app` (see :mod:`qmtl.contracts.security`):
+
+    * ``bearerAuth`` — the caller's JWT (:class:`Authenticator`), ``None`` without one;
+    * ``serviceToken`` — ``X-QMTL-Service-Token`` equal to ``gateway.service_token``, or (on
+      operations marked ``x-qmtl-trusted-networks``) a TCP peer inside
+      ``gateway.callbacks.trusted_networks``; never a caller's token;
+    * ``{}`` (anonymous) — only in development auth mode (the development identity)."""
+    from qmtl.contracts.security import api_key_header, parse_networks, service_token_verifier
+
+    g = ctx.config.gateway
+    networks = parse_networks(g.callbacks.trusted_networks, "gateway.callbacks.trusted_networks")
+
+    async def bearer(_scope: Any, headers: Mapping[str, str], _op: Any) -> Identity | None:
+        if not headers.get("authorization"):
+            return None
+        return await ctx.auth.authenticate(headers)
+
+    async def anonymous() -> Identity | None:
+        auth = ctx.auth
+        return await auth.authenticate({}) if auth.mode == "dev" else None
+
+    verifiers = {"bearerAuth": bearer, "serviceToken": service_token_verifier(
+        g.service_token, header=api_key_header("gateway", "serviceToken"), trusted_networks=networks)}
+    return verifiers, anonymous
+
+
+async def caller(ctx: Any, request: Any) -> Identity:
+    """The identity the security middleware verified for this request (authenticating
+    here only when the request did not pass through it)."""
+    from qmtl.contracts.security import IDENTITY_KEY
+
+    identity = request.scope.get(IDENTITY_KEY)
+    return identity if identity is not None else await ctx.auth.authenticate(request.headers)
 
 
 def build(ctx: Any) -> Authenticator:

@@ -127,6 +127,7 @@ class Incoming:
 
     headers: Mapping[str, str]
     query: str = ""  # the raw query string, forwarded as is
+    identity: Any = None  # verified by the security middleware (scope["qmtl.identity"]), if it ran
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -232,6 +233,8 @@ class WorldsProxy:
 
     # -- building blocks ---------------------------------------------------------------
     async def identity(self, req: Incoming) -> Any:
+        if req.identity is not None:
+            return req.identity
         return await self.ctx.auth.authenticate(req.headers)
 
     def consent(self, req: Incoming) -> bool:

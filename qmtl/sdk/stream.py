@@ -9,7 +9,9 @@
    the same Gateway process; an entry whose ``etag`` is already held). Every state frame's
    ``statehash`` is checked against the hash of the local copy (:mod:`qmtl.sdk.state`).
 3. Refresh the token before ``expires_at`` (at ``refresh_at`` of its lifetime, read from the
-   token's own ``iat``/``exp`` so clock skew does not matter); reconnects use the newest.
+   token's own ``iat``/``exp`` so clock skew does not matter); the open stream gets the new
+   token (``{"type": "refresh", "token": ...}``, or the Gateway closes it at the old token's
+   expiry), and reconnects use the newest.
 4. Reconnect with jittered exponential backoff, resuming from the last applied frame
    (``?last_event_id=``): the Gateway replays exactly what was missed, or sends a fresh
    snapshot when it cannot (another process, a restart). ``stream_url`` is always tried
@@ -340,7 +342,12 @@ class EventStream:
             self.descriptor = desc
             self._desc_at = time.monotonic()
             self._desc_lifetime = _token_lifetime(desc)
-            return desc
+        ws = self._ws
+        if ws is not None and not initial:
+            # The Gateway closes a stream (1008) when its token expires: hand it the fresh one.
+            with contextlib.suppress(Exception):
+                await ws.send(json.dumps({"type": "refresh", "token": desc["token"]}))
+        return desc
 
     def _token_due(self) -> float:
         """Monotonic time at which the token should be refreshed."""

@@ -38,6 +38,7 @@ from qmtl.store.sql import Database, sqlite_url
 BASE_URL = f"http://{asgi.HOST}"
 STRATEGY = "contract-s1"
 SENTINEL = f"{STRATEGY}-sentinel"
+SERVICE_TOKEN = "contract-service-token"
 
 CHECKS = [
     not_a_server_error,
@@ -67,7 +68,9 @@ def dm_app(tmp_path_factory):
     bus = InProcessBus(validator=event_validators())
     asyncio.run(bus.start())
     db = Database(sqlite_url(tmp_path_factory.mktemp("dm") / "dagmanager.db"))
-    app = create_app(Config(), bus=bus, db=db, topic_admin=EmbeddedTopicAdmin(), gc_interval=0)
+    cfg = Config()
+    cfg.dagmanager.service_token = SERVICE_TOKEN  # writes need it (serviceToken scheme); Schemathesis sends it
+    app = create_app(cfg, bus=bus, db=db, topic_admin=EmbeddedTopicAdmin(), gc_interval=0)
     yield app
     asgi.shutdown_lifespans()
 
@@ -75,6 +78,7 @@ def dm_app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(dm_app):
     with asgi.get_client(dm_app) as c:  # starts the lifespan
+        c.headers["X-QMTL-Service-Token"] = SERVICE_TOKEN
         r = c.post("/diff", json={"strategy_id": STRATEGY, "dag": DAG})
         assert r.status_code == 200, r.text
         yield c

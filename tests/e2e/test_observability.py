@@ -22,9 +22,6 @@ from tests.helpers.server import free_port
 QMTL = str(Path(sys.executable).with_name("qmtl"))
 # Warnings a fresh embedded start gives on purpose: permissive development modes are announced.
 ANNOUNCED = ("DEVELOPMENT mode",)
-# Connexion's warning for a bearer scheme it is not given a handler for; goes with the spec-driven
-# authentication middleware that takes the place of Connexion's security middleware (issue 15).
-PENDING = ("x-bearerInfoFunc missing",)
 
 
 def test_qmtl_up_json_logs_access_lines_and_metrics_from_start(tmp_path):
@@ -72,7 +69,7 @@ def test_qmtl_up_json_logs_access_lines_and_metrics_from_start(tmp_path):
             raise AssertionError(f"not a JSON log line: {line!r}") from None
     assert all({"ts", "level", "logger", "message", "correlation_id"} <= set(r) for r in records)
     warnings = [r for r in records if r["level"] in ("WARNING", "ERROR", "CRITICAL")]
-    unexpected = [r["message"] for r in warnings if not any(a in r["message"] for a in ANNOUNCED + PENDING)]
+    unexpected = [r["message"] for r in warnings if not any(a in r["message"] for a in ANNOUNCED)]
     assert not unexpected, f"a normal fresh start logged: {unexpected}"
     access = [r for r in records if r["logger"] == "qmtl.access" and r.get("correlation_id") == "op-trace-1"]
     by_service = {r["service"]: r for r in access}

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -83,12 +84,20 @@ class Gateway:
         self.data_dir = data_dir
         self.instance_id = instance_id or f"gw-{next(_counter)}"
         self.events_cfg = {"heartbeat_interval": 0.0, **(events or {})}
-        self.gateway_cfg = gateway or {}
+        # callbacks are service-to-service: tests post them with this Gateway's service token
+        # and accepts event times up to 2 h ahead, since ts() stamps events T0 = 1 h ahead
+        self.gateway_cfg = {"service_token": f"svc-{secrets.token_hex(8)}", "callbacks": {"max_clock_skew": 7200.0},
+                            **(gateway or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self._stack: contextlib.AsyncExitStack | None = None
         self.app: Any = None
+
+    @property
+    def service_headers(self) -> dict[str, str]:
+        """What a control-plane service presents on ``/callbacks/dag-event``."""
+        return {"X-QMTL-Service-Token": self.gateway_cfg["service_token"]}
 
     @property
     def ctx(self) -> Any:

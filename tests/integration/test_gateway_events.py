@@ -149,7 +149,8 @@ async def test_unmodified_sdk_client_on_both_routes(buses, tmp_path):
                 await asyncio.sleep(0.02)
             import httpx
             async with httpx.AsyncClient(base_url=gw.url) as c:
-                r = await c.post("/callbacks/dag-event", json={"event": "sentinel_weight", "data": {"sentinel_id": "sen-1", "weight": 0.4}})
+                r = await c.post("/callbacks/dag-event", json={"event": "sentinel_weight", "data": {"sentinel_id": "sen-1", "weight": 0.4}},
+                                 headers=gw.service_headers)
                 assert r.status_code == 202, r.text
             deadline = time.monotonic() + 10
             while not (evt.sentinel_weights and legacy.sentinel_weights and any(m["type"] == "activation_updated" for m in got_legacy)):
@@ -189,7 +190,7 @@ async def test_per_key_order_duplicates_and_out_of_order(buses, tmp_path):
         import httpx
         async with httpx.AsyncClient(base_url=gw.url) as c:
             await gw.wait_applied(8)
-            r = await c.post("/callbacks/dag-event", json=e[4])
+            r = await c.post("/callbacks/dag-event", json=e[4], headers=gw.service_headers)
             assert r.status_code == 202 and r.json() == {"accepted": True, "duplicate": True}
         frames = await recv_n(ws, 5)
         await expect_silence(ws)

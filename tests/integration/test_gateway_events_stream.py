@@ -129,6 +129,9 @@ async def test_jwt_mode_read_access_legacy_route_and_callback_auth(make_gw, tmp_
         assert jwt.decode(r.json()["token"], options={"verify_signature": False})["sub"] == "alice"
         body = {"event": "sentinel_weight", "data": {"sentinel_id": "x", "weight": 0.5}}
         assert (await c.post("/callbacks/dag-event", json=body)).status_code == 401
+        # a caller's valid JWT never reaches the callback (service-to-service only)
+        r = await c.post("/callbacks/dag-event", json=body, headers={"Authorization": f"Bearer {alice}"})
+        assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
         r = await c.post("/callbacks/dag-event", json=body, headers={"X-QMTL-Service-Token": "svc-secret"})
         assert r.status_code == 202
     # Legacy /ws: no token → 1008; the caller's JWT → only the worlds it may read.
@@ -283,7 +286,7 @@ async def test_dag_event_callback_legacy_and_envelopes(make_gw):
     snaps = await recv_n(ws, 2)
     assert snaps[1]["data"]["items"][0]["queues"] == ["q0"]
     changed_at = (datetime.now(UTC) - timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
-    async with httpx.AsyncClient(base_url=gw.url) as c:
+    async with httpx.AsyncClient(base_url=gw.url, headers=gw.service_headers) as c:
         r = await c.post("/callbacks/dag-event", json={"event": "queue_update", "data": {"tags": ["btc"], "interval": 60, "queues": ["q0", "q1"], "match_mode": "any"}})
         assert r.json() == {"accepted": True, "duplicate": False}
         r = await c.post("/callbacks/dag-event", json={"event": "queue_update", "data": {"tags": ["btc"], "interval": 60, "queues": ["q1", "q0"]}})

@@ -28,6 +28,11 @@ class LiveGateway:
         return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+# The shared service token of the live stack (what its DAG Manager presents on callbacks);
+# tests that play the DAG Manager post /callbacks/dag-event with it.
+LIVE_SERVICE_TOKEN = "sdk-live-service-token"
+
+
 def embedded_env(**extra: str) -> dict[str, str]:
     """Environment of an embedded ``qmtl up`` (no QMTL_* from the caller's environment)."""
     return dict(extra)
@@ -45,6 +50,7 @@ def live(tmp_path_factory) -> LiveGateway:
         QMTL__GATEWAY__PUBLIC_URL=stream_proxy.url,
         QMTL__GATEWAY__EVENTS__FALLBACK_URL=f"ws://127.0.0.1:{fallback_proxy.port}/ws",
         QMTL__DAGMANAGER__GATEWAY_CALLBACK_URL=up.url,
+        QMTL__GATEWAY__SERVICE_TOKEN=LIVE_SERVICE_TOKEN,
     )
     try:
         up.start()

@@ -98,7 +98,7 @@ class QmtlUp:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return "\n".join(line for line in lines[-n:] if "x-bearerInfoFunc" not in line)
+        return "\n".join(lines[-n:])
 
 
 class TcpProxy:

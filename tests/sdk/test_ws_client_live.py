@@ -9,12 +9,13 @@ import httpx
 
 from qmtl.sdk import GatewayClient
 from qmtl.sdk.ws_client import WebSocketClient
+from tests.sdk.conftest import LIVE_SERVICE_TOKEN
 from tests.sdk.live import wait_until
 
 
 async def callback(url: str, body: dict) -> None:
     async with httpx.AsyncClient(base_url=url) as c:
-        r = await c.post("/callbacks/dag-event", json=body)
+        r = await c.post("/callbacks/dag-event", json=body, headers={"X-QMTL-Service-Token": LIVE_SERVICE_TOKEN})
         assert r.status_code == 202, r.text
 
 

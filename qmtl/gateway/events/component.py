@@ -30,7 +30,8 @@ from starlette.routing import WebSocketRoute
 from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
 from qmtl.common import tracing
 from qmtl.common.cache import SingleFlight
-from qmtl.common.errors import ServiceError, ServiceUnavailable, Unprocessable
+from qmtl.common.errors import BadRequest, ServiceError, ServiceUnavailable, Unprocessable
+from qmtl.common.labels import BoundedLabel
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE, StreamTopic, upstream_path
 from qmtl.contracts.events import event_validators, schema_validator
 
@@ -79,11 +80,12 @@ class EventsComponent:
         self.consumer_id = f"gateway-{self.instance_id}"
         self.public_url = ctx.config.gateway_public_url()
         self.metrics = EventMetrics.create(ctx.registry)
+        self.sentinel_label = BoundedLabel(ctx.config.gateway.metric_label_cap)  # sentinel ids come from callers
         self.tokens = Tokens(
             signing_keys=list(cfg.signing_keys), data_dir=ctx.config.data_dir, token_ttl=cfg.token_ttl,
             algorithm=cfg.algorithm, issuer=self.public_url,
         )
-        self.state = st.StateStore()
+        self.state = st.StateStore(max_skew=ctx.config.gateway.callbacks.max_clock_skew)
         self.hub = Hub(
             self.metrics, source=f"qmtl.gateway/{self.instance_id}", queue_size=cfg.client_queue_size,
             replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval,
@@ -189,7 +191,8 @@ class EventsComponent:
         outcome = self.state.apply_sentinel(sid, weight, data.get("ts"))
         delivered = 0
         if outcome == st.APPLIED:
-            self.metrics.sentinel_ratio.labels(sid).set(weight)
+            label = self.sentinel_label(sid)
+            self.metrics.sentinel_ratio.labels(label).set(weight)
             frame: dict[str, Any] = {"sentinel_id": sid, "weight": weight}
             for extra in ("version", "ts"):
                 if isinstance(data.get(extra), str):
@@ -267,6 +270,7 @@ class EventsComponent:
 
     async def _fetch_queue_set(self, key: tuple) -> None:
         from qmtl.gateway.backends import BackendUnavailable
+        from qmtl.gateway.ingest.queues import _problem_detail
 
         tags, interval, mode = key
         try:
@@ -275,6 +279,9 @@ class EventsComponent:
             )
         except BackendUnavailable as exc:
             raise ServiceUnavailable(f"the queue set of {list(tags)}/{interval}/{mode} is unknown here and {exc}", retry_after=2) from exc
+        if resp.status_code in (400, 422):  # the query itself is refused: the caller's 400, not an outage
+            raise BadRequest(f"the DAG Manager refused the queue key {list(tags)}/{interval}/{mode}: {_problem_detail(resp)}",
+                             ext={"errors": [{"parameter": "tags", "message": _problem_detail(resp)}]})
         if resp.status_code != 200:
             raise ServiceUnavailable(f"the DAG Manager answered HTTP {resp.status_code} for the queue set of {list(tags)}/{interval}/{mode}", retry_after=2)
         body = resp.json()
@@ -416,6 +423,8 @@ class EventsComponent:
         if StreamTopic.QUEUES in topics and keys:
             try:
                 await self.resolve_queue_keys(keys)
+            except BadRequest as exc:
+                raise StreamRefused(CLOSE_POLICY, f"bad queue key: {exc.detail}"[:120], "bad_queue_key") from exc
             except ServiceError as exc:
                 raise StreamRefused(CLOSE_TRY_AGAIN, "queue set unavailable (DAG Manager); retry shortly", "backend_unavailable") from exc
         sub = Subscriber(
@@ -423,6 +432,7 @@ class EventsComponent:
             queue_keys=keys if keys else None, world_visible=_nowhere, snapshots=True,
             queue_size=self.cfg.client_queue_size, subject=grant.subject,
         )
+        sub.expires_at = _exp(grant.claims)
         return sub, last_event_id
 
     async def _open_legacy(self, route: str, token: str | None) -> Subscriber:
@@ -436,21 +446,53 @@ class EventsComponent:
                 reason = exc.reason
             else:  # a descriptor token on the legacy route: its world and topics
                 world = grant.world_id
-                return Subscriber(
+                sub = Subscriber(
                     route, topics=grant.topics, world_id=None, strategy_id=grant.strategy_id,
                     queue_keys=grant.queue_keys or None, world_visible=(lambda w: w == world), queue_size=size, subject=grant.subject,
                 )
+                sub.expires_at = _exp(grant.claims)
+                return sub
             if getattr(auth, "verifies_tokens", False):
                 try:
                     identity = await auth.authenticate({"authorization": f"Bearer {token}"})
                 except ServiceError as exc:
                     raise StreamRefused(CLOSE_POLICY, f"invalid token: {exc.detail}"[:120], "invalid_token") from None
-                return Subscriber(route, topics=all_topics, world_visible=_reader_of(identity), queue_size=size, subject=identity.subject)
+                sub = Subscriber(route, topics=all_topics, world_visible=_reader_of(identity), queue_size=size, subject=identity.subject)
+                sub.expires_at = _exp(identity.claims)
+                return sub
             raise StreamRefused(CLOSE_POLICY, f"invalid token: {reason}", reason.replace(" ", "_"))
         if getattr(auth, "mode", "jwt") != "dev":
             raise StreamRefused(CLOSE_POLICY, "a bearer token is required", "missing_token")
         identity = await auth.authenticate({})
         return Subscriber(route, topics=all_topics, world_visible=_reader_of(identity), queue_size=size, subject=identity.subject)
+
+    async def refresh(self, sub: Subscriber, token: str) -> float:
+        """A fresh token sent on an open stream (``{"type": "refresh", "token": ...}``): the
+        same subject and at least the stream's scope (world, topics) → the stream lives until
+        the new token's ``exp``. Raises ValueError (reason) otherwise."""
+        try:
+            grant = self.tokens.verify(token)
+        except InvalidToken as exc:
+            if sub.route == "/ws" and getattr(self.ctx.auth, "verifies_tokens", False):
+                identity = await self.ctx.auth.authenticate({"authorization": f"Bearer {token}"})  # a caller's JWT
+                if identity.subject != sub.subject:
+                    raise ValueError("the token names another subject") from None
+                return self._extend(sub, _exp(identity.claims))
+            raise ValueError(exc.reason) from None
+        if grant.subject != sub.subject:
+            raise ValueError("the token names another subject")
+        if sub.snapshots and grant.world_id != sub.world_id:
+            raise ValueError("the token is for another world")
+        if not set(sub.topics) <= set(grant.topics) and sub.snapshots:
+            raise ValueError("the token does not cover the stream's topics")
+        return self._extend(sub, _exp(grant.claims))
+
+    @staticmethod
+    def _extend(sub: Subscriber, exp: float | None) -> float:
+        if exp is None:
+            raise ValueError("the token has no exp")
+        sub.expires_at = max(sub.expires_at or 0.0, exp)
+        return sub.expires_at
 
     # -- snapshots -----------------------------------------------------------------------
     def snapshot_frames(self, sub: Subscriber, head: int) -> list[str]:
@@ -480,6 +522,11 @@ class EventsComponent:
                 extensions={"seq": head, "statehash": data["state_hash"]},
             ))
         return out
+
+
+def _exp(claims: Mapping[str, Any] | None) -> float | None:
+    exp = (claims or {}).get("exp")
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
 def _nowhere(_world_id: str) -> bool:

@@ -93,6 +93,7 @@ class Subscriber:
         "buffer",
         "closing",
         "dropped",
+        "expires_at",
         "queue_keys",
         "route",
         "snapshots",
@@ -131,6 +132,8 @@ class Subscriber:
         self.closing = False
         self.writer: asyncio.Task | None = None
         self.subject = subject
+        # When its token expires (epoch seconds; None: never), unless refreshed on the stream.
+        self.expires_at: float | None = None
 
     def wants(self, meta: Meta) -> bool:
         kind, world_id, qkey, strategy_id = meta

@@ -16,7 +16,13 @@ And sentinel traffic weights per ``sentinel_id`` (not a topic: relayed, never sn
   queues; a queue set equal to the one held is a duplicate too); a PolicyUpdated equal
   to the one held for its version is a duplicate;
 * an event whose ``ts`` is older than the ``ts`` held for its entry is *stale* and never
-  applied. Equal ``ts``: activation and queues apply it (a new etag means a new value);
+  applied. An event's own ``ts`` counts for at most ``max_skew`` seconds past the
+  Gateway's clock when it arrives (:meth:`StateStore.when`): a ``ts`` in 2099 is held as
+  "now + skew", so it cannot make every genuine later update look older (callbacks with
+  such a ``ts`` are refused before they get here; this is the bound for every path).
+  Within a key, the ControlBus delivers events in the producer's partition order, which
+  is the order they are applied in; timestamps only arbitrate between paths (bus,
+  callback, WorldService seed, replays). Equal ``ts``: activation and queues apply it (a new etag means a new value);
   a policy version applies it only when its status moves forward in the lifecycle
   DRAFT → ACTIVE → DEPRECATED (WorldService stamps the events of one change with one ``ts``);
 * entries are independent: an older event for one strategy is still applied after a newer
@@ -186,12 +192,23 @@ class _Queues:
 class StateStore:
     """Current state per key; every ``apply_*`` returns ``(outcome, state_hash_after)``."""
 
-    def __init__(self, clock: Any = time.time) -> None:
+    def __init__(self, clock: Any = time.time, max_skew: float = 60.0) -> None:
         self._clock = clock
+        self.max_skew = max_skew
         self.worlds: dict[str, _World] = {}
         self.policies: dict[str, dict[int, _Policy]] = {}
         self.queues: dict[QueueKey, _Queues] = {}
         self.sentinels: dict[str, tuple[float, float | None]] = {}
+
+    def when(self, value: Any, *, default_now: bool = True) -> float | None:
+        """An event's ``ts`` as ordering time: parsed, capped at the Gateway's clock plus
+        ``max_skew``; absent or unparsable → the Gateway's clock (``None`` when not
+        ``default_now``)."""
+        parsed = parse_ts(value)
+        now = self._clock()
+        if parsed is None:
+            return now if default_now else None
+        return min(parsed, now + self.max_skew)
 
     # -- activation ------------------------------------------------------------------
     def apply_activation(self, event: Mapping[str, Any], *, with_hash: bool = True) -> tuple[str, str | None]:
@@ -200,8 +217,7 @@ class StateStore:
         if world is None:
             world = self.worlds[world_id] = _World()
         key = (event["strategy_id"], event["side"])
-        ts = parse_ts(event.get("ts"))
-        ts = ts if ts is not None else self._clock()
+        ts = self.when(event.get("ts"))
         etag = event["etag"]
         current = world.entries.get(key)
         if current is not None:
@@ -242,8 +258,7 @@ class StateStore:
         world_id = event["world_id"]
         versions = self.policies.setdefault(world_id, {})
         version = int(event["policy_version"])
-        ts = parse_ts(event.get("ts"))
-        ts = ts if ts is not None else self._clock()
+        ts = self.when(event.get("ts"))
         incoming = _Policy(dict(event), ts)
         current = versions.get(version)
         if current is not None:
@@ -284,8 +299,7 @@ class StateStore:
     ) -> tuple[str, str]:
         """Apply a queue set. ``ts`` absent (legacy callback, DAG Manager lookup): the
         Gateway's receive time stands in, so an older in-flight event cannot undo it."""
-        when = parse_ts(ts) if ts is not None else None
-        when = when if when is not None else self._clock()
+        when = self.when(ts)
         current = self.queues.get(key)
         new_set = tuple(sorted(set(queues)))
         if current is not None:
@@ -321,7 +335,7 @@ class StateStore:
 
     # -- sentinels ---------------------------------------------------------------------
     def apply_sentinel(self, sentinel_id: str, weight: float, ts: Any = None) -> str:
-        when = parse_ts(ts)
+        when = self.when(ts, default_now=False)
         current = self.sentinels.get(sentinel_id)
         if current is not None:
             cur_weight, cur_ts = current

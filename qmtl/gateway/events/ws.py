@@ -3,13 +3,21 @@ dispatcher beside Connexion). Each connection: authenticate → accept → attac
 or resume, atomically) → one writer task draining the client's buffer + one reader task
 watching for the client's close. Refusals are an accept followed by a close with the
 documented code (1008 policy, 1013 try again later), so every client library sees a code.
+
+A stream lives as long as its token: when the token's ``exp`` passes, the Gateway closes
+it with 1008 (reason ``token expired``), unless the client sent a fresh token on the open
+stream first: a text message ``{"type": "refresh", "token": "<token>"}`` (same subject, at
+least the stream's scope) moves the end to the new token's ``exp`` (plus the verification
+leeway, :data:`EXPIRY_GRACE`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +35,9 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_TOO_SLOW = 4008
+# Seconds past a token's exp before its stream is closed: the leeway the token verification
+# allows (tokens carry whole-second exp; a client refreshing "on time" must not lose).
+EXPIRY_GRACE = 2.0
 
 
 class StreamRefused(Exception):
@@ -70,18 +81,24 @@ class StreamEndpoint:
         comp = self.component
         writer = asyncio.create_task(self._write(sub, send))
         sub.writer = writer
-        reader = asyncio.create_task(self._read(receive))
+        reader = asyncio.create_task(self._read(receive, sub))
+        expiry = asyncio.create_task(self._expire(sub))
         try:
-            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({writer, reader, expiry}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             comp.hub.detach(sub)
-            for task in (writer, reader):
+            for task in (writer, reader, expiry):
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(writer, reader, return_exceptions=True)
+            await asyncio.gather(writer, reader, expiry, return_exceptions=True)
         if reader.done() and not reader.cancelled() and reader.exception() is None:
             return  # the client closed: nothing to say
-        if sub.dropped:
+        expired = expiry.done() and not expiry.cancelled() and expiry.exception() is None
+        if expired:
+            comp.metrics.ws_rejected.labels(self.route, "token_expired").inc()
+            log.info("closing %s subscriber %s: its token expired", self.route, sub.subject or "-")
+            code, reason = CLOSE_POLICY, "token expired: send a fresh token on the stream before exp, or reconnect"
+        elif sub.dropped:
             code, reason = CLOSE_TOO_SLOW, "subscriber fell behind; reconnect (with last_event_id) to resume"
         elif sub.closing:
             code, reason = CLOSE_GOING_AWAY, "gateway shutting down"
@@ -110,8 +127,37 @@ class StreamEndpoint:
             await send({"type": "websocket.send", "text": items.popleft()})
 
     @staticmethod
-    async def _read(receive: Any) -> None:
+    async def _expire(sub: Subscriber) -> None:
+        """Returns when the subscriber's token has expired (never when it has no expiry)."""
+        while True:
+            exp = sub.expires_at
+            if exp is None:
+                await asyncio.Event().wait()
+                return
+            delay = exp + EXPIRY_GRACE - time.time()
+            if delay <= 0:
+                return
+            await asyncio.sleep(min(delay, 60.0))
+
+    async def _read(self, receive: Any, sub: Subscriber) -> None:
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
+            text = message.get("text")
+            if text and '"refresh"' in text:
+                await self._on_refresh(sub, text)
+
+    async def _on_refresh(self, sub: Subscriber, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(msg, dict) or msg.get("type") != "refresh" or not isinstance(msg.get("token"), str):
+            return
+        try:
+            until = await self.component.refresh(sub, msg["token"])
+        except Exception as exc:  # a bad refresh changes nothing: the stream still ends at its exp
+            log.info("refresh on %s for %s refused: %s", self.route, sub.subject or "-", exc)
+            return
+        log.debug("%s subscriber %s refreshed until %.0f", self.route, sub.subject or "-", until)

@@ -56,6 +56,13 @@ class SubmitFastPath:
                 or not _is_type(scope, self.content_type)):
             await self.app(scope, receive, send)
             return
+        headers = _headers(scope)
+        try:  # authentication first: an anonymous body is never read in JWT mode
+            identity = await self.ctx.auth.authenticate(headers)
+        except Exception:
+            self.declined += 1
+            await self.app(scope, receive, send)  # the full stack answers the 401/503 problem
+            return
         raw, more = await _read_body(receive)
         body = _parse(raw) if not more else None
         if body is None or not self.validator.is_valid(body):
@@ -63,9 +70,7 @@ class SubmitFastPath:
             await self.app(scope, _replay(raw, more, receive), send)
             return
         self.served += 1
-        headers = _headers(scope)
         try:
-            identity = await self.ctx.auth.authenticate(headers)
             ack, extra = await self.ctx.ingest.submit(body, subject=identity.subject)
         except ServiceError as exc:
             if exc.status >= 500:
