@@ -126,6 +126,25 @@ def _embedded_wiring(cfg: Config) -> None:
     cfg.ensure_service_token()
 
 
+def quiet_server(config: Any) -> Any:
+    """A ``uvicorn.Server`` that leaves signals to its owner. Several servers share one process
+    here (``qmtl up``), and the process stops them all at once on SIGINT/SIGTERM; uvicorn's own
+    handling (``Server.capture_signals``, 0.29+: one handler per server, each re-raising the
+    signal when its server stops) would let the first server to stop raise KeyboardInterrupt
+    into the others' shutdown. Overriding that method is uvicorn's extension point for
+    embedding (it replaced ``install_signal_handlers``, overridden too for older versions)."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def capture_signals(self) -> Any:
+            return contextlib.nullcontext()
+
+        def install_signal_handlers(self) -> None:
+            return None
+
+    return _Server(config)
+
+
 async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
     import uvicorn
 
@@ -140,8 +159,7 @@ async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
         # trusted callback network, see gateway.callbacks.trusted_networks).
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
                                 ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False)
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle signals once for all
+        server = quiet_server(config)  # we handle signals once for all
         servers.append(server)
 
     stop = asyncio.Event()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import json
 import logging
@@ -27,6 +28,10 @@ from qmtl.common import correlation
 __all__ = ["AccessLog", "FORMATS", "JsonFormatter", "TraceContextFilter", "setup_logging", "working_on"]
 
 FORMATS = ("text", "json")
+
+#: The verified caller of the request being handled (set by the authentication middleware;
+#: the request's scope is copied on its way in, so the access line reads it from here).
+caller_subject: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller_subject", default=None)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
@@ -162,6 +167,7 @@ class AccessLog:
             return
         start = time.perf_counter()
         status = 0
+        subject_token = caller_subject.set(None)
 
         async def send_status(message: t.MutableMapping[str, t.Any]) -> None:
             nonlocal status
@@ -172,8 +178,8 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            identity = scope.get("qmtl.identity")
-            subject = getattr(identity, "subject", None)
+            subject = caller_subject.get()
+            caller_subject.reset(subject_token)
             self.logger.info(
                 "%s %s %s", scope["method"], scope["path"], status or "-",
                 extra={"fields": {

@@ -26,6 +26,7 @@ import typing as t
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qmtl.common import logs
 from qmtl.common.errors import Forbidden, Unauthorized
 
 IDENTITY_KEY = "qmtl.identity"
@@ -115,7 +116,8 @@ class SpecSecurity:
             return
         found = self.rule_for(scope)
         if found is not None and found[1].alternatives:
-            scope[IDENTITY_KEY] = await self.authenticate(scope, *found)
+            scope[IDENTITY_KEY] = identity = await self.authenticate(scope, *found)
+            logs.caller_subject.set(getattr(identity, "subject", None))  # for the access line
         await self.app(scope, receive, send)
 
     async def authenticate(self, scope: Scope, op_id: str, rule: Rule) -> t.Any:

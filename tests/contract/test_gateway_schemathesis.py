@@ -28,6 +28,8 @@ import pytest
 import requests
 import schemathesis
 import uvicorn
+
+from qmtl.cli import quiet_server
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import (
@@ -143,8 +145,7 @@ class _ServerThread(threading.Thread):
             bus = InProcessBus(validator=event_validators())
             app = create_app(self.cfg, bus=bus)
             config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-            self.server = uvicorn.Server(config)
-            self.server.install_signal_handlers = lambda: None
+            self.server = quiet_server(config)
             task = asyncio.create_task(self.server.serve())
             while not self.server.started and not task.done():
                 await asyncio.sleep(0.01)

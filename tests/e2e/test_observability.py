@@ -77,4 +77,5 @@ def test_qmtl_up_json_logs_access_lines_and_metrics_from_start(tmp_path):
     for r in by_service.values():
         assert r["method"] == "GET" and r["route"] == "/worlds/{world_id}/decide" and r["status"] == 404
         assert r["duration_ms"] >= 0
+    assert by_service["gateway"]["subject"] == "dev-user"  # the verified (here: development) caller
     assert by_service["gateway"]["duration_ms"] >= by_service["worldservice"]["duration_ms"]

@@ -9,6 +9,8 @@ from typing import AsyncIterator
 
 import uvicorn
 
+from qmtl.cli import quiet_server
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,8 +23,7 @@ async def serve(app, *, port: int | None = None, host: str = "127.0.0.1") -> Asy
     """Serve ``app`` with uvicorn in this event loop; yields its base URL."""
     port = port or free_port()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = quiet_server(config)
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):
