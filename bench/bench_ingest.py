@@ -226,10 +226,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(data_dir: Path, split: bool, log_path: Path) -> tuple[list[subprocess.Popen], int]:
+def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | None = None) -> tuple[list[subprocess.Popen], int]:
     qmtl = str(ROOT / ".venv" / "bin" / "qmtl")
     if not Path(qmtl).exists():
         qmtl = shutil.which("qmtl") or "qmtl"
+    if profile:  # the server under cProfile (figures then include the profiler's overhead)
+        qmtl = (f"{sys.executable}\0-m\0pyinstrument\0-r\0text\0--show-all\0-o\0{profile}\0{qmtl}" if profile.endswith(".txt")
+                else f"{sys.executable}\0-m\0cProfile\0-o\0{profile}\0{qmtl}")
     gw, ws, dm = free_port(), free_port(), free_port()
     env = dict(os.environ, QMTL__LOG_LEVEL="WARNING")
     env.pop("QMTL_CONFIG", None)
@@ -242,7 +245,7 @@ def start_processes(data_dir: Path, split: bool, log_path: Path) -> tuple[list[s
                                        "--dagmanager-url", f"http://127.0.0.1:{dm}", "--worldservice-url", f"http://127.0.0.1:{ws}"],
                                       stdout=log, stderr=log, env=env, start_new_session=True))
     else:
-        procs.append(subprocess.Popen([qmtl, "up", "--data-dir", str(data_dir), "--gateway-port", str(gw),
+        procs.append(subprocess.Popen([*qmtl.split("\0"), "up", "--data-dir", str(data_dir), "--gateway-port", str(gw),
                                        "--worldservice-port", str(ws), "--dagmanager-port", str(dm)],
                                       stdout=log, stderr=log, env=env, start_new_session=True))
     return procs, gw
@@ -339,7 +342,7 @@ async def main(args: argparse.Namespace) -> int:
     load_at_start = os.getloadavg()
     data_dir = Path(tempfile.mkdtemp(prefix="qmtl-bench-ingest-"))
     log_path = data_dir / "server.log"
-    procs, port = start_processes(data_dir, args.split, log_path)
+    procs, port = start_processes(data_dir, args.split, log_path, args.profile)
     pool = Pool("127.0.0.1", port, args.connections)
     try:
         await wait_up(port)
@@ -447,6 +450,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=30.0)
     p.add_argument("--drain-timeout", type=float, default=300.0, help="how long to wait for every accepted id to complete")
     p.add_argument("--split", action="store_true", help="Gateway and DAG Manager as two processes instead of qmtl up")
+    p.add_argument("--profile", metavar="FILE", help="run the server (qmtl up) under cProfile, writing FILE (pstats) at exit")
     p.add_argument("--keep", action="store_true", help="keep the data dir (SQLite files, server log)")
     return p.parse_args(argv)
 

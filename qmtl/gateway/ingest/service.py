@@ -109,6 +109,12 @@ class IngestService:
         # during a burst each still makes progress, and all drain at full speed after it.
         self.burst_rate = 200.0
         self.ingest_yield_max = 1.0
+        # a worker takes up to ``batch_size`` waiting ids at once: their FSM steps share the
+        # mirror commits and Redis round trips; their diffs overlap, at most ``diff_parallel``
+        # at a time in this process
+        self.batch_size = 32
+        self.diff_parallel = 4
+        self._diff_slots = asyncio.Semaphore(self.diff_parallel)
         self._rate = _RateMeter()
         self._records: collections.OrderedDict[str, StrategyRecord] = collections.OrderedDict()
         self._inflight: set[str] = set()
@@ -365,13 +371,14 @@ class IngestService:
             started = time.monotonic()
             try:
                 sid = await self.redis.pop(self.pop_timeout)
+                sids = [sid, *await self.redis.pop_more(self.batch_size - 1)] if sid is not None else []
             except TRANSIENT as exc:
                 log.debug("ingest worker %d: Redis unavailable (%r)", n, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
-            if sid is None:
+            if not sids:
                 if time.monotonic() - started < self.pop_timeout / 2:
                     # the store did not block (the in-memory substitute answers BLMOVE at
                     # once): wait for a local push or the pop timeout instead of spinning
@@ -379,17 +386,18 @@ class IngestService:
                         async with asyncio.timeout(self.pop_timeout):
                             await self._wakeup.wait()
                 continue
-            self._inflight.add(sid)
+            self._inflight.update(sids)
             try:
-                await self._process(sid)
+                await self._process_batch(sids)
             except TRANSIENT as exc:
-                log.warning("ingest worker %d: strategy %s interrupted by a store error (%r); it is retried", n, sid, exc)
+                log.warning("ingest worker %d: strategies %s interrupted by a store error (%r); they are retried", n, sids, exc)
                 await asyncio.sleep(0.5)
-            except Exception as exc:  # a bug must not kill the worker, nor loop on the same strategy
-                log.exception("ingest worker %d: strategy %s failed unexpectedly", n, sid)
-                await self._fail_unexpectedly(sid, exc)
+            except Exception as exc:  # a bug must not kill the worker, nor loop on the same strategies
+                log.exception("ingest worker %d: strategies %s failed unexpectedly", n, sids)
+                for sid in sids:
+                    await self._fail_unexpectedly(sid, exc)
             finally:
-                self._inflight.discard(sid)
+                self._inflight.difference_update(sids)
 
     async def _fail_unexpectedly(self, sid: str, exc: Exception) -> None:
         record = self._records.pop(sid, None)
@@ -400,57 +408,93 @@ class IngestService:
         except Exception:  # noqa: BLE001 - the original error is logged above; this one too
             log.exception("ingest: could not record the failure of %s", sid)
 
-    async def _process(self, sid: str) -> None:
-        token, status = await self.redis.lock_and_status(sid)
-        if token is None:  # another worker holds it: drop this copy
-            await self.redis.done(sid)
-            return
-        finished = False
+    async def _process_batch(self, sids: list[str]) -> None:
+        """Drive a batch of popped ids as far as they go now. Per batch: one Redis round trip
+        for the locks, one mirror commit and one Redis round trip per FSM step of the whole
+        batch, the diffs overlapping (at most :attr:`diff_parallel` in flight), one round
+        trip to take the ids off the processing list and one to unlock them."""
+        locks = await self.redis.lock_and_status_many(sids)
+        held: dict[str, str] = {}
+        todo: list[tuple[str, str | None]] = []
+        finished: list[str] = []
+        for sid, (token, status) in zip(sids, locks):
+            if token is None:  # another worker holds it: drop this copy
+                finished.append(sid)
+            else:
+                held[sid] = token
+                todo.append((sid, status))
         try:
-            finished = await self._run(sid, status)
-        except TRANSIENT:
+            done = await self._run_batch(todo)
+            finished.extend(done)
+        except (asyncio.CancelledError, *TRANSIENT):
             with contextlib.suppress(*TRANSIENT):
-                await self.redis.push_front(sid)
-            finished = True  # re-queued; take it off the processing list
-            raise
-        except asyncio.CancelledError:
-            with contextlib.suppress(*TRANSIENT):
-                await self.redis.push_front(sid)
-            finished = True
+                await self.redis.push_front(*[sid for sid, _ in todo])
+            finished.extend(sid for sid, _ in todo)  # re-queued; take them off the processing list
             raise
         except Exception:
-            finished = True  # the worker records it as failed
+            finished.extend(sid for sid, _ in todo)  # the worker records them as failed
             raise
         finally:
-            if finished:
-                with contextlib.suppress(*TRANSIENT):
-                    await self.redis.done(sid)
             with contextlib.suppress(*TRANSIENT):
-                await self.redis.unlock(sid, token)
+                await self.redis.done_many(finished)
+            with contextlib.suppress(*TRANSIENT):
+                await self.redis.unlock_many(held)
 
-    async def _run(self, sid: str, status: str | None) -> bool:
-        """Drive one strategy as far as it goes now; True when it is off the processing list's hands."""
-        record = self._records.get(sid) or await self.store.record(sid)
-        if record is None:
-            self.metrics.lost_requests.inc()
-            log.error("ingest: strategy %s is queued but has no database record; dropped (counted in lost_requests_total)", sid)
-            return True
-        if status is None:
-            restored = await self._restore(sid)
-            status = restored["status"] if restored else StrategyState.QUEUED
-        if status in TERMINAL:
-            self._records.pop(sid, None)
-            return True
+    async def _run_batch(self, todo: list[tuple[str, str | None]]) -> list[str]:
+        """Returns the ids that are off the processing list's hands (all of them)."""
+        records = {sid: self._records[sid] for sid, _ in todo if sid in self._records}
+        unknown = [sid for sid, _ in todo if sid not in records]
+        if unknown:
+            records.update(await self.store.records(unknown))
+        active: list[StrategyRecord] = []
         breaker = self.ctx.dagmanager.breaker
-        if not self._dm_up.is_set() or breaker.retry_after() > 0:
-            # the DAG Manager is not taking calls (breaker open, or its half-open probe is in
-            # flight): wait in the fallback queue without changing state
-            self._park(sid)
-            if breaker.state == "open":
-                self._dagmanager_down(BackendUnavailable("dagmanager", "circuit breaker open", breaker.retry_after()))
-            return True
-        await self._yield_to_ingest()
-        await self._transition(record, StrategyState.PROCESSING)
+        for sid, status in todo:
+            record = records.get(sid)
+            if record is None:
+                self.metrics.lost_requests.inc()
+                log.error("ingest: strategy %s is queued but has no database record; dropped (counted in lost_requests_total)", sid)
+                continue
+            if status is None:
+                restored = await self._restore(sid)
+                status = restored["status"] if restored else "queued"
+            if status in TERMINAL:
+                self._records.pop(sid, None)
+                continue
+            if not self._dm_up.is_set() or breaker.retry_after() > 0:
+                # the DAG Manager is not taking calls (breaker open, or its half-open probe is
+                # in flight): wait in the fallback queue without changing state
+                self._park(sid)
+                if breaker.state == "open":
+                    self._dagmanager_down(BackendUnavailable("dagmanager", "circuit breaker open", breaker.retry_after()))
+                continue
+            active.append(record)
+        if active:
+            await self._yield_to_ingest()
+            await self._transitions([(r, "processing", None) for r in active])
+            outcomes = await self._diff_all(active)
+            await self._finish(active, outcomes)
+        return [sid for sid, _ in todo]
+
+    async def _diff_all(self, records: list[StrategyRecord]) -> list[tuple[str, Any]]:
+        """Each record's diff outcome: ("ok", diff) | ("failed", error) | ("queued", BackendUnavailable).
+        At most ``diff_parallel`` diffs are in flight per Gateway process: the DAG Manager applies
+        them one at a time (one write transaction each), so more would only wait there, on the
+        DAG Manager's budget."""
+        out: list[tuple[str, Any] | None] = [None] * len(records)
+
+        async def one(i: int) -> None:
+            async with self._diff_slots:
+                try:
+                    out[i] = await self._diff(records[i])
+                except Exception as exc:  # a bug must not take the batch down; the strategy fails
+                    log.exception("ingest: diff of %s failed unexpectedly", records[i].strategy_id)
+                    out[i] = ("failed", f"internal error in the Gateway: {type(exc).__name__}: {exc}")
+
+        await asyncio.gather(*(one(i) for i in range(len(records))))
+        return out  # type: ignore[return-value]
+
+    async def _diff(self, record: StrategyRecord) -> tuple[str, Any]:
+        sid = record.strategy_id
         payload: dict[str, Any] = {"strategy_id": sid, "run_type": record.run_type}
         asset = _meta_str(record.meta, "asset", _ASSET_RE)
         if asset:
@@ -462,16 +506,11 @@ class IngestService:
             resp = await self.ctx.dagmanager.request("POST", "/diff", content=content, headers={"Content-Type": "application/json"},
                                                      idempotent=True)  # a diff is idempotent
         except BackendUnavailable as exc:
-            await self._transition(record, StrategyState.QUEUED, {"reason": f"DAG Manager unavailable: {exc.reason}"})
-            self._park(sid)
-            self._dagmanager_down(exc)
-            return True
+            return "queued", exc
         finally:
             self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
         if resp.status_code >= 400:
-            await self._transition(record, StrategyState.FAILED, {"error": f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"})
-            self._records.pop(sid, None)
-            return True
+            return "failed", f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"
         try:
             result = resp.json()
             diff = {
@@ -482,23 +521,62 @@ class IngestService:
                 "reused_queues": len(result.get("reused_queues") or []),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            await self._transition(record, StrategyState.FAILED, {"error": f"the DAG Manager's diff answer is malformed: {exc}"})
-            self._records.pop(sid, None)
-            return True
-        if diff["new_queues"]:
+            return "failed", f"the DAG Manager's diff answer is malformed: {exc}"
+        return "ok", diff
+
+    async def _finish(self, records: list[StrategyRecord], outcomes: list[tuple[str, Any]]) -> None:
+        """Every outcome of a batch in one mirror commit and one Redis round trip, then relayed
+        per strategy in order: diffed → queue_map → completed; failed; or back to queued (the
+        DAG Manager did not answer: the id waits in the fallback queue)."""
+        rows: list[tuple[str, str, dict | None]] = []
+        states: list[tuple[str, list[tuple[str, Mapping[str, Any] | None]]]] = []
+        down: BackendUnavailable | None = None
+        for rec, (kind, value) in zip(records, outcomes):
+            sid = rec.strategy_id
+            if kind == "ok":
+                rows += [(sid, "diffed", value), (sid, "completed", None)]
+                states.append((sid, [("diffed", self._extra("diffed", value)), ("completed", None)]))
+            elif kind == "failed":
+                detail = {"error": value}
+                rows.append((sid, "failed", detail))
+                states.append((sid, [("failed", self._extra("failed", detail))]))
+            else:
+                down = value
+                detail = {"reason": f"DAG Manager unavailable: {value.reason}"}
+                rows.append((sid, "queued", detail))
+                states.append((sid, [("queued", self._extra("queued", detail))]))
+        await self.store.append_batch(rows)  # the mirror first: never behind what clients saw
+        await self.redis.set_states_many(states)
+        if any(kind == "ok" and value["new_queues"] for kind, value in outcomes):
             self.queues.queues_changed()
-        # diffed → (queue map stored) → completed: both transitions written in one mirror
-        # commit and one Redis round trip, then relayed in order with the queue_map frame
-        await self.store.append_many(sid, [(StrategyState.DIFFED, diff), (StrategyState.COMPLETED, None)])
-        await self.redis.set_states(sid, [(StrategyState.DIFFED, self._extra(StrategyState.DIFFED, diff)), (StrategyState.COMPLETED, None)])
-        self.metrics.fsm.labels(StrategyState.DIFFED).inc()
-        self.metrics.fsm.labels(StrategyState.COMPLETED).inc()
-        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.DIFFED}, sid, record.world_id)
-        await self._relay("queue_map", {"strategy_id": sid, "queue_map": diff["queue_map"], "tag_queries": diff["tag_queries"],
-                                        "sentinel_id": diff["sentinel_id"]}, sid, record.world_id)
-        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.COMPLETED}, sid, record.world_id)
-        self._records.pop(sid, None)
-        return True
+        for rec, (kind, value) in zip(records, outcomes):
+            sid, world = rec.strategy_id, rec.world_id
+            if kind == "ok":
+                self.metrics.fsm.labels("diffed").inc()
+                self.metrics.fsm.labels("completed").inc()
+                await self._relay("progress", {"strategy_id": sid, "status": "diffed"}, sid, world)
+                await self._relay("queue_map", {"strategy_id": sid, "queue_map": value["queue_map"], "tag_queries": value["tag_queries"],
+                                                "sentinel_id": value["sentinel_id"]}, sid, world)
+                await self._relay("progress", {"strategy_id": sid, "status": "completed"}, sid, world)
+                self._records.pop(sid, None)
+            elif kind == "failed":
+                self.metrics.fsm.labels("failed").inc()
+                await self._relay("progress", {"strategy_id": sid, "status": "failed"}, sid, world)
+                self._records.pop(sid, None)
+            else:
+                self.metrics.fsm.labels("queued").inc()
+                await self._relay("progress", {"strategy_id": sid, "status": "queued"}, sid, world)
+                self._park(sid)
+        if down is not None:
+            self._dagmanager_down(down)
+
+    async def _transitions(self, items: list[tuple[StrategyRecord, str, dict | None]]) -> None:
+        """One FSM step of several strategies: one mirror commit, one Redis round trip."""
+        await self.store.append_batch([(r.strategy_id, status, detail) for r, status, detail in items])
+        await self.redis.set_states_many([(r.strategy_id, [(status, self._extra(status, detail))]) for r, status, detail in items])
+        for r, status, _detail in items:
+            self.metrics.fsm.labels(status).inc()
+            await self._relay("progress", {"strategy_id": r.strategy_id, "status": status}, r.strategy_id, r.world_id)
 
     async def _yield_to_ingest(self) -> None:
         deadline = time.monotonic() + self.ingest_yield_max
