@@ -114,6 +114,10 @@ class IngestService:
         # at a time in this process
         self.batch_size = 32
         self.diff_parallel = 4
+        self.diff_batch_nodes = 2_000  # a batch request carries at most this many nodes
+        self.diff_budget_ms_per_node = float(g.diff_budget_ms_per_node)
+        self.diff_budget_ms_per_diff = float(g.diff_budget_ms_per_diff)
+        self.diff_batch_max = 16  # diffs per POST /diff/batch (the spec allows 64)
         self._diff_slots = asyncio.Semaphore(self.diff_parallel)
         self._rate = _RateMeter()
         self._records: collections.OrderedDict[str, StrategyRecord] = collections.OrderedDict()
@@ -477,10 +481,23 @@ class IngestService:
 
     async def _diff_all(self, records: list[StrategyRecord]) -> list[tuple[str, Any]]:
         """Each record's diff outcome: ("ok", diff) | ("failed", error) | ("queued", BackendUnavailable).
-        At most ``diff_parallel`` diffs are in flight per Gateway process: the DAG Manager applies
-        them one at a time (one write transaction each), so more would only wait there, on the
-        DAG Manager's budget."""
+
+        Small DAGs go together in ``POST /diff/batch`` requests (at most ``diff_batch_nodes``
+        nodes and ``diff_batch_max`` diffs each), a DAG larger than that alone in ``POST /diff``;
+        each request's budget grows with its nodes and diffs (``diff_budget_ms_per_node``,
+        ``diff_budget_ms_per_diff``). At most
+        ``diff_parallel`` requests are in flight per Gateway process: the DAG Manager applies
+        diffs one at a time on SQLite, so more would only wait there, on its budget."""
         out: list[tuple[str, Any] | None] = [None] * len(records)
+        groups: list[list[int]] = []
+        weight = 0
+        for i, rec in enumerate(records):
+            w = _node_count(rec.dag_json)
+            if not groups or weight + w > self.diff_batch_nodes or len(groups[-1]) >= self.diff_batch_max:
+                groups.append([])
+                weight = 0
+            groups[-1].append(i)
+            weight += w
 
         async def one(i: int) -> None:
             async with self._diff_slots:
@@ -490,21 +507,77 @@ class IngestService:
                     log.exception("ingest: diff of %s failed unexpectedly", records[i].strategy_id)
                     out[i] = ("failed", f"internal error in the Gateway: {type(exc).__name__}: {exc}")
 
-        await asyncio.gather(*(one(i) for i in range(len(records))))
+        async def many(group: list[int]) -> None:
+            async with self._diff_slots:
+                try:
+                    answers = await self._diff_batch([records[i] for i in group])
+                except Exception as exc:  # noqa: BLE001 - as in one()
+                    log.exception("ingest: batch diff failed unexpectedly")
+                    answers = [("failed", f"internal error in the Gateway: {type(exc).__name__}: {exc}")] * len(group)
+            if answers is None:  # the batch as a whole was refused: one by one, so each gets its own answer
+                await asyncio.gather(*(one(i) for i in group))
+                return
+            for i, answer in zip(group, answers):
+                out[i] = answer
+
+        await asyncio.gather(*(one(g[0]) if len(g) == 1 else many(g) for g in groups))
         return out  # type: ignore[return-value]
 
-    async def _diff(self, record: StrategyRecord) -> tuple[str, Any]:
-        sid = record.strategy_id
-        payload: dict[str, Any] = {"strategy_id": sid, "run_type": record.run_type}
+    def _diff_body(self, record: StrategyRecord) -> str:
+        """The POST /diff body of a record, with the stored DAG text as is (not re-serialised)."""
+        payload: dict[str, Any] = {"strategy_id": record.strategy_id, "run_type": record.run_type}
         asset = _meta_str(record.meta, "asset", _ASSET_RE)
         if asset:
             payload["asset"] = asset
         head = json.dumps(payload, separators=(",", ":"))
-        content = (head[:-1] + ',"dag":' + record.dag_json + "}").encode()  # the stored DAG text as is
+        return head[:-1] + ',"dag":' + record.dag_json + "}"
+
+    def _diff_timeout(self, nodes: int, diffs: int = 1) -> float:
+        extra_ms = nodes * self.diff_budget_ms_per_node + (diffs - 1) * self.diff_budget_ms_per_diff
+        return self.ctx.dagmanager.policy.timeout + extra_ms / 1000.0
+
+    async def _diff_batch(self, records: list[StrategyRecord]) -> list[tuple[str, Any]] | None:
+        """One POST /diff/batch; None when the DAG Manager refused the request as a whole."""
+        content = ('{"diffs":[' + ",".join(self._diff_body(r) for r in records) + "]}").encode()
+        nodes = sum(_node_count(r.dag_json) for r in records)
+        started = time.perf_counter()
+        try:
+            resp = await self.ctx.dagmanager.request("POST", "/diff/batch", content=content, headers={"Content-Type": "application/json"},
+                                                     idempotent=True, timeout=self._diff_timeout(nodes, len(records)))
+        except BackendUnavailable as exc:
+            return [("queued", exc)] * len(records)
+        finally:
+            self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
+        if resp.status_code != 200:
+            log.info("ingest: POST /diff/batch answered HTTP %s (%s); diffing one by one", resp.status_code, _detail(resp))
+            return None
+        try:
+            results = resp.json()["results"]
+            if not isinstance(results, list) or len(results) != len(records):
+                raise ValueError(f"not one result per diff ({len(records)})")
+        except (ValueError, KeyError, TypeError) as exc:
+            return [("failed", f"the DAG Manager's diff answer is malformed: {exc}")] * len(records)
+        out: list[tuple[str, Any]] = []
+        for rec, item in zip(records, results):
+            item = item if isinstance(item, Mapping) else {}
+            status = item.get("status")
+            problem = item.get("problem") if isinstance(item.get("problem"), Mapping) else {}
+            if status == 200:
+                out.append(self._diff_outcome(rec, item.get("body")))
+            elif status in (429, 502, 503, 504):
+                out.append(("queued", BackendUnavailable("dagmanager", f"answered HTTP {status} for this diff: {problem.get('detail', '')}")))
+            else:
+                detail = str(problem.get("detail") or problem.get("title") or item)[:500]
+                out.append(("failed", f"the DAG Manager refused the diff (HTTP {status}): {detail}"))
+        return out
+
+    async def _diff(self, record: StrategyRecord) -> tuple[str, Any]:
+        content = self._diff_body(record).encode()
         started = time.perf_counter()
         try:
             resp = await self.ctx.dagmanager.request("POST", "/diff", content=content, headers={"Content-Type": "application/json"},
-                                                     idempotent=True)  # a diff is idempotent
+                                                     idempotent=True,  # a diff is idempotent
+                                                     timeout=self._diff_timeout(_node_count(record.dag_json)))
         except BackendUnavailable as exc:
             return "queued", exc
         finally:
@@ -513,6 +586,13 @@ class IngestService:
             return "failed", f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"
         try:
             result = resp.json()
+        except ValueError as exc:
+            return "failed", f"the DAG Manager's diff answer is malformed: {exc}"
+        return self._diff_outcome(record, result)
+
+    @staticmethod
+    def _diff_outcome(record: StrategyRecord, result: Any) -> tuple[str, Any]:
+        try:
             diff = {
                 "queue_map": dict(result["queue_map"]),
                 "tag_queries": dict(result.get("tag_queries") or {}),
@@ -520,7 +600,7 @@ class IngestService:
                 "new_queues": len(result.get("new_queues") or []),
                 "reused_queues": len(result.get("reused_queues") or []),
             }
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return "failed", f"the DAG Manager's diff answer is malformed: {exc}"
         return "ok", diff
 
@@ -740,6 +820,11 @@ class _RateMeter:
     def per_second(self) -> float:
         slot = int(time.monotonic() * 10)
         return float(sum(n for n, st in zip(self._buckets, self._stamps) if slot - st < 10))
+
+
+def _node_count(dag_json: str) -> int:
+    """Nodes in a stored DAG, without parsing it (each node object has one ``node_id`` key)."""
+    return max(1, dag_json.count('"node_id"'))
 
 
 def _meta_str(meta: Any, key: str, pattern: re.Pattern) -> str | None:
