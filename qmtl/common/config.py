@@ -128,7 +128,7 @@ class GatewayConfig:
     # diff_budget_ms_per_node + diffs x diff_budget_ms_per_diff (a POST /diff/batch carries
     # several); a 10,000-node diff costs ~330-450 ms on the DAG Manager: 0.5 ms/node leaves 10x
     diff_budget_ms_per_node: float = 0.5
-    diff_budget_ms_per_diff: float = 25.0
+    diff_budget_ms_per_diff: float = 100.0
 
 
 @dataclass

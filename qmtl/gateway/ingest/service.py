@@ -110,15 +110,18 @@ class IngestService:
         self.burst_rate = 200.0
         self.ingest_yield_max = 1.0
         # a worker takes up to ``batch_size`` waiting ids at once: their FSM steps share the
-        # mirror commits and Redis round trips; their diffs overlap, at most ``diff_parallel``
-        # at a time in this process
+        # mirror commits and Redis round trips; their diffs go in POST /diff/batch requests
         self.batch_size = 32
-        self.diff_parallel = 4
         self.diff_batch_nodes = 2_000  # a batch request carries at most this many nodes
         self.diff_budget_ms_per_node = float(g.diff_budget_ms_per_node)
         self.diff_budget_ms_per_diff = float(g.diff_budget_ms_per_diff)
-        self.diff_batch_max = 16  # diffs per POST /diff/batch (the spec allows 64)
-        self._diff_slots = asyncio.Semaphore(self.diff_parallel)
+        self.diff_batch_max = 8  # diffs per POST /diff/batch (the spec allows 64)
+        # two lanes, one request in flight each per process: small DAGs (batched), and DAGs
+        # of more than ``diff_batch_nodes`` nodes, so a large diff never holds up small ones
+        # here; the DAG Manager applies diffs one at a time on SQLite, so more requests in
+        # flight would only queue there, on their budget
+        self._diff_slots = asyncio.Semaphore(1)
+        self._large_slots = asyncio.Semaphore(1)
         self._rate = _RateMeter()
         self._records: collections.OrderedDict[str, StrategyRecord] = collections.OrderedDict()
         self._inflight: set[str] = set()
@@ -415,7 +418,7 @@ class IngestService:
     async def _process_batch(self, sids: list[str]) -> None:
         """Drive a batch of popped ids as far as they go now. Per batch: one Redis round trip
         for the locks, one mirror commit and one Redis round trip per FSM step of the whole
-        batch, the diffs overlapping (at most :attr:`diff_parallel` in flight), one round
+        batch, the diffs in POST /diff/batch requests (see :meth:`_diff_all`), one round
         trip to take the ids off the processing list and one to unlock them."""
         locks = await self.redis.lock_and_status_many(sids)
         held: dict[str, str] = {}
@@ -485,9 +488,9 @@ class IngestService:
         Small DAGs go together in ``POST /diff/batch`` requests (at most ``diff_batch_nodes``
         nodes and ``diff_batch_max`` diffs each), a DAG larger than that alone in ``POST /diff``;
         each request's budget grows with its nodes and diffs (``diff_budget_ms_per_node``,
-        ``diff_budget_ms_per_diff``). At most
-        ``diff_parallel`` requests are in flight per Gateway process: the DAG Manager applies
-        diffs one at a time on SQLite, so more would only wait there, on its budget."""
+        ``diff_budget_ms_per_diff``). One request is in flight per lane (small, large) and
+        Gateway process: the DAG Manager applies diffs one at a time on SQLite, so more would
+        only wait there, on their budget."""
         out: list[tuple[str, Any] | None] = [None] * len(records)
         groups: list[list[int]] = []
         weight = 0
@@ -500,7 +503,8 @@ class IngestService:
             weight += w
 
         async def one(i: int) -> None:
-            async with self._diff_slots:
+            lane = self._large_slots if _node_count(records[i].dag_json) > self.diff_batch_nodes else self._diff_slots
+            async with lane:
                 try:
                     out[i] = await self._diff(records[i])
                 except Exception as exc:  # a bug must not take the batch down; the strategy fails
