@@ -231,8 +231,7 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
     if not Path(qmtl).exists():
         qmtl = shutil.which("qmtl") or "qmtl"
     if profile:  # the server under cProfile (figures then include the profiler's overhead)
-        qmtl = (f"{sys.executable}\0-m\0pyinstrument\0-r\0text\0--show-all\0-o\0{profile}\0{qmtl}" if profile.endswith(".txt")
-                else f"{sys.executable}\0-m\0cProfile\0-o\0{profile}\0{qmtl}")
+        qmtl = f"{sys.executable}\0-m\0cProfile\0-o\0{profile}\0{qmtl}"
     gw, ws, dm = free_port(), free_port(), free_port()
     env = dict(os.environ, QMTL__LOG_LEVEL="WARNING")
     env.pop("QMTL_CONFIG", None)
