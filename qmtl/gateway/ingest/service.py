@@ -463,7 +463,7 @@ class IngestService:
                 continue
             if status is None:
                 restored = await self._restore(sid)
-                status = restored["status"] if restored else "queued"
+                status = restored["status"] if restored else StrategyState.QUEUED
             if status in TERMINAL:
                 self._records.pop(sid, None)
                 continue
@@ -477,13 +477,13 @@ class IngestService:
             active.append(record)
         if active:
             await self._yield_to_ingest()
-            await self._transitions([(r, "processing", None) for r in active])
+            await self._transitions([(r, StrategyState.PROCESSING, None) for r in active])
             outcomes = await self._diff_all(active)
             await self._finish(active, outcomes)
         return [sid for sid, _ in todo]
 
     async def _diff_all(self, records: list[StrategyRecord]) -> list[tuple[str, Any]]:
-        """Each record's diff outcome: ("ok", diff) | ("failed", error) | ("queued", BackendUnavailable).
+        """Each record's diff outcome: ("ok", diff) | ("refused", error) | ("unavailable", BackendUnavailable).
 
         Small DAGs go together in ``POST /diff/batch`` requests (at most ``diff_batch_nodes``
         nodes and ``diff_batch_max`` diffs each), a DAG larger than that alone in ``POST /diff``;
@@ -509,7 +509,7 @@ class IngestService:
                     out[i] = await self._diff(records[i])
                 except Exception as exc:  # a bug must not take the batch down; the strategy fails
                     log.exception("ingest: diff of %s failed unexpectedly", records[i].strategy_id)
-                    out[i] = ("failed", f"internal error in the Gateway: {type(exc).__name__}: {exc}")
+                    out[i] = ("refused", f"internal error in the Gateway: {type(exc).__name__}: {exc}")
 
         async def many(group: list[int]) -> None:
             async with self._diff_slots:
@@ -517,7 +517,7 @@ class IngestService:
                     answers = await self._diff_batch([records[i] for i in group])
                 except Exception as exc:  # noqa: BLE001 - as in one()
                     log.exception("ingest: batch diff failed unexpectedly")
-                    answers = [("failed", f"internal error in the Gateway: {type(exc).__name__}: {exc}")] * len(group)
+                    answers = [("refused", f"internal error in the Gateway: {type(exc).__name__}: {exc}")] * len(group)
             if answers is None:  # the batch as a whole was refused: one by one, so each gets its own answer
                 await asyncio.gather(*(one(i) for i in group))
                 return
@@ -549,7 +549,7 @@ class IngestService:
             resp = await self.ctx.dagmanager.request("POST", "/diff/batch", content=content, headers={"Content-Type": "application/json"},
                                                      idempotent=True, timeout=self._diff_timeout(nodes, len(records)))
         except BackendUnavailable as exc:
-            return [("queued", exc)] * len(records)
+            return [("unavailable", exc)] * len(records)
         finally:
             self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
         if resp.status_code != 200:
@@ -560,7 +560,7 @@ class IngestService:
             if not isinstance(results, list) or len(results) != len(records):
                 raise ValueError(f"not one result per diff ({len(records)})")
         except (ValueError, KeyError, TypeError) as exc:
-            return [("failed", f"the DAG Manager's diff answer is malformed: {exc}")] * len(records)
+            return [("refused", f"the DAG Manager's diff answer is malformed: {exc}")] * len(records)
         out: list[tuple[str, Any]] = []
         for rec, item in zip(records, results):
             item = item if isinstance(item, Mapping) else {}
@@ -568,11 +568,11 @@ class IngestService:
             problem = item.get("problem") if isinstance(item.get("problem"), Mapping) else {}
             if status == 200:
                 out.append(self._diff_outcome(rec, item.get("body")))
-            elif status in (429, 502, 503, 504):
-                out.append(("queued", BackendUnavailable("dagmanager", f"answered HTTP {status} for this diff: {problem.get('detail', '')}")))
+            elif isinstance(status, int) and (status >= 500 or status == 429):  # as Backend: worth retrying
+                out.append(("unavailable", BackendUnavailable("dagmanager", f"answered HTTP {status} for this diff: {problem.get('detail', '')}")))
             else:
                 detail = str(problem.get("detail") or problem.get("title") or item)[:500]
-                out.append(("failed", f"the DAG Manager refused the diff (HTTP {status}): {detail}"))
+                out.append(("refused", f"the DAG Manager refused the diff (HTTP {status}): {detail}"))
         return out
 
     async def _diff(self, record: StrategyRecord) -> tuple[str, Any]:
@@ -583,15 +583,15 @@ class IngestService:
                                                      idempotent=True,  # a diff is idempotent
                                                      timeout=self._diff_timeout(_node_count(record.dag_json)))
         except BackendUnavailable as exc:
-            return "queued", exc
+            return "unavailable", exc
         finally:
             self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
         if resp.status_code >= 400:
-            return "failed", f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"
+            return "refused", f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"
         try:
             result = resp.json()
         except ValueError as exc:
-            return "failed", f"the DAG Manager's diff answer is malformed: {exc}"
+            return "refused", f"the DAG Manager's diff answer is malformed: {exc}"
         return self._diff_outcome(record, result)
 
     @staticmethod
@@ -605,7 +605,7 @@ class IngestService:
                 "reused_queues": len(result.get("reused_queues") or []),
             }
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return "failed", f"the DAG Manager's diff answer is malformed: {exc}"
+            return "refused", f"the DAG Manager's diff answer is malformed: {exc}"
         return "ok", diff
 
     async def _finish(self, records: list[StrategyRecord], outcomes: list[tuple[str, Any]]) -> None:
@@ -618,17 +618,17 @@ class IngestService:
         for rec, (kind, value) in zip(records, outcomes):
             sid = rec.strategy_id
             if kind == "ok":
-                rows += [(sid, "diffed", value), (sid, "completed", None)]
-                states.append((sid, [("diffed", self._extra("diffed", value)), ("completed", None)]))
-            elif kind == "failed":
+                rows += [(sid, StrategyState.DIFFED, value), (sid, StrategyState.COMPLETED, None)]
+                states.append((sid, [(StrategyState.DIFFED, self._extra(StrategyState.DIFFED, value)), (StrategyState.COMPLETED, None)]))
+            elif kind == "refused":
                 detail = {"error": value}
-                rows.append((sid, "failed", detail))
-                states.append((sid, [("failed", self._extra("failed", detail))]))
+                rows.append((sid, StrategyState.FAILED, detail))
+                states.append((sid, [(StrategyState.FAILED, self._extra(StrategyState.FAILED, detail))]))
             else:
                 down = value
                 detail = {"reason": f"DAG Manager unavailable: {value.reason}"}
-                rows.append((sid, "queued", detail))
-                states.append((sid, [("queued", self._extra("queued", detail))]))
+                rows.append((sid, StrategyState.QUEUED, detail))
+                states.append((sid, [(StrategyState.QUEUED, self._extra(StrategyState.QUEUED, detail))]))
         await self.store.append_batch(rows)  # the mirror first: never behind what clients saw
         await self.redis.set_states_many(states)
         if any(kind == "ok" and value["new_queues"] for kind, value in outcomes):
@@ -636,20 +636,20 @@ class IngestService:
         for rec, (kind, value) in zip(records, outcomes):
             sid, world = rec.strategy_id, rec.world_id
             if kind == "ok":
-                self.metrics.fsm.labels("diffed").inc()
-                self.metrics.fsm.labels("completed").inc()
-                await self._relay("progress", {"strategy_id": sid, "status": "diffed"}, sid, world)
+                self.metrics.fsm.labels(StrategyState.DIFFED).inc()
+                self.metrics.fsm.labels(StrategyState.COMPLETED).inc()
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.DIFFED}, sid, world)
                 await self._relay("queue_map", {"strategy_id": sid, "queue_map": value["queue_map"], "tag_queries": value["tag_queries"],
                                                 "sentinel_id": value["sentinel_id"]}, sid, world)
-                await self._relay("progress", {"strategy_id": sid, "status": "completed"}, sid, world)
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.COMPLETED}, sid, world)
                 self._records.pop(sid, None)
-            elif kind == "failed":
-                self.metrics.fsm.labels("failed").inc()
-                await self._relay("progress", {"strategy_id": sid, "status": "failed"}, sid, world)
+            elif kind == "refused":
+                self.metrics.fsm.labels(StrategyState.FAILED).inc()
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.FAILED}, sid, world)
                 self._records.pop(sid, None)
             else:
-                self.metrics.fsm.labels("queued").inc()
-                await self._relay("progress", {"strategy_id": sid, "status": "queued"}, sid, world)
+                self.metrics.fsm.labels(StrategyState.QUEUED).inc()
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.QUEUED}, sid, world)
                 self._park(sid)
         if down is not None:
             self._dagmanager_down(down)
