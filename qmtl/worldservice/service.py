@@ -128,7 +128,7 @@ class WorldService(ApplyOperations):
         self._world_and_decision = (
             sa.select(w, *[c.label("d_" + c.name) for c in d.c])
             .select_from(w.outerjoin(d, d.c.world_id == w.c.world_id))
-            .where(w.c.world_id == sa.bindparam("world_id"), w.c.state != "DELETED")
+            .where(w.c.world_id == sa.bindparam("world_id"), w.c.state != WorldState.DELETED)
         )
 
     # ------------------------------------------------------------------ lifecycle
