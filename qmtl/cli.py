@@ -146,8 +146,8 @@ def quiet_server(config: Any) -> Any:
 
 
 def _run_loop(coro: Any) -> Any:
-    """Run the services on uvloop (installed with ``uvicorn[standard]``; ~2x less event-loop
-    CPU per request than the stdlib loop, bench/), the stdlib loop when it is missing."""
+    """Run the services on uvloop (installed with ``uvicorn[standard]``; less event-loop CPU
+    per request than the stdlib loop), the stdlib loop when it is missing."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
