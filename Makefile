@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	scripts/ensure-services.sh
+	command -v wrk >/dev/null || apt-get install -y wrk || sudo apt-get install -y wrk
 	$(BIN)/python bench/run.py $(ARGS)
 
 check-specs: $(STAMP)

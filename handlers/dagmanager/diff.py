@@ -1,4 +1,4 @@
-"""POST /diff."""
+"""POST /diff and POST /diff/batch."""
 
 from __future__ import annotations
 
@@ -14,3 +14,7 @@ async def diff(ctx: DagManagerService, body: dict):
         version=body.get("version"),
     )
     return result.body()
+
+
+async def diff_batch(ctx: DagManagerService, body: dict):
+    return {"results": await ctx.diff_batch(body["diffs"])}

@@ -124,6 +124,11 @@ class GatewayConfig:
     metric_label_cap: int = 200
     fallback_queue_size: int = 10_000
     workers: int = 2
+    # a diff request's budget grows with its work: dagmanager_budget.timeout + nodes x
+    # diff_budget_ms_per_node + diffs x diff_budget_ms_per_diff (a POST /diff/batch carries
+    # several); a 10,000-node diff costs ~330-450 ms on the DAG Manager: 0.5 ms/node leaves 10x
+    diff_budget_ms_per_node: float = 0.5
+    diff_budget_ms_per_diff: float = 100.0
 
 
 @dataclass

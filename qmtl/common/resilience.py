@@ -200,8 +200,10 @@ class RetryPolicy:
         idempotent: bool,
         retry_on: Callable[[BaseException], bool],
         breaker: AsyncCircuitBreaker | None = None,
+        timeout: float | None = None,
     ) -> T:
-        """Run ``fn()`` under the budget and return its result.
+        """Run ``fn()`` under the budget and return its result (``timeout`` overrides the
+        policy's per-attempt timeout for this call).
 
         * Each attempt runs under ``asyncio.timeout(self.timeout)``; a timeout raises TimeoutError.
         * A *transient* error is a TimeoutError or any exception for which ``retry_on`` is true.
@@ -221,7 +223,7 @@ class RetryPolicy:
                 except CircuitOpen as exc:
                     raise exc from last_exc
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(self.timeout if timeout is None else timeout):
                     result = await fn()
             except Exception as exc:
                 transient = isinstance(exc, TimeoutError) or retry_on(exc)

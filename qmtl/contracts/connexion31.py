@@ -277,6 +277,8 @@ class Parameter2020Validator(ParameterValidator):
             return None
         if value is not None:
             schema = param.get("schema", param)
+            if fast_is_valid(fast_validator(schema), value):  # jsonschema-rs accepts: done (~1 µs)
+                return None
             key = id(schema)
             validator = Parameter2020Validator._cache.get(key)
             if validator is None or validator.schema is not schema:

@@ -61,7 +61,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from qmtl.bus.base import ControlBus
-from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from qmtl.common import correlation
+from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceError, ServiceUnavailable, Unprocessable
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
 from qmtl.contracts.events import event_validators
 from qmtl.store.outbox import Outbox, OutboxMetrics
@@ -351,6 +352,25 @@ class DagManagerService:
         self.notifier.queues_changed([QueueChange(topic, tags, interval) for (tags, interval), topic in changes.items()])
         self.notifier.recheck(result.new_watches)
         return result
+
+    async def diff_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """``POST /diff/batch``: each request diffed as :meth:`diff` does it (its own
+        transaction), in order; a failing diff answers its status and problem and does not
+        stop the others."""
+        results: list[dict] = []
+        for req in requests:
+            try:
+                result = await self.diff(req["strategy_id"], req["dag"], run_type=req.get("run_type"),
+                                         asset=req.get("asset"), version=req.get("version"))
+            except ServiceError as exc:
+                problem: dict[str, Any] = {"type": exc.type, "title": exc.title, "status": exc.status, "detail": exc.detail, **exc.ext}
+                cid = correlation.get()
+                if cid:
+                    problem.setdefault("correlation_id", cid)
+                results.append({"status": exc.status, "problem": problem})
+            else:
+                results.append({"status": 200, "body": result.body()})
+        return results
 
     def _note_growth(self, rows: int) -> None:
         if self.db.is_sqlite:

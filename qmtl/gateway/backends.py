@@ -108,8 +108,11 @@ class Backend:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
-        """One call on the budget; raises BackendUnavailable when the backend cannot answer."""
+        """One call on the budget (``timeout``: this call's per-attempt timeout instead of the
+        backend's, e.g. a diff budget that scales with the DAG); raises BackendUnavailable
+        when the backend cannot answer."""
         if idempotent is None:
             idempotent = method.upper() in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
         hdrs = dict(self.default_headers)
@@ -120,7 +123,8 @@ class Backend:
             hdrs[correlation.HEADER] = cid
 
         async def attempt() -> httpx.Response:
-            resp = await self.client.request(method, path, params=params, json=json, content=content, headers=hdrs)
+            extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout * 4)}  # the budget cuts first
+            resp = await self.client.request(method, path, params=params, json=json, content=content, headers=hdrs, **extra)
             if resp.status_code >= 500 or resp.status_code == 429:
                 raise _Retryable(resp)
             return resp
@@ -131,7 +135,7 @@ class Backend:
         started = time.perf_counter()
         status = "error"
         try:
-            resp = await self.policy.call(attempt, idempotent=idempotent, retry_on=retry_on, breaker=self.breaker)
+            resp = await self.policy.call(attempt, idempotent=idempotent, retry_on=retry_on, breaker=self.breaker, timeout=timeout)
             status = str(resp.status_code)
             if resp.status_code >= 400 and self.metrics:
                 self.metrics.errors.labels(self.name, status).inc()
@@ -143,7 +147,8 @@ class Backend:
         except TimeoutError as exc:
             status = "timeout"
             self._count_error(status)
-            raise BackendUnavailable(self.name, f"no answer within {self.policy.timeout * 1000:.0f} ms") from exc
+            budget = self.policy.timeout if timeout is None else timeout
+            raise BackendUnavailable(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
         except _Retryable as exc:
             status = str(exc.response.status_code)
             self._count_error(status)

@@ -123,6 +123,13 @@ class WorldService(ApplyOperations):
         self._world_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
         self._policy_cache: dict[tuple[str, int], pol.Policy] = {}
+        # decide reads the world and its hysteresis state in one statement (one round trip)
+        w, d = store.worlds, store.decisions
+        self._world_and_decision = (
+            sa.select(w, *[c.label("d_" + c.name) for c in d.c])
+            .select_from(w.outerjoin(d, d.c.world_id == w.c.world_id))
+            .where(w.c.world_id == sa.bindparam("world_id"), w.c.state != WorldState.DELETED)
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -590,11 +597,13 @@ class WorldService(ApplyOperations):
         started = time.perf_counter()
         when = _ts_param(as_of, "as_of") if as_of is not None else self.now()
         async with self.db.connect() as conn:
-            world = await self._world(conn, world_id)
+            joined = (await conn.execute(self._world_and_decision, {"world_id": world_id})).mappings().first()
+            if joined is None:
+                raise NotFound(f"world {world_id!r} not found")
+            world = {c.name: joined[c.name] for c in store.worlds.c}
+            row = {c.name: joined["d_" + c.name] for c in store.decisions.c} if joined["d_world_id"] is not None else None
             version = int(world["default_policy_version"] or 0)
-            policy = await self._policy(conn, world_id, version)
-            d = store.decisions
-            row = (await conn.execute(sa.select(d).where(d.c.world_id == world_id))).mappings().first()
+            policy = await self._policy(conn, world_id, version)  # cached per (world, version) after the first read
         mode, reason = pol.decide(
             policy,
             self._hysteresis(row),

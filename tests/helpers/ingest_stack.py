@@ -60,7 +60,7 @@ def submission(nodes: list[dict], *, raw: bool = False, run_type: str = "live", 
 
 
 class DagManagerTap:
-    """ASGI wrapper: records (method, path) of every HTTP call; can hold ``/diff`` at a gate."""
+    """ASGI wrapper: records (method, path) of every HTTP call; can hold ``/diff`` (and ``/diff/batch``) at a gate."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -78,7 +78,7 @@ class DagManagerTap:
             self.calls.append((scope["method"], scope["path"]))
             if scope["path"] in self.delays:
                 await asyncio.sleep(self.delays[scope["path"]])
-            if scope["path"] == "/diff" and self.gate is not None and not self.gate.is_set():
+            if scope["path"] in ("/diff", "/diff/batch") and self.gate is not None and not self.gate.is_set():
                 self.held += 1
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.gate_timeout):

@@ -44,6 +44,37 @@ def test_activation_hash_is_worldservice_hash_of_every_entry():
     assert [(i["strategy_id"], i["side"]) for i in items] == sorted(entries)
 
 
+def test_activation_hash_definition_pinned():
+    """The definition clients verify against (statehash docstring, asyncapi), re-implemented here."""
+    import hashlib
+    import json
+
+    entries = [{"strategy_id": "s-1", "side": "long", "active": True, "weight": 1},
+               {"strategy_id": "s-2", "side": "short", "active": False, "weight": 0.25}]
+    total = 0
+    for e in entries:
+        doc = json.dumps({"strategy_id": e["strategy_id"], "side": e["side"], "active": bool(e["active"]),
+                          "weight": float(e["weight"])}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        total += int.from_bytes(hashlib.sha256(doc.encode()).digest(), "big")
+    expected = hashlib.sha256(b"qmtl.activation.v2:" + (total % 2**256).to_bytes(32, "big")).hexdigest()
+    assert activation_state_hash(entries) == activation_state_hash(entries[::-1]) == expected
+
+
+def test_an_activation_event_costs_one_entry_digest_whatever_the_world_size(monkeypatch):
+    from qmtl.gateway.events import state as state_mod
+
+    s = StateStore()
+    for i in range(2000):
+        s.apply_activation(act(f"s{i}", f"e{i}", t(1), weight=1.0))
+    calls = []
+    real = state_mod.activation_entry_digest
+    monkeypatch.setattr(state_mod, "activation_entry_digest", lambda e: calls.append(1) or real(e))
+    outcome, h = s.apply_activation(act("s7", "e-new", t(2), weight=0.5))
+    assert outcome == APPLIED and len(calls) == 1  # the changed entry only, not the 2,000 others
+    entries = [{"strategy_id": f"s{i}", "side": "long", "active": True, "weight": 0.5 if i == 7 else 1.0} for i in range(2000)]
+    assert h == activation_state_hash(entries)
+
+
 def test_activation_duplicates_stale_and_independent_entries():
     s = StateStore()
     assert s.apply_activation(act("a", "e1", t(1), weight=0.1))[0] == APPLIED

@@ -205,16 +205,16 @@ async def test_dry_run_and_meta_reach_the_diff(svc):
 
 async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, monkeypatch):
     await svc.start()
-    original = svc._run
+    original = svc._run_batch
     calls = {"n": 0}
 
-    async def buggy(sid, status):
+    async def buggy(todo):
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyError("boom")
-        return await original(sid, status)
+        return await original(todo)
 
-    monkeypatch.setattr(svc, "_run", buggy)
+    monkeypatch.setattr(svc, "_run_batch", buggy)
     first, _ = await svc.submit(body([node("x1")]))
     st = await wait_terminal(svc, first["strategy_id"])
     assert st["status"] == "failed" and "KeyError" in st["error"]

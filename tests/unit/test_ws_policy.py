@@ -402,7 +402,7 @@ def test_activation_state_hash_is_canonical():
     changed = [dict(a[0], weight=0.5), a[1]]
     assert activation_state_hash(changed) != activation_state_hash(a)
     import hashlib
-    assert activation_state_hash([]) == hashlib.sha256(b"[]").hexdigest()
+    assert activation_state_hash([]) == hashlib.sha256(b"qmtl.activation.v2:" + bytes(32)).hexdigest()
 
 
 def test_policy_state_hash():

@@ -35,7 +35,6 @@ A queue set hashes ``{tags, interval, match_mode, queues}`` (:func:`queue_state_
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import time
 from collections import deque
@@ -46,6 +45,8 @@ from typing import Any
 from qmtl.bus.keys import queue_key
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 from qmtl.common.statehash import (
+    activation_entry_digest,
+    activation_hash_of_sum,
     activation_state_hash,
     canonical_json,
     policy_state_hash,
@@ -121,52 +122,39 @@ def _combined_hash(hashes: Iterable[str]) -> str:
 
 
 class _Activation:
-    __slots__ = ("canon", "etag", "event", "recent", "ts")
+    __slots__ = ("digest", "etag", "event", "recent", "ts")
 
     def __init__(self, event: dict, ts: float, recent: deque) -> None:
         self.event = event
         self.ts = ts
         self.etag = event["etag"]
         self.recent = recent
-        # The entry's share of the world's hash: its canonical JSON (see statehash).
-        self.canon = canonical_json(
-            {
-                "strategy_id": str(event["strategy_id"]),
-                "side": str(event["side"]),
-                "active": bool(event["active"]),
-                "weight": float(event["weight"]),
-            }
-        )
+        self.digest = activation_entry_digest(event)  # the entry's share of the world's hash (see statehash)
 
 
 class _World:
-    """A world's activation entries, plus what makes its hash cheap to recompute: the keys
-    in hash order and each entry's canonical JSON in the same order (an update replaces one
-    element; a new entry is inserted at its place), so a change costs one join + one SHA-256."""
+    """A world's activation entries and the sum of their digests: a change subtracts the old
+    entry's digest and adds the new one, so the hash costs O(1) per event whatever the
+    world's size (``statehash``: the activation hash is defined on that sum)."""
 
-    __slots__ = ("_canon", "_hash", "_keys", "entries", "published_hash")
+    __slots__ = ("_hash", "_sum", "entries", "published_hash")
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, str], _Activation] = {}
-        self._keys: list[tuple[str, str]] = []
-        self._canon: list[bytes] = []
+        self._sum = 0
         self._hash: str | None = None
         self.published_hash: str | None = None  # state_hash of the last applied event, if any
 
     def put(self, key: tuple[str, str], entry: _Activation) -> None:
-        i = bisect.bisect_left(self._keys, key)
-        if key in self.entries:
-            self._canon[i] = entry.canon
-        else:
-            self._keys.insert(i, key)
-            self._canon.insert(i, entry.canon)
+        old = self.entries.get(key)
+        self._sum += entry.digest - (old.digest if old is not None else 0)
         self.entries[key] = entry
         self._hash = None
 
     def state_hash(self) -> str:
-        """Same bytes as ``statehash.activation_state_hash`` without re-serialising every entry."""
+        """Equal to ``statehash.activation_state_hash`` of the entries."""
         if self._hash is None:
-            self._hash = hashlib.sha256(b"[" + b",".join(self._canon) + b"]").hexdigest()
+            self._hash = activation_hash_of_sum(self._sum)
         return self._hash
 
 

@@ -94,6 +94,19 @@ class RedisIngest:
                 pipe.persist(key)  # only a restore can bring a finished (expiring) hash back to life
             await pipe.execute()
 
+    async def set_states_many(self, items: list[tuple[str, list[tuple[str, Mapping[str, Any] | None]]]]) -> None:
+        """:meth:`set_states` for several strategies, in one round trip."""
+        if not items:
+            return
+        async with self.kv.pipeline(transaction=False) as pipe:
+            for sid, states in items:
+                key = self.fsm_key(sid)
+                for status, extra in states:
+                    pipe.hset(key, mapping=self._fields(status, extra, None))
+                if states[-1][0] in TERMINAL:
+                    pipe.expire(key, self.terminal_ttl)
+            await pipe.execute()
+
     async def enqueue_new(self, sid: str, extra: Mapping[str, Any]) -> None:
         """State ``queued`` and the id on the FIFO, in one round trip (no MULTI needed: if the
         push is lost the database mirror still has the strategy and the sweep re-enqueues it)."""
@@ -132,8 +145,27 @@ class RedisIngest:
         """Move the oldest id from ``fifo`` to ``processing`` (blocking up to ``timeout``)."""
         return await self.kv.blmove(self.fifo, self.processing, timeout, "RIGHT", "LEFT")
 
+    async def pop_more(self, n: int) -> list[str]:
+        """Up to ``n`` more ids from ``fifo`` to ``processing`` without blocking, in one round
+        trip (a worker that got one id takes whatever else is waiting: one batch)."""
+        if n <= 0:
+            return []
+        async with self.kv.pipeline(transaction=False) as pipe:
+            for _ in range(n):
+                pipe.lmove(self.fifo, self.processing, "RIGHT", "LEFT")
+            got = await pipe.execute()
+        return [sid for sid in got if sid is not None]
+
     async def done(self, sid: str) -> None:
         await self.kv.lrem(self.processing, 1, sid)
+
+    async def done_many(self, sids: list[str]) -> None:
+        if not sids:
+            return
+        async with self.kv.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.lrem(self.processing, 1, sid)
+            await pipe.execute()
 
     async def requeue_from_processing(self, sid: str) -> bool:
         """Janitor: move an orphaned id from ``processing`` back to ``fifo``."""
@@ -172,6 +204,16 @@ class RedisIngest:
             ok, status = await pipe.execute()
         return (token if ok else None), status
 
+    async def lock_and_status_many(self, sids: list[str], ttl_ms: int = LOCK_TTL_MS) -> list[tuple[str | None, str | None]]:
+        """:meth:`lock_and_status` for several ids, in one round trip."""
+        tokens = [uuid.uuid4().hex for _ in sids]
+        async with self.kv.pipeline(transaction=False) as pipe:
+            for sid, token in zip(sids, tokens):
+                pipe.set(self.lock_key(sid), token, nx=True, px=ttl_ms)
+                pipe.hget(self.fsm_key(sid), "status")
+            res = await pipe.execute()
+        return [((token if res[2 * i] else None), res[2 * i + 1]) for i, token in enumerate(tokens)]
+
     async def lock(self, sid: str, ttl_ms: int = LOCK_TTL_MS) -> str | None:
         token = uuid.uuid4().hex
         ok = await self.kv.set(self.lock_key(sid), token, nx=True, px=ttl_ms)
@@ -207,6 +249,39 @@ class RedisIngest:
                 except WatchError:
                     continue
         return False
+
+    async def unlock_many(self, held: Mapping[str, str]) -> None:
+        """:meth:`unlock` for several locks: one round trip of Lua calls on Redis; without
+        scripting one WATCH/MULTI over all of them (per lock when that transaction loses a race)."""
+        if not held:
+            return
+        if self._scripting is None:  # learn whether scripting works on the first lock
+            first = next(iter(held))
+            await self.unlock(first, held[first])
+            held = {sid: t for sid, t in held.items() if sid != first}
+            if not held:
+                return
+        if self._scripting:
+            async with self.kv.pipeline(transaction=False) as pipe:
+                for sid, token in held.items():
+                    pipe.eval(_UNLOCK_LUA, 1, self.lock_key(sid), token)
+                await pipe.execute()
+            return
+        keys = {self.lock_key(sid): token for sid, token in held.items()}
+        async with self.kv.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(*keys)
+                current = await pipe.mget(*keys)
+                pipe.multi()
+                mine = [k for k, v in zip(keys, current) if v == keys[k]]
+                if mine:
+                    pipe.delete(*mine)
+                await pipe.execute()
+                return
+            except WatchError:
+                pass
+        for sid, token in held.items():
+            await self.unlock(sid, token)
 
     # -- data-loss detection ----------------------------------------------------------------
     async def epoch(self) -> str | None:

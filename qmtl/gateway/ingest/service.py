@@ -109,6 +109,19 @@ class IngestService:
         # during a burst each still makes progress, and all drain at full speed after it.
         self.burst_rate = 200.0
         self.ingest_yield_max = 1.0
+        # a worker takes up to ``batch_size`` waiting ids at once: their FSM steps share the
+        # mirror commits and Redis round trips; their diffs go in POST /diff/batch requests
+        self.batch_size = 32
+        self.diff_batch_nodes = 2_000  # a batch request carries at most this many nodes
+        self.diff_budget_ms_per_node = float(g.diff_budget_ms_per_node)
+        self.diff_budget_ms_per_diff = float(g.diff_budget_ms_per_diff)
+        self.diff_batch_max = 8  # diffs per POST /diff/batch (the spec allows 64)
+        # two lanes, one request in flight each per process: small DAGs (batched), and DAGs
+        # of more than ``diff_batch_nodes`` nodes, so a large diff never holds up small ones
+        # here; the DAG Manager applies diffs one at a time on SQLite, so more requests in
+        # flight would only queue there, on their budget
+        self._diff_slots = asyncio.Semaphore(1)
+        self._large_slots = asyncio.Semaphore(1)
         self._rate = _RateMeter()
         self._records: collections.OrderedDict[str, StrategyRecord] = collections.OrderedDict()
         self._inflight: set[str] = set()
@@ -365,13 +378,14 @@ class IngestService:
             started = time.monotonic()
             try:
                 sid = await self.redis.pop(self.pop_timeout)
+                sids = [sid, *await self.redis.pop_more(self.batch_size - 1)] if sid is not None else []
             except TRANSIENT as exc:
                 log.debug("ingest worker %d: Redis unavailable (%r)", n, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
-            if sid is None:
+            if not sids:
                 if time.monotonic() - started < self.pop_timeout / 2:
                     # the store did not block (the in-memory substitute answers BLMOVE at
                     # once): wait for a local push or the pop timeout instead of spinning
@@ -379,17 +393,18 @@ class IngestService:
                         async with asyncio.timeout(self.pop_timeout):
                             await self._wakeup.wait()
                 continue
-            self._inflight.add(sid)
+            self._inflight.update(sids)
             try:
-                await self._process(sid)
+                await self._process_batch(sids)
             except TRANSIENT as exc:
-                log.warning("ingest worker %d: strategy %s interrupted by a store error (%r); it is retried", n, sid, exc)
+                log.warning("ingest worker %d: strategies %s interrupted by a store error (%r); they are retried", n, sids, exc)
                 await asyncio.sleep(0.5)
-            except Exception as exc:  # a bug must not kill the worker, nor loop on the same strategy
-                log.exception("ingest worker %d: strategy %s failed unexpectedly", n, sid)
-                await self._fail_unexpectedly(sid, exc)
+            except Exception as exc:  # a bug must not kill the worker, nor loop on the same strategies
+                log.exception("ingest worker %d: strategies %s failed unexpectedly", n, sids)
+                for sid in sids:
+                    await self._fail_unexpectedly(sid, exc)
             finally:
-                self._inflight.discard(sid)
+                self._inflight.difference_update(sids)
 
     async def _fail_unexpectedly(self, sid: str, exc: Exception) -> None:
         record = self._records.pop(sid, None)
@@ -400,80 +415,188 @@ class IngestService:
         except Exception:  # noqa: BLE001 - the original error is logged above; this one too
             log.exception("ingest: could not record the failure of %s", sid)
 
-    async def _process(self, sid: str) -> None:
-        token, status = await self.redis.lock_and_status(sid)
-        if token is None:  # another worker holds it: drop this copy
-            await self.redis.done(sid)
-            return
-        finished = False
+    async def _process_batch(self, sids: list[str]) -> None:
+        """Drive a batch of popped ids as far as they go now. Per batch: one Redis round trip
+        for the locks, one mirror commit and one Redis round trip per FSM step of the whole
+        batch, the diffs in POST /diff/batch requests (see :meth:`_diff_all`), one round
+        trip to take the ids off the processing list and one to unlock them."""
+        locks = await self.redis.lock_and_status_many(sids)
+        held: dict[str, str] = {}
+        todo: list[tuple[str, str | None]] = []
+        finished: list[str] = []
+        for sid, (token, status) in zip(sids, locks):
+            if token is None:  # another worker holds it: drop this copy
+                finished.append(sid)
+            else:
+                held[sid] = token
+                todo.append((sid, status))
         try:
-            finished = await self._run(sid, status)
-        except TRANSIENT:
+            done = await self._run_batch(todo)
+            finished.extend(done)
+        except (asyncio.CancelledError, *TRANSIENT):
             with contextlib.suppress(*TRANSIENT):
-                await self.redis.push_front(sid)
-            finished = True  # re-queued; take it off the processing list
-            raise
-        except asyncio.CancelledError:
-            with contextlib.suppress(*TRANSIENT):
-                await self.redis.push_front(sid)
-            finished = True
+                await self.redis.push_front(*[sid for sid, _ in todo])
+            finished.extend(sid for sid, _ in todo)  # re-queued; take them off the processing list
             raise
         except Exception:
-            finished = True  # the worker records it as failed
+            finished.extend(sid for sid, _ in todo)  # the worker records them as failed
             raise
         finally:
-            if finished:
-                with contextlib.suppress(*TRANSIENT):
-                    await self.redis.done(sid)
             with contextlib.suppress(*TRANSIENT):
-                await self.redis.unlock(sid, token)
+                await self.redis.done_many(finished)
+            with contextlib.suppress(*TRANSIENT):
+                await self.redis.unlock_many(held)
 
-    async def _run(self, sid: str, status: str | None) -> bool:
-        """Drive one strategy as far as it goes now; True when it is off the processing list's hands."""
-        record = self._records.get(sid) or await self.store.record(sid)
-        if record is None:
-            self.metrics.lost_requests.inc()
-            log.error("ingest: strategy %s is queued but has no database record; dropped (counted in lost_requests_total)", sid)
-            return True
-        if status is None:
-            restored = await self._restore(sid)
-            status = restored["status"] if restored else StrategyState.QUEUED
-        if status in TERMINAL:
-            self._records.pop(sid, None)
-            return True
+    async def _run_batch(self, todo: list[tuple[str, str | None]]) -> list[str]:
+        """Returns the ids that are off the processing list's hands (all of them)."""
+        records = {sid: self._records[sid] for sid, _ in todo if sid in self._records}
+        unknown = [sid for sid, _ in todo if sid not in records]
+        if unknown:
+            records.update(await self.store.records(unknown))
+        active: list[StrategyRecord] = []
         breaker = self.ctx.dagmanager.breaker
-        if not self._dm_up.is_set() or breaker.retry_after() > 0:
-            # the DAG Manager is not taking calls (breaker open, or its half-open probe is in
-            # flight): wait in the fallback queue without changing state
-            self._park(sid)
-            if breaker.state == "open":
-                self._dagmanager_down(BackendUnavailable("dagmanager", "circuit breaker open", breaker.retry_after()))
-            return True
-        await self._yield_to_ingest()
-        await self._transition(record, StrategyState.PROCESSING)
-        payload: dict[str, Any] = {"strategy_id": sid, "run_type": record.run_type}
+        for sid, status in todo:
+            record = records.get(sid)
+            if record is None:
+                self.metrics.lost_requests.inc()
+                log.error("ingest: strategy %s is queued but has no database record; dropped (counted in lost_requests_total)", sid)
+                continue
+            if status is None:
+                restored = await self._restore(sid)
+                status = restored["status"] if restored else StrategyState.QUEUED
+            if status in TERMINAL:
+                self._records.pop(sid, None)
+                continue
+            if not self._dm_up.is_set() or breaker.retry_after() > 0:
+                # the DAG Manager is not taking calls (breaker open, or its half-open probe is
+                # in flight): wait in the fallback queue without changing state
+                self._park(sid)
+                if breaker.state == "open":
+                    self._dagmanager_down(BackendUnavailable("dagmanager", "circuit breaker open", breaker.retry_after()))
+                continue
+            active.append(record)
+        if active:
+            await self._yield_to_ingest()
+            await self._transitions([(r, StrategyState.PROCESSING, None) for r in active])
+            outcomes = await self._diff_all(active)
+            await self._finish(active, outcomes)
+        return [sid for sid, _ in todo]
+
+    async def _diff_all(self, records: list[StrategyRecord]) -> list[tuple[str, Any]]:
+        """Each record's diff outcome: ("ok", diff) | ("refused", error) | ("unavailable", BackendUnavailable).
+
+        Small DAGs go together in ``POST /diff/batch`` requests (at most ``diff_batch_nodes``
+        nodes and ``diff_batch_max`` diffs each), a DAG larger than that alone in ``POST /diff``;
+        each request's budget grows with its nodes and diffs (``diff_budget_ms_per_node``,
+        ``diff_budget_ms_per_diff``). One request is in flight per lane (small, large) and
+        Gateway process: the DAG Manager applies diffs one at a time on SQLite, so more would
+        only wait there, on their budget."""
+        out: list[tuple[str, Any] | None] = [None] * len(records)
+        groups: list[list[int]] = []
+        weight = 0
+        for i, rec in enumerate(records):
+            w = _node_count(rec.dag_json)
+            if not groups or weight + w > self.diff_batch_nodes or len(groups[-1]) >= self.diff_batch_max:
+                groups.append([])
+                weight = 0
+            groups[-1].append(i)
+            weight += w
+
+        async def one(i: int) -> None:
+            lane = self._large_slots if _node_count(records[i].dag_json) > self.diff_batch_nodes else self._diff_slots
+            async with lane:
+                try:
+                    out[i] = await self._diff(records[i])
+                except Exception as exc:  # a bug must not take the batch down; the strategy fails
+                    log.exception("ingest: diff of %s failed unexpectedly", records[i].strategy_id)
+                    out[i] = ("refused", f"internal error in the Gateway: {type(exc).__name__}: {exc}")
+
+        async def many(group: list[int]) -> None:
+            async with self._diff_slots:
+                try:
+                    answers = await self._diff_batch([records[i] for i in group])
+                except Exception as exc:  # noqa: BLE001 - as in one()
+                    log.exception("ingest: batch diff failed unexpectedly")
+                    answers = [("refused", f"internal error in the Gateway: {type(exc).__name__}: {exc}")] * len(group)
+            if answers is None:  # the batch as a whole was refused: one by one, so each gets its own answer
+                await asyncio.gather(*(one(i) for i in group))
+                return
+            for i, answer in zip(group, answers):
+                out[i] = answer
+
+        await asyncio.gather(*(one(g[0]) if len(g) == 1 else many(g) for g in groups))
+        return out  # type: ignore[return-value]
+
+    def _diff_body(self, record: StrategyRecord) -> str:
+        """The POST /diff body of a record, with the stored DAG text as is (not re-serialised)."""
+        payload: dict[str, Any] = {"strategy_id": record.strategy_id, "run_type": record.run_type}
         asset = _meta_str(record.meta, "asset", _ASSET_RE)
         if asset:
             payload["asset"] = asset
         head = json.dumps(payload, separators=(",", ":"))
-        content = (head[:-1] + ',"dag":' + record.dag_json + "}").encode()  # the stored DAG text as is
+        return head[:-1] + ',"dag":' + record.dag_json + "}"
+
+    def _diff_timeout(self, nodes: int, diffs: int = 1) -> float:
+        extra_ms = nodes * self.diff_budget_ms_per_node + (diffs - 1) * self.diff_budget_ms_per_diff
+        return self.ctx.dagmanager.policy.timeout + extra_ms / 1000.0
+
+    async def _diff_batch(self, records: list[StrategyRecord]) -> list[tuple[str, Any]] | None:
+        """One POST /diff/batch; None when the DAG Manager refused the request as a whole."""
+        content = ('{"diffs":[' + ",".join(self._diff_body(r) for r in records) + "]}").encode()
+        nodes = sum(_node_count(r.dag_json) for r in records)
+        started = time.perf_counter()
+        try:
+            resp = await self.ctx.dagmanager.request("POST", "/diff/batch", content=content, headers={"Content-Type": "application/json"},
+                                                     idempotent=True, timeout=self._diff_timeout(nodes, len(records)))
+        except BackendUnavailable as exc:
+            return [("unavailable", exc)] * len(records)
+        finally:
+            self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
+        if resp.status_code != 200:
+            log.info("ingest: POST /diff/batch answered HTTP %s (%s); diffing one by one", resp.status_code, _detail(resp))
+            return None
+        try:
+            results = resp.json()["results"]
+            if not isinstance(results, list) or len(results) != len(records):
+                raise ValueError(f"not one result per diff ({len(records)})")
+        except (ValueError, KeyError, TypeError) as exc:
+            return [("refused", f"the DAG Manager's diff answer is malformed: {exc}")] * len(records)
+        out: list[tuple[str, Any]] = []
+        for rec, item in zip(records, results):
+            item = item if isinstance(item, Mapping) else {}
+            status = item.get("status")
+            problem = item.get("problem") if isinstance(item.get("problem"), Mapping) else {}
+            if status == 200:
+                out.append(self._diff_outcome(rec, item.get("body")))
+            elif isinstance(status, int) and (status >= 500 or status == 429):  # as Backend: worth retrying
+                out.append(("unavailable", BackendUnavailable("dagmanager", f"answered HTTP {status} for this diff: {problem.get('detail', '')}")))
+            else:
+                detail = str(problem.get("detail") or problem.get("title") or item)[:500]
+                out.append(("refused", f"the DAG Manager refused the diff (HTTP {status}): {detail}"))
+        return out
+
+    async def _diff(self, record: StrategyRecord) -> tuple[str, Any]:
+        content = self._diff_body(record).encode()
         started = time.perf_counter()
         try:
             resp = await self.ctx.dagmanager.request("POST", "/diff", content=content, headers={"Content-Type": "application/json"},
-                                                     idempotent=True)  # a diff is idempotent
+                                                     idempotent=True,  # a diff is idempotent
+                                                     timeout=self._diff_timeout(_node_count(record.dag_json)))
         except BackendUnavailable as exc:
-            await self._transition(record, StrategyState.QUEUED, {"reason": f"DAG Manager unavailable: {exc.reason}"})
-            self._park(sid)
-            self._dagmanager_down(exc)
-            return True
+            return "unavailable", exc
         finally:
             self.metrics.diff_latency.observe((time.perf_counter() - started) * 1000.0)
         if resp.status_code >= 400:
-            await self._transition(record, StrategyState.FAILED, {"error": f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"})
-            self._records.pop(sid, None)
-            return True
+            return "refused", f"the DAG Manager refused the diff (HTTP {resp.status_code}): {_detail(resp)}"
         try:
             result = resp.json()
+        except ValueError as exc:
+            return "refused", f"the DAG Manager's diff answer is malformed: {exc}"
+        return self._diff_outcome(record, result)
+
+    @staticmethod
+    def _diff_outcome(record: StrategyRecord, result: Any) -> tuple[str, Any]:
+        try:
             diff = {
                 "queue_map": dict(result["queue_map"]),
                 "tag_queries": dict(result.get("tag_queries") or {}),
@@ -481,24 +604,63 @@ class IngestService:
                 "new_queues": len(result.get("new_queues") or []),
                 "reused_queues": len(result.get("reused_queues") or []),
             }
-        except (ValueError, KeyError, TypeError) as exc:
-            await self._transition(record, StrategyState.FAILED, {"error": f"the DAG Manager's diff answer is malformed: {exc}"})
-            self._records.pop(sid, None)
-            return True
-        if diff["new_queues"]:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return "refused", f"the DAG Manager's diff answer is malformed: {exc}"
+        return "ok", diff
+
+    async def _finish(self, records: list[StrategyRecord], outcomes: list[tuple[str, Any]]) -> None:
+        """Every outcome of a batch in one mirror commit and one Redis round trip, then relayed
+        per strategy in order: diffed → queue_map → completed; failed; or back to queued (the
+        DAG Manager did not answer: the id waits in the fallback queue)."""
+        rows: list[tuple[str, str, dict | None]] = []
+        states: list[tuple[str, list[tuple[str, Mapping[str, Any] | None]]]] = []
+        down: BackendUnavailable | None = None
+        for rec, (kind, value) in zip(records, outcomes):
+            sid = rec.strategy_id
+            if kind == "ok":
+                rows += [(sid, StrategyState.DIFFED, value), (sid, StrategyState.COMPLETED, None)]
+                states.append((sid, [(StrategyState.DIFFED, self._extra(StrategyState.DIFFED, value)), (StrategyState.COMPLETED, None)]))
+            elif kind == "refused":
+                detail = {"error": value}
+                rows.append((sid, StrategyState.FAILED, detail))
+                states.append((sid, [(StrategyState.FAILED, self._extra(StrategyState.FAILED, detail))]))
+            else:
+                down = value
+                detail = {"reason": f"DAG Manager unavailable: {value.reason}"}
+                rows.append((sid, StrategyState.QUEUED, detail))
+                states.append((sid, [(StrategyState.QUEUED, self._extra(StrategyState.QUEUED, detail))]))
+        await self.store.append_batch(rows)  # the mirror first: never behind what clients saw
+        await self.redis.set_states_many(states)
+        if any(kind == "ok" and value["new_queues"] for kind, value in outcomes):
             self.queues.queues_changed()
-        # diffed → (queue map stored) → completed: both transitions written in one mirror
-        # commit and one Redis round trip, then relayed in order with the queue_map frame
-        await self.store.append_many(sid, [(StrategyState.DIFFED, diff), (StrategyState.COMPLETED, None)])
-        await self.redis.set_states(sid, [(StrategyState.DIFFED, self._extra(StrategyState.DIFFED, diff)), (StrategyState.COMPLETED, None)])
-        self.metrics.fsm.labels(StrategyState.DIFFED).inc()
-        self.metrics.fsm.labels(StrategyState.COMPLETED).inc()
-        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.DIFFED}, sid, record.world_id)
-        await self._relay("queue_map", {"strategy_id": sid, "queue_map": diff["queue_map"], "tag_queries": diff["tag_queries"],
-                                        "sentinel_id": diff["sentinel_id"]}, sid, record.world_id)
-        await self._relay("progress", {"strategy_id": sid, "status": StrategyState.COMPLETED}, sid, record.world_id)
-        self._records.pop(sid, None)
-        return True
+        for rec, (kind, value) in zip(records, outcomes):
+            sid, world = rec.strategy_id, rec.world_id
+            if kind == "ok":
+                self.metrics.fsm.labels(StrategyState.DIFFED).inc()
+                self.metrics.fsm.labels(StrategyState.COMPLETED).inc()
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.DIFFED}, sid, world)
+                await self._relay("queue_map", {"strategy_id": sid, "queue_map": value["queue_map"], "tag_queries": value["tag_queries"],
+                                                "sentinel_id": value["sentinel_id"]}, sid, world)
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.COMPLETED}, sid, world)
+                self._records.pop(sid, None)
+            elif kind == "refused":
+                self.metrics.fsm.labels(StrategyState.FAILED).inc()
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.FAILED}, sid, world)
+                self._records.pop(sid, None)
+            else:
+                self.metrics.fsm.labels(StrategyState.QUEUED).inc()
+                await self._relay("progress", {"strategy_id": sid, "status": StrategyState.QUEUED}, sid, world)
+                self._park(sid)
+        if down is not None:
+            self._dagmanager_down(down)
+
+    async def _transitions(self, items: list[tuple[StrategyRecord, str, dict | None]]) -> None:
+        """One FSM step of several strategies: one mirror commit, one Redis round trip."""
+        await self.store.append_batch([(r.strategy_id, status, detail) for r, status, detail in items])
+        await self.redis.set_states_many([(r.strategy_id, [(status, self._extra(status, detail))]) for r, status, detail in items])
+        for r, status, _detail in items:
+            self.metrics.fsm.labels(status).inc()
+            await self._relay("progress", {"strategy_id": r.strategy_id, "status": status}, r.strategy_id, r.world_id)
 
     async def _yield_to_ingest(self) -> None:
         deadline = time.monotonic() + self.ingest_yield_max
@@ -662,6 +824,11 @@ class _RateMeter:
     def per_second(self) -> float:
         slot = int(time.monotonic() * 10)
         return float(sum(n for n, st in zip(self._buckets, self._stamps) if slot - st < 10))
+
+
+def _node_count(dag_json: str) -> int:
+    """Nodes in a stored DAG, without parsing it (each node object has one ``node_id`` key)."""
+    return max(1, dag_json.count('"node_id"'))
 
 
 def _meta_str(meta: Any, key: str, pattern: re.Pattern) -> str | None:

@@ -198,6 +198,24 @@ class IngestStore:
                 for status, detail in transitions]
         await self._submit("event", rows)
 
+    async def append_batch(self, transitions: list[tuple[str, str, dict | None]], at: datetime | None = None) -> None:
+        """Append ``(strategy_id, status, detail)`` transitions of several strategies, in
+        order, in one commit (one INSERT with a parameter list)."""
+        if not transitions:
+            return
+        at = at or utcnow()
+        rows = [{"strategy_id": sid, "status": status, "at": at, "detail": json.dumps(detail or {}, separators=(",", ":"))}
+                for sid, status, detail in transitions]
+        await self._submit("event", rows)
+
+    async def records(self, strategy_ids: list[str]) -> dict[str, StrategyRecord]:
+        """The records of several strategies, in one SELECT (absent ids are left out)."""
+        if not strategy_ids:
+            return {}
+        async with self.db.connect() as conn:
+            res = await conn.execute(sa.select(strategies).where(strategies.c.strategy_id.in_(strategy_ids)))
+            return {r.strategy_id: StrategyRecord.from_row(r) for r in res}
+
     async def _submit(self, kind: str, payload: Any) -> Any:
         if self._task is None or self._task.done():
             raise RuntimeError("ingest store is not running")
