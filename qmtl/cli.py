@@ -148,8 +148,10 @@ def quiet_server(config: Any) -> Any:
 async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
     import uvicorn
 
+    from qmtl.contracts.server import metrics_registry, server_options
+
     servers = []
-    for _name, app, host, port in apps:
+    for name, app, host, port in apps:
         # No permessage-deflate: the Gateway serialises each event once for every subscriber;
         # compressing ~0.5 KB frames per client nearly doubles its CPU per frame (bench/bench_ws.py).
         # timeout_graceful_shutdown: open streaming responses (the legacy GET /queues/watch
@@ -157,8 +159,13 @@ async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
         # proxy_headers=False: a client address is the TCP peer's, never an X-Forwarded-For value
         # (uvicorn believes it from 127.0.0.1 by default, which would let a local caller claim a
         # trusted callback network, see gateway.callbacks.trusted_networks).
+        # server_options: header timeout and size, keep-alive timeout, connection cap with
+        # headroom for /health (the service's `limits` section; qmtl.contracts.server).
+        bounds = {}
+        if getattr(app, "limits", None) is not None:
+            bounds, _guard = server_options(app.limits, name=name, registry=metrics_registry(app))
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
-                                ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False)
+                                ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False, **bounds)
         server = quiet_server(config)  # we handle signals once for all
         servers.append(server)
 

@@ -109,7 +109,7 @@ def create_app(
     verifiers = {"serviceToken": service_token_verifier(
         config.dagmanager.service_token, header=api_key_header("dagmanager", "serviceToken"), open_when_unset=True)}
     app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses,
-                    access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers)
+                    access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers, limits=config.dagmanager.limits)
     app.ctx = service  # type: ignore[attr-defined]
     return app
 

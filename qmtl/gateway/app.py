@@ -134,7 +134,7 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
 
     verifiers, anonymous = spec_security(ctx)
     app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
-                    access_log=config.access_log, tracer_provider=ctx.tracer_provider, security=verifiers, anonymous=anonymous)
+                    access_log=config.access_log, tracer_provider=ctx.tracer_provider, security=verifiers, anonymous=anonymous, limits=config.gateway.limits)
     worlds = ctx.components.get("worlds")
     if worlds is not None:  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
         from qmtl.gateway.worlds import DecideFastPath

@@ -56,6 +56,7 @@ def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, s
         validate_responses=config.worldservice.validate_responses,
         access_log=config.access_log,
         tracer_provider=tracer_provider,
+        limits=config.worldservice.limits,
     )
     app.service = service  # type: ignore[attr-defined]
     return app

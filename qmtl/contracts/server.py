@@ -1,0 +1,252 @@
+"""The HTTP server's connection bounds (uvicorn), shared by every service.
+
+uvicorn bounds what a request may do once its headers are in (``timeout_keep_alive`` for
+idle keep-alive connections; the body read timeout is :class:`qmtl.contracts.limits.RequestLimits`'s)
+but not a client that connects and sends its headers slowly, or never: such a client holds a
+file descriptor forever, and enough of them starve the process (slowloris). Its
+``limit_concurrency`` answers 503 to everyone above the cap — ``/health`` included. So each
+service runs uvicorn with :func:`server_options`, whose HTTP protocol (uvicorn's httptools
+protocol plus :class:`ConnectionGuard`) adds, from the service's ``limits`` section:
+
+* **header timeout**: the request line and headers must arrive within ``header_timeout``
+  seconds of the connection (or of the first byte of a keep-alive connection's next
+  request); otherwise 408 problem+json and the connection is closed;
+* **header size**: more than ``max_header_bytes`` before the headers end → 431 and close;
+* **connection cap with headroom for health**: up to ``max_connections`` open connections
+  are served normally; the next ``health_headroom`` ones may only ask for ``/health``,
+  ``/ready`` or ``/metrics`` (anything else gets 503 problem+json with ``Retry-After`` and a
+  close); beyond that, a new connection evicts the oldest connection still waiting for its
+  headers (a slow client), or is closed at once when there is none. The process therefore
+  holds at most ``max_connections + health_headroom`` client sockets, and a probe gets
+  through while hundreds of slow clients hold connections.
+
+Nothing is logged per refused connection (a flood would become a log flood): the guard
+counts every refusal (``http_connections_refused_total{reason}``) and logs one summary line
+per interval while refusals happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import typing as t
+from collections import Counter as Tally, OrderedDict
+
+import httptools
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from qmtl.contracts.limits import problem_body
+
+log = logging.getLogger("qmtl.http")
+
+HEALTH_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+_REASONS = ("over_cap", "evicted", "header_timeout", "header_too_large", "health_only", "invalid_request")
+_STATUS_TEXT = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+class ConnectionGuard:
+    """Counts and bounds one server's connections; see the module docstring."""
+
+    report_interval = 10.0
+
+    def __init__(self, limits: t.Any, *, name: str = "http") -> None:
+        self.limits = limits
+        self.name = name
+        self.refused: Tally[str] = Tally()
+        self._unreported: Tally[str] = Tally()
+        self._report_handle: asyncio.TimerHandle | None = None
+        self.pending: OrderedDict[int, GuardedProtocol] = OrderedDict()  # waiting for their headers, oldest first
+        self.open = 0
+
+    @property
+    def hard_cap(self) -> int:
+        return self.limits.max_connections + self.limits.health_headroom
+
+    def count(self, reason: str) -> None:
+        self.refused[reason] += 1
+        self._unreported[reason] += 1
+        if self._report_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._report_handle = loop.call_later(self.report_interval, self._report)
+
+    def _report(self) -> None:
+        self._report_handle = None
+        if self._unreported:
+            summary = ", ".join(f"{reason} {n}" for reason, n in sorted(self._unreported.items()))
+            log.warning("%s: connections refused or cut in the last %.0f s: %s (open now: %d; limits: %d + %d for health)",
+                        self.name, self.report_interval, summary, self.open, self.limits.max_connections, self.limits.health_headroom)
+            self._unreported.clear()
+
+    def collect(self) -> t.Iterator[t.Any]:
+        refused = CounterMetricFamily("http_connections_refused", "Connections refused or cut by the server's bounds, by reason "
+                                      "(over_cap, evicted, header_timeout, header_too_large, health_only, invalid_request)", labels=["reason"])
+        for reason in _REASONS:
+            refused.add_metric([reason], self.refused.get(reason, 0))
+        yield refused
+        yield GaugeMetricFamily("http_open_connections", "Client connections this server holds open", value=self.open)
+
+    def describe(self) -> list:
+        return []
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guard's bounds (a subclass per server carries
+    its guard as a class attribute: uvicorn instantiates the class itself)."""
+
+    guard: ConnectionGuard
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = _QuietLogger(self.logger, self.guard)  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        guard = self.guard
+        guard.open += 1
+        self._counted = True
+        self._header_bytes = 0
+        self._header_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > guard.hard_cap:
+            victim = next(iter(guard.pending.values()), None)
+            if victim is None:
+                guard.count("over_cap")
+                self.transport.abort()
+                return
+            guard.count("evicted")
+            victim._drop_pending()
+            victim.transport.abort()
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.guard.open -= 1
+        self._drop_pending()
+        super().connection_lost(exc)
+
+    # -- waiting for headers ----------------------------------------------------------------
+    def _await_headers(self) -> None:
+        if self._header_timer is None:
+            self._header_bytes = 0
+            self._header_timer = self.loop.call_later(self.guard.limits.header_timeout, self._header_timeout)
+            self.guard.pending[id(self)] = self
+
+    def _drop_pending(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+        self.guard.pending.pop(id(self), None)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        self.guard.pending.pop(id(self), None)
+        if self.transport.is_closing():
+            return
+        self.guard.count("header_timeout")
+        self._refuse(408, "Request Timeout",
+                     f"the request headers did not arrive within {self.guard.limits.header_timeout:g} s (limits.header_timeout)",
+                     {"limit": "header_timeout", "seconds": self.guard.limits.header_timeout})
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._header_timer is not None
+        super().data_received(data)
+        if waiting and self._header_timer is not None and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > self.guard.limits.max_header_bytes:
+                self._drop_pending()
+                self.guard.count("header_too_large")
+                self._refuse(431, "Request Header Fields Too Large",
+                             f"the request line and headers exceed {self.guard.limits.max_header_bytes} bytes (limits.max_header_bytes)",
+                             {"limit": "max_header_bytes", "max_bytes": self.guard.limits.max_header_bytes})
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._await_headers()  # a keep-alive connection's next request: its headers are on the clock too
+
+    def on_headers_complete(self) -> None:
+        self._drop_pending()
+        if len(self.connections) > self.guard.limits.max_connections:
+            path = httptools.parse_url(self.url).path.decode("latin-1")
+            if path not in HEALTH_PATHS:
+                self.guard.count("health_only")
+                saved = self.app
+                self.app = _over_capacity(self.guard.limits.max_connections)
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = saved
+                return
+        super().on_headers_complete()
+
+    def _refuse(self, status: int, title: str, detail: str, ext: dict) -> None:
+        body = problem_body(status, title, detail, ext)
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
+            status, _STATUS_TEXT[status], len(body))
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+class _QuietLogger:
+    """uvicorn's logger, except that its per-connection warnings ("Invalid HTTP request
+    received.", "Unsupported upgrade request.") are counted by the guard and summarised
+    instead of logged one line per connection."""
+
+    def __init__(self, logger: logging.Logger, guard: ConnectionGuard) -> None:
+        self._logger = logger
+        self._guard = guard
+
+    def warning(self, msg: t.Any, *args: t.Any, **kwargs: t.Any) -> None:
+        self._guard.count("invalid_request")
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self._logger, name)
+
+
+def _over_capacity(cap: int) -> t.Callable:
+    async def app(scope: t.Any, receive: t.Any, send: t.Any) -> None:
+        payload = problem_body(503, "Service Unavailable",
+                               f"this server holds {cap} connections (limits.max_connections); only /health, /ready and /metrics are served above it",
+                               {"limit": "max_connections"})
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/problem+json"), (b"content-length", str(len(payload)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+    return app
+
+
+def server_options(limits: t.Any, *, name: str = "http", registry: t.Any = None) -> tuple[dict[str, t.Any], ConnectionGuard]:
+    """uvicorn.Config keyword arguments for a service with this ``limits`` section, and the
+    guard (its metrics are registered on ``registry`` when given)."""
+    guard = ConnectionGuard(limits, name=name)
+    protocol = type("QmtlHttpProtocol", (GuardedProtocol,), {"guard": guard})
+    if registry is not None:
+        registry.register(guard)
+    return {
+        "http": protocol,
+        "timeout_keep_alive": limits.keep_alive_timeout,
+        "backlog": limits.backlog,
+    }, guard
+
+
+def metrics_registry(app: t.Any) -> t.Any:
+    """The Prometheus registry a service's ``/metrics`` serves (Gateway ``ctx.registry``,
+    DAG Manager ``ctx.metrics.registry``, WorldService ``service.metrics.registry``)."""
+    for path in (("ctx", "registry"), ("ctx", "metrics", "registry"), ("service", "metrics", "registry")):
+        node = app
+        for attr in path:
+            node = getattr(node, attr, None)
+            if node is None:
+                break
+        if node is not None and hasattr(node, "register"):
+            return node
+    return None
+
+
+__all__ = ["ConnectionGuard", "GuardedProtocol", "HEALTH_PATHS", "metrics_registry", "server_options"]
