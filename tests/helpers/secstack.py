@@ -14,14 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Mapping
 
-import httpx
-
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, wait_healthy
 from tests.helpers.wsproc import JwtIssuer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,16 +47,8 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 [QMTL, self.command, "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qmtl {self.command} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if wait_healthy(self.proc, self.url, timeout, f"qmtl {self.command}", self.log_tail):
+            return self
         self.stop()
         raise RuntimeError(f"qmtl {self.command} did not answer /health within {timeout} s:\n{self.log_tail()}")
 

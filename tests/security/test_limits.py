@@ -57,6 +57,16 @@ def _connect(port: int) -> socket.socket | None:
         return None
 
 
+def _problem(data: bytes, status: int) -> tuple[bytes, dict]:
+    """The head and the problem body of a raw HTTP answer with ``status``, closing the connection."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status), data[:300]
+    assert b"application/problem+json" in head.lower() and b"connection: close" in head.lower()
+    problem = json.loads(body)
+    assert problem["status"] == status
+    return head, problem
+
+
 def _closed_by_peer(sock: socket.socket) -> tuple[bool, bytes]:
     """(True, what the server sent before closing) once the server has closed the connection."""
     sock.setblocking(False)
@@ -123,8 +133,7 @@ def test_slowloris_is_cut_while_health_answers_with_bounded_fds_and_memory(stack
     assert not pending, f"{len(pending)} slow connections were never cut"
     timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
     assert timed_out, "no slow connection got its 408"
-    head, _, body = timed_out[0].partition(b"\r\n\r\n")
-    assert b"application/problem+json" in head and json.loads(body)["status"] == 408
+    _problem(timed_out[0], 408)
 
     metrics = httpx.get(gw.url + "/metrics").text
     header_cut = metric(metrics, "http_connections_refused_total", reason="header_timeout")
@@ -165,9 +174,7 @@ def test_a_body_that_trickles_is_cut_with_408(stack):
             data += chunk
     finally:
         s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), data[:300]
-    problem = json.loads(body)
+    _head, problem = _problem(data, 408)
     assert problem["limit"] == "body_timeout" and "limits.body_timeout" in problem["detail"]
     assert sent < 1000  # cut long before the announced body could arrive
 
@@ -186,11 +193,8 @@ def test_a_20mb_body_is_refused_with_413_before_it_is_read(stack):
             data += chunk
     finally:
         s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413")
-    assert b"application/problem+json" in head.lower() and b"connection: close" in head.lower()
-    problem = json.loads(body)
-    assert problem["status"] == 413 and problem["max_bytes"] == 1048576 and "20971520" in problem["detail"]
+    _head, problem = _problem(data, 413)
+    assert problem["max_bytes"] == 1048576 and "20971520" in problem["detail"]
 
 
 def test_a_10mb_invalid_body_gets_a_small_422(stack):
