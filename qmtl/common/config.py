@@ -86,8 +86,8 @@ class RateClassConfig:
 
 @dataclass
 class RateLimitConfig:
-    # "auto": on when gateway.auth.mode is "jwt", off in development mode (announced at startup);
-    # "on" / "off" force it.
+    # "auto": enforced when gateway.auth.mode is "jwt", disabled in development mode (announced at
+    # startup); "enforce" / "disabled" force it. (Not on/off: YAML reads those as booleans.)
     mode: str = "auto"
     # token buckets per subject (per client address when anonymous), by class; an operation's
     # class is its ``x-qmtl-rate-class`` in the spec, else "read" for GET/HEAD, "write" otherwise
@@ -346,8 +346,8 @@ def _check_limits(cfg: Config) -> None:
         if lim.health_headroom < 0:
             raise ConfigError(f"{section}.limits.health_headroom must not be negative, got {lim.health_headroom!r}")
     rl = cfg.gateway.rate_limit
-    if rl.mode not in ("auto", "on", "off"):
-        raise ConfigError(f"gateway.rate_limit.mode must be 'auto', 'on' or 'off', got {rl.mode!r}")
+    if rl.mode not in ("auto", "enforce", "disabled"):
+        raise ConfigError(f"gateway.rate_limit.mode must be 'auto', 'enforce' or 'disabled', got {rl.mode!r}")
     for name in ("read", "write"):
         budget = getattr(rl, name)
         if budget.rate <= 0 or budget.burst < 1:

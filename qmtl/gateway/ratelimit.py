@@ -19,7 +19,7 @@ in the process for the embedded in-memory store. When Redis cannot answer, the p
 buckets stand in (a Redis outage neither opens the gates nor closes them) and the failures
 are counted.
 
-``mode: auto`` (the default) limits in JWT mode and not in development mode, where every
+``mode: auto`` (the default) enforces the limits in JWT mode and not in development mode, where every
 anonymous caller shares one address and the embedded benchmarks send thousands of requests
 per second.
 """
@@ -135,7 +135,7 @@ class RateLimiter:
         self.app = app
         self.ctx = ctx
         cfg = ctx.config.gateway.rate_limit
-        self.enabled = cfg.mode == "on" or (cfg.mode == "auto" and ctx.config.gateway.auth.mode == "jwt")
+        self.enabled = cfg.mode == "enforce" or (cfg.mode == "auto" and ctx.config.gateway.auth.mode == "jwt")
         self.budgets = {name: (float(getattr(cfg, name).rate), float(getattr(cfg, name).burst)) for name in ("read", "write")}
         self.table = OperationTable(doc)
         self.classes: dict[tuple[str, str], str] = {}
@@ -164,7 +164,7 @@ class RateLimiter:
             log.info("rate limit on (%s): read %g/s burst %g, write %g/s burst %g per subject (per address when anonymous)",
                      self.store, *self.budgets["read"], *self.budgets["write"])
         else:
-            log.warning("rate limit OFF (gateway.rate_limit.mode=%s, auth mode %s)", cfg.mode, ctx.config.gateway.auth.mode)
+            log.warning("rate limit disabled (gateway.rate_limit.mode=%s, auth mode %s)", cfg.mode, ctx.config.gateway.auth.mode)
 
     def rate_class(self, method: str, path: str) -> str | None:
         found = self.table.find("GET" if method == "HEAD" else method, path)

@@ -93,6 +93,7 @@ class SecureStack:
 
     def __init__(self, base: Path, *, extra: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.base = Path(base)
+        self.base.mkdir(parents=True, exist_ok=True)
         self.idp = JwtIssuer(self.base, issuer=ISSUER, audience=AUDIENCE)
         self.service_token = uuid.uuid4().hex
         self.extra = {k: dict(v) for k, v in (extra or {}).items()}

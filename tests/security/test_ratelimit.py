@@ -130,4 +130,4 @@ def test_rate_limit_config_is_checked():
     with pytest.raises(Exception, match="rate_limit.read"):
         load_config(environ={"QMTL__GATEWAY__RATE_LIMIT__READ__RATE": "0"})
     cfg = load_config(environ={})
-    assert cfg.gateway.rate_limit.mode == "auto"  # on in JWT mode, off in development mode
+    assert cfg.gateway.rate_limit.mode == "auto"  # enforced in JWT mode, disabled in development mode
