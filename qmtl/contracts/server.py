@@ -12,8 +12,9 @@ protocol plus :class:`ConnectionGuard`) adds, from the service's ``limits`` sect
   seconds of the connection (or of the first byte of a keep-alive connection's next
   request); otherwise 408 problem+json and the connection is closed;
 * **header size**: more than ``max_header_bytes`` before the headers end → 431 and close;
-* **connection cap with headroom for health**: up to ``max_connections`` open connections
-  are served normally; the next ``health_headroom`` ones may only ask for ``/health``,
+* **connection cap with headroom for health**: up to ``max_connections`` open HTTP
+  connections are served normally (WebSocket streams, once upgraded, are bounded by the
+  Gateway's ``events.max_connections`` instead); the next ``health_headroom`` ones may only ask for ``/health``,
   ``/ready`` or ``/metrics`` (anything else gets 503 problem+json with ``Retry-After`` and a
   close); beyond that, a new connection evicts the oldest connection still waiting for its
   headers (a slow client), or is closed at once when there is none. The process therefore
@@ -88,7 +89,8 @@ class ConnectionGuard:
         for reason in _REASONS:
             refused.add_metric([reason], self.refused.get(reason, 0))
         yield refused
-        yield GaugeMetricFamily("http_open_connections", "Client connections this server holds open", value=self.open)
+        yield GaugeMetricFamily("http_open_connections", "HTTP connections this server holds open (WebSocket streams are "
+                                "ws_subscribers, bounded by gateway.events.max_connections)", value=self.open)
 
     def describe(self) -> list:
         return []
@@ -111,7 +113,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._counted = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) > guard.hard_cap:
+        if guard.open > guard.hard_cap:
             victim = next(iter(guard.pending.values()), None)
             if victim is None:
                 guard.count("over_cap")
@@ -123,11 +125,21 @@ class GuardedProtocol(HttpToolsProtocol):
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
+        self._drop_pending()
+        super().connection_lost(exc)
+
+    def _uncount(self) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
             self.guard.open -= 1
+
+    def handle_websocket_upgrade(self) -> None:
+        # a WebSocket is the events component's to bound (gateway.events.max_connections):
+        # from here on it is not an HTTP connection of this guard
+        self._uncount()
         self._drop_pending()
-        super().connection_lost(exc)
+        super().handle_websocket_upgrade()
 
     # -- waiting for headers ----------------------------------------------------------------
     def _await_headers(self) -> None:
@@ -171,7 +183,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._drop_pending()
-        if len(self.connections) > self.guard.limits.max_connections:
+        if self.guard.open > self.guard.limits.max_connections and not self.parser.should_upgrade():
             path = httptools.parse_url(self.url).path.decode("latin-1")
             if path not in HEALTH_PATHS:
                 self.guard.count("health_only")

@@ -197,6 +197,40 @@ def test_a_20mb_body_is_refused_with_413_before_it_is_read(stack):
     assert problem["max_bytes"] == 1048576 and "20971520" in problem["detail"]
 
 
+def test_a_chunked_body_is_counted_as_it_streams_and_refused_past_the_limit(stack):
+    gw = stack.gateway
+    s = socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])), timeout=10)
+    data = b""
+    sent = 0
+    try:  # no Content-Length: 64 KB chunks until the Gateway answers
+        s.sendall(b"POST /worlds HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b" " * 65536
+        s.setblocking(False)
+        while sent < 4 * 1024 * 1024:
+            try:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+            except (BlockingIOError, OSError):
+                break
+            try:
+                data += s.recv(65536)
+                if b"\r\n\r\n" in data:
+                    break
+            except BlockingIOError:
+                pass
+        s.settimeout(10)
+        while b"}" not in data:
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+    finally:
+        s.close()
+    _head, problem = _problem(data, 413)
+    assert problem["max_bytes"] == 1048576 and "streamed body" in problem["detail"]
+    assert sent < 4 * 1024 * 1024  # the answer came while the body was still streaming
+
+
 def test_a_10mb_invalid_body_gets_a_small_422(stack):
     token = stack.token(world_roles={"*": ["owner"]})
     huge = "x" * (10 * 1024 * 1024)
