@@ -102,6 +102,13 @@ class SecureStack:
         self.gateways: list[ServiceProcess] = []
 
     def start(self, gateways: int = 1) -> "SecureStack":
+        try:
+            return self._start(gateways)
+        except BaseException:
+            self.stop()  # nothing started is left running
+            raise
+
+    def _start(self, gateways: int) -> "SecureStack":
         self.worldservice = ServiceProcess("worldservice", self.base / "ws", {
             "QMTL__WORLDSERVICE__RBAC": "enforce", "QMTL__WORLDSERVICE__SERVICE_TOKEN": self.service_token,
             **self.extra.get("worldservice", {})}).start()

@@ -67,6 +67,17 @@ def _problem(data: bytes, status: int) -> tuple[bytes, dict]:
     return head, problem
 
 
+def _read_answer(s: socket.socket, data: bytes = b"") -> bytes:
+    """Read until a whole (small) JSON answer is in or the server closes."""
+    s.settimeout(10)
+    while b"\r\n\r\n" not in data or b"}" not in data.partition(b"\r\n\r\n")[2]:
+        more = s.recv(65536)
+        if not more:
+            break
+        data += more
+    return data
+
+
 def _closed_by_peer(sock: socket.socket) -> tuple[bool, bytes]:
     """(True, what the server sent before closing) once the server has closed the connection."""
     sock.setblocking(False)
@@ -185,12 +196,7 @@ def test_a_20mb_body_is_refused_with_413_before_it_is_read(stack):
     try:  # anonymous, as an outsider would send it: 20 MB announced, 64 KB sent, the rest never
         s.sendall(b"POST /worlds HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 20971520\r\n\r\n")
         s.sendall(b"[" * 65536)
-        data = b""
-        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 50:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_answer(s)
     finally:
         s.close()
     _head, problem = _problem(data, 413)
@@ -218,12 +224,7 @@ def test_a_chunked_body_is_counted_as_it_streams_and_refused_past_the_limit(stac
                     break
             except BlockingIOError:
                 pass
-        s.settimeout(10)
-        while b"}" not in data:
-            more = s.recv(65536)
-            if not more:
-                break
-            data += more
+        data = _read_answer(s, data)
     finally:
         s.close()
     _head, problem = _problem(data, 413)
