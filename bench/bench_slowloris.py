@@ -12,7 +12,8 @@ default limits (tests/helpers/secstack.py: ``qmtl gw`` in JWT mode with Redis, W
 Printed: connections opened / refused at connect; ``GET /health`` during the attack (count,
 failures, p50, max); the Gateway's file descriptors and RSS at the start, peak and end; how
 many slow connections the Gateway cut (by the end of the hold) and its
-``http_connections_refused_total`` by reason; the lines its log grew by.
+``gateway_http_connections_refused_total`` by reason; the lines its log grew by (access lines —
+one per request that reached the app — counted apart).
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ async def run(args: argparse.Namespace, base: Path) -> None:
             w.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(1)
-        reasons = {r: int(metric(metrics, "http_connections_refused_total", reason=r))
+        reasons = {r: int(metric(metrics, "gateway_http_connections_refused_total", reason=r))
                    for r in ("over_cap", "evicted", "header_timeout", "health_only", "header_too_large", "invalid_request")}
-        log_growth = len(gw.log_text().splitlines()) - log0
+        added = gw.log_text().splitlines()[log0:]
+        access = sum(" qmtl.access " in line for line in added)  # one per request that reached the app, by design
         print(f"bench_slowloris: {args.connections} slow connections ({'half mid-headers, half ' if args.mix else ''}"
               f"headers + 1 of 1,000,000 body bytes) opened in {opened_in:.1f} s, held {args.hold:.0f} s; Gateway limits: defaults")
         print(f"  refused at connect: {refused[0]}; cut by the Gateway within the hold: {cut_by_then}")
@@ -105,7 +107,8 @@ async def run(args: argparse.Namespace, base: Path) -> None:
         else:
             print(f"  GET /health during the attack: 0 ok, {failures} failed")
         print(f"  Gateway fds: {fds0} at start, peak {fd_peak}, {gw.fd_count()} after; RSS {rss0 // 1024} MB, peak {rss_peak // 1024} MB")
-        print(f"  http_connections_refused_total: {reasons}; log lines added: {log_growth}")
+        print(f"  gateway_http_connections_refused_total: {reasons}")
+        print(f"  log lines added: {len(added) - access} (+ {access} access lines: one per request that reached the app)")
     finally:
         stack.stop()
 

@@ -148,10 +148,10 @@ def quiet_server(config: Any) -> Any:
 async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
     import uvicorn
 
-    from qmtl.contracts.server import metrics_registry, server_options
+    from qmtl.contracts.server import server_options
 
     servers = []
-    for name, app, host, port in apps:
+    for _name, app, host, port in apps:
         # No permessage-deflate: the Gateway serialises each event once for every subscriber;
         # compressing ~0.5 KB frames per client nearly doubles its CPU per frame (bench/bench_ws.py).
         # timeout_graceful_shutdown: open streaming responses (the legacy GET /queues/watch
@@ -161,9 +161,7 @@ async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
         # trusted callback network, see gateway.callbacks.trusted_networks).
         # server_options: header timeout and size, keep-alive timeout, connection cap with
         # headroom for /health (the service's `limits` section; qmtl.contracts.server).
-        bounds = {}
-        if getattr(app, "limits", None) is not None:
-            bounds, _guard = server_options(app.limits, name=name, registry=metrics_registry(app))
+        bounds = server_options(app.guard) if getattr(app, "guard", None) is not None else {}
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
                                 ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False, **bounds)
         server = quiet_server(config)  # we handle signals once for all

@@ -43,7 +43,8 @@ from qmtl.contracts.connexion31 import (
     allow_openapi31,
     decorate_handlers_once,
 )
-from qmtl.contracts.limits import RequestLimits, bound_text, route_regex
+from qmtl.contracts.limits import RequestLimits, bound_text
+from qmtl.contracts.server import ConnectionGuard
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,9 @@ class DeprecationHeaders:
                 headers = [(name, str(marks[key]).encode("latin-1")) for key, name in
                            (("deprecation", b"deprecation"), ("link", b"link"), ("sunset", b"sunset")) if key in marks]
                 if headers:
-                    rules.append((method.upper(), route_regex(route), headers))
+                    pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                                      for part in re.split(r"(\{[^}]+\})", route))
+                    rules.append((method.upper(), re.compile(pattern + "$"), headers))
         return cls(app, rules) if rules else app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -361,9 +364,11 @@ def build_app(
     routes = RouteTemplates(doc.get("paths") or {})
     dispatcher = Dispatcher(DeprecationHeaders.wrap(app, doc), ws_routes,
                             access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
-                            limits=lambda inner: RequestLimits(inner, doc, limits))
+                            limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes))
     dispatcher.spec = spec  # type: ignore[attr-defined]
-    dispatcher.limits = limits  # type: ignore[attr-defined]  # the server's bounds too (qmtl.contracts.server)
+    # the HTTP server's bounds (header timeout, connection cap): the service registers the
+    # guard's metrics on its registry, the server runs it (qmtl.contracts.server.server_options)
+    dispatcher.guard = ConnectionGuard(limits, name=service)  # type: ignore[attr-defined]
     dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
     return dispatcher
 

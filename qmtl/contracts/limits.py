@@ -30,6 +30,7 @@ import typing as t
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qmtl.common import correlation
+from qmtl.common.logs import RouteTemplates
 
 MAX_BODY_EXTENSION = "x-qmtl-max-body-bytes"
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -39,37 +40,24 @@ QUOTE_LIMIT = 80
 DETAIL_LIMIT = 1000
 
 
-def route_regex(route: str) -> re.Pattern[str]:
-    """An OpenAPI path template as a regex matching request paths (``{x}`` = one segment)."""
-    pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]+\})", route))
-    return re.compile(pattern + "$")
-
-
 class OperationTable:
-    """``(method, path)`` → ``(route template, operation)`` of a spec, literal routes first
-    (``/worlds/x`` never shadows a literal sibling)."""
+    """``(method, path)`` → ``(route template, operation)`` of a spec (paths to templates by
+    :class:`qmtl.common.logs.RouteTemplates`, literal routes first)."""
 
-    def __init__(self, doc: dict) -> None:
-        rules: dict[str, list[tuple[re.Pattern[str], str, dict]]] = {}
-        for route, item in (doc.get("paths") or {}).items():
-            for method in _METHODS:
-                op = item.get(method)
-                if isinstance(op, dict):
-                    rules.setdefault(method.upper(), []).append((route_regex(route), route, op))
-        for entries in rules.values():
-            entries.sort(key=lambda e: (e[1].count("{"), -len(e[1])))
-        self.rules = rules
+    def __init__(self, doc: dict, routes: RouteTemplates | None = None) -> None:
+        paths = doc.get("paths") or {}
+        self.routes = routes or RouteTemplates(paths)
+        self.ops = {(method.upper(), route): item[method] for route, item in paths.items()
+                    for method in _METHODS if isinstance(item.get(method), dict)}
 
     def find(self, method: str, path: str) -> tuple[str, dict] | None:
-        for pattern, route, op in self.rules.get(method, ()):
-            if pattern.match(path):
-                return route, op
-        return None
+        route = self.routes(path)
+        op = self.ops.get((method, route))
+        return None if op is None else (route, op)
 
     def operations(self) -> t.Iterator[tuple[str, str, dict]]:
-        for method, entries in self.rules.items():
-            for _pattern, route, op in entries:
-                yield method, route, op
+        for (method, route), op in self.ops.items():
+            yield method, route, op
 
 
 # -- JSON nesting depth ---------------------------------------------------------------------
@@ -152,10 +140,10 @@ class _Disconnected(Exception):
 
 
 class RequestLimits:
-    def __init__(self, app: ASGIApp, doc: dict, limits: t.Any) -> None:
+    def __init__(self, app: ASGIApp, doc: dict, limits: t.Any, routes: RouteTemplates | None = None) -> None:
         self.app = app
         self.limits = limits
-        self.table = OperationTable(doc)
+        self.table = OperationTable(doc, routes)
         self.max_bytes = {(m, route): int(op.get(MAX_BODY_EXTENSION) or limits.max_body_bytes) for m, route, op in self.table.operations()}
 
     def limit_for(self, method: str, path: str) -> int:

@@ -22,8 +22,8 @@ protocol plus :class:`ConnectionGuard`) adds, from the service's ``limits`` sect
   through while hundreds of slow clients hold connections.
 
 Nothing is logged per refused connection (a flood would become a log flood): the guard
-counts every refusal (``http_connections_refused_total{reason}``) and logs one summary line
-per interval while refusals happen.
+counts every refusal (``<service>_http_connections_refused_total{reason}``, on the service's
+own registry) and logs one summary line per interval while refusals happen.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import typing as t
 from collections import Counter as Tally, OrderedDict
 
 import httptools
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import Counter, Gauge
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qmtl.contracts.limits import problem_body
@@ -54,12 +54,21 @@ class ConnectionGuard:
 
     def __init__(self, limits: t.Any, *, name: str = "http") -> None:
         self.limits = limits
-        self.name = name
+        self.name = name  # the service: it prefixes the metric names (one name, one meaning across services)
         self.refused: Tally[str] = Tally()
         self._unreported: Tally[str] = Tally()
         self._report_handle: asyncio.TimerHandle | None = None
         self.pending: OrderedDict[int, GuardedProtocol] = OrderedDict()  # waiting for their headers, oldest first
         self.open = 0
+        # registered on the service's registry by register_guard
+        self.refused_total = Counter(f"{name}_http_connections_refused", "Connections refused or cut by the HTTP server's "
+                                     "bounds (limits), by reason: over_cap, evicted, header_timeout, header_too_large, "
+                                     "health_only, invalid_request", ["reason"], registry=None)
+        for reason in _REASONS:
+            self.refused_total.labels(reason)
+        self.open_gauge = Gauge(f"{name}_http_open_connections", "HTTP connections this server holds open (WebSocket "
+                                "streams are ws_subscribers, bounded by gateway.events.max_connections)", registry=None)
+        self.open_gauge.set_function(lambda: self.open)
 
     @property
     def hard_cap(self) -> int:
@@ -67,6 +76,7 @@ class ConnectionGuard:
 
     def count(self, reason: str) -> None:
         self.refused[reason] += 1
+        self.refused_total.labels(reason).inc()
         self._unreported[reason] += 1
         if self._report_handle is None:
             try:
@@ -82,18 +92,6 @@ class ConnectionGuard:
             log.warning("%s: connections refused or cut in the last %.0f s: %s (open now: %d; limits: %d + %d for health)",
                         self.name, self.report_interval, summary, self.open, self.limits.max_connections, self.limits.health_headroom)
             self._unreported.clear()
-
-    def collect(self) -> t.Iterator[t.Any]:
-        refused = CounterMetricFamily("http_connections_refused", "Connections refused or cut by the server's bounds, by reason "
-                                      "(over_cap, evicted, header_timeout, header_too_large, health_only, invalid_request)", labels=["reason"])
-        for reason in _REASONS:
-            refused.add_metric([reason], self.refused.get(reason, 0))
-        yield refused
-        yield GaugeMetricFamily("http_open_connections", "HTTP connections this server holds open (WebSocket streams are "
-                                "ws_subscribers, bounded by gateway.events.max_connections)", value=self.open)
-
-    def describe(self) -> list:
-        return []
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -233,32 +231,28 @@ def _over_capacity(cap: int) -> t.Callable:
     return app
 
 
-def server_options(limits: t.Any, *, name: str = "http", registry: t.Any = None) -> tuple[dict[str, t.Any], ConnectionGuard]:
-    """uvicorn.Config keyword arguments for a service with this ``limits`` section, and the
-    guard (its metrics are registered on ``registry`` when given)."""
-    guard = ConnectionGuard(limits, name=name)
+def server_options(guard: ConnectionGuard) -> dict[str, t.Any]:
+    """uvicorn.Config keyword arguments that put ``guard`` (an app's ``guard``, built with it
+    by :func:`qmtl.contracts.app.build_app` and registered on the service's registry) in
+    front of every connection."""
     protocol = type("QmtlHttpProtocol", (GuardedProtocol,), {"guard": guard})
-    if registry is not None:
-        registry.register(guard)
     return {
         "http": protocol,
-        "timeout_keep_alive": limits.keep_alive_timeout,
-        "backlog": limits.backlog,
-    }, guard
+        "timeout_keep_alive": guard.limits.keep_alive_timeout,
+        "backlog": guard.limits.backlog,
+    }
 
 
-def metrics_registry(app: t.Any) -> t.Any:
-    """The Prometheus registry a service's ``/metrics`` serves (Gateway ``ctx.registry``,
-    DAG Manager ``ctx.metrics.registry``, WorldService ``service.metrics.registry``)."""
-    for path in (("ctx", "registry"), ("ctx", "metrics", "registry"), ("service", "metrics", "registry")):
-        node = app
-        for attr in path:
-            node = getattr(node, attr, None)
-            if node is None:
-                break
-        if node is not None and hasattr(node, "register"):
-            return node
-    return None
+def register_guard(registry: t.Any, guard: ConnectionGuard) -> None:
+    """Put ``guard``'s metrics on a service's registry (replacing the guard of an app built
+    earlier on the same registry, so a service object may get a second app)."""
+    previous = getattr(registry, "_qmtl_http_guard", None)
+    if previous is not None:
+        registry.unregister(previous.refused_total)
+        registry.unregister(previous.open_gauge)
+    registry.register(guard.refused_total)
+    registry.register(guard.open_gauge)
+    registry._qmtl_http_guard = guard
 
 
-__all__ = ["ConnectionGuard", "GuardedProtocol", "HEALTH_PATHS", "metrics_registry", "server_options"]
+__all__ = ["ConnectionGuard", "GuardedProtocol", "HEALTH_PATHS", "register_guard", "server_options"]

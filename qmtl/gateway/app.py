@@ -156,5 +156,8 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
     from qmtl.gateway.ratelimit import RateLimiter
 
     app.http_app = RateLimiter(app.http_app, ctx, app.spec.bundled)
+    from qmtl.contracts.server import register_guard
+
+    register_guard(ctx.registry, app.guard)  # the HTTP server's refusals (qmtl.contracts.server)
     app.ctx = ctx  # type: ignore[attr-defined]
     return app

@@ -147,12 +147,14 @@ def test_slowloris_is_cut_while_health_answers_with_bounded_fds_and_memory(stack
     _problem(timed_out[0], 408)
 
     metrics = httpx.get(gw.url + "/metrics").text
-    header_cut = metric(metrics, "http_connections_refused_total", reason="header_timeout")
-    evicted = metric(metrics, "http_connections_refused_total", reason="evicted") + metric(
-        metrics, "http_connections_refused_total", reason="over_cap")
+    header_cut = metric(metrics, "gateway_http_connections_refused_total", reason="header_timeout")
+    evicted = metric(metrics, "gateway_http_connections_refused_total", reason="evicted") + metric(
+        metrics, "gateway_http_connections_refused_total", reason="over_cap")
     assert header_cut >= 1 and evicted >= SLOW - MAX_CONNECTIONS - HEADROOM - 40
-    # no log flood: a handful of summary lines, not one per connection
-    new_lines = gw.log_text().splitlines()[log_lines_before:]
+    # no log flood: a handful of summary lines, not one per connection (the access log writes one
+    # line per request that reached the app — /health and the body timeouts — by design; it is off
+    # with access_log: false)
+    new_lines = [line for line in gw.log_text().splitlines()[log_lines_before:] if " qmtl.access " not in line]
     assert len(new_lines) < 10, new_lines
     assert httpx.get(gw.url + "/health").status_code == 200
     assert gw.fd_count() <= fds_before + 5
