@@ -31,10 +31,10 @@ import logging
 import math
 import time
 import typing as t
-from collections import OrderedDict
 
 from prometheus_client import Counter
 
+from qmtl.common.cache import LRU
 from qmtl.common.errors import ServiceError
 from qmtl.contracts.limits import OperationTable, send_problem
 
@@ -79,20 +79,18 @@ class MemoryBuckets:
     def __init__(self, max_buckets: int, clock: t.Callable[[], float] = time.monotonic) -> None:
         self.max_buckets = max_buckets
         self.clock = clock
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self.buckets: LRU[str, list[float]] = LRU(max_buckets)
 
     async def take(self, key: str, rate: float, burst: float) -> tuple[bool, float]:
         return self.take_now(key, rate, burst)
 
     def take_now(self, key: str, rate: float, burst: float) -> tuple[bool, float]:
         now = self.clock()
-        bucket = self._buckets.get(key)
+        bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = [float(burst), now]
-            while len(self._buckets) > self.max_buckets:
-                self._buckets.popitem(last=False)
+            bucket = [float(burst), now]
+            self.buckets.put(key, bucket)
         else:
-            self._buckets.move_to_end(key)
             bucket[0] = min(float(burst), bucket[0] + max(0.0, now - bucket[1]) * rate)
             bucket[1] = now
         if bucket[0] >= 1.0:

@@ -121,7 +121,7 @@ def test_memory_buckets_refill_at_the_rate_and_never_exceed_the_burst():
     assert [buckets.take_now("a", 2.0, 3)[0] for _ in range(4)] == [True, True, True, False]
     buckets.take_now("b", 2.0, 3)
     buckets.take_now("c", 2.0, 3)  # bounded: the least recently used bucket ("a") is forgotten
-    assert "a" not in buckets._buckets and len(buckets._buckets) == 2
+    assert "a" not in buckets.buckets and len(buckets.buckets) == 2
 
 
 def test_rate_limit_config_is_checked():
