@@ -161,8 +161,10 @@ class RateLimiter:
         if self.enabled:
             log.info("rate limit on (%s): read %g/s burst %g, write %g/s burst %g per subject (per address when anonymous)",
                      self.store, *self.budgets["read"], *self.budgets["write"])
-        else:
-            log.warning("rate limit disabled (gateway.rate_limit.mode=%s, auth mode %s)", cfg.mode, ctx.config.gateway.auth.mode)
+        elif ctx.config.gateway.auth.mode == "jwt":  # a production Gateway without limits: say so loudly
+            log.warning("rate limit disabled (gateway.rate_limit.mode=%s) although callers are authenticated", cfg.mode)
+        else:  # development mode, announced on its own
+            log.info("rate limit disabled (gateway.rate_limit.mode=%s, development auth mode)", cfg.mode)
 
     def rate_class(self, method: str, path: str) -> str | None:
         found = self.table.find("GET" if method == "HEAD" else method, path)
