@@ -155,7 +155,9 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
     # rate limits per caller, in front of everything that answers an operation (fast paths too)
     from qmtl.gateway.ratelimit import RateLimiter
 
-    app.http_app = RateLimiter(app.http_app, ctx, app.spec.bundled)
+    limiter = RateLimiter(app.http_app, ctx, app.spec.bundled)  # its metrics exist either way
+    if limiter.enabled:
+        app.http_app = limiter
     from qmtl.contracts.server import register_guard
 
     register_guard(ctx.registry, app.guard)  # the HTTP server's refusals (qmtl.contracts.server)
