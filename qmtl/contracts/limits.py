@@ -196,7 +196,7 @@ class RequestLimits:
                 f"Request body nests arrays/objects deeper than {self.limits.max_json_depth} levels (limits.max_json_depth)",
                 ext={"limit": "max_json_depth", "max_depth": self.limits.max_json_depth})
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     @staticmethod
     async def _too_large(send: Send, scope: Scope, limit: int, what: str) -> None:
@@ -222,7 +222,9 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
             return b"".join(chunks), False
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive, *, disconnected: bool = False) -> Receive:
+    """A ``receive`` that hands the already read ``body`` on as one message, then defers to
+    ``receive`` (or says the client went away, when it did while the body was read)."""
     sent = False
 
     async def replay() -> dict:
@@ -230,6 +232,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
+        if disconnected:
+            return {"type": "http.disconnect"}
         return await receive()
 
     return replay

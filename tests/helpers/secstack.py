@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Mapping
 
-from tests.helpers.server import free_port, wait_healthy
+from tests.helpers.server import LogFile, free_port, wait_healthy
 from tests.helpers.wsproc import JwtIssuer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ ISSUER = "https://idp.security.test"
 AUDIENCE = "qmtl-security"
 
 
-class ServiceProcess:
+class ServiceProcess(LogFile):
     def __init__(self, command: str, data_dir: Path, env: Mapping[str, str], *, args: list[str] | None = None) -> None:
         self.command = command
         self.data_dir = Path(data_dir)
@@ -76,14 +76,6 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait(10)
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
 
 
 class SecureStack:

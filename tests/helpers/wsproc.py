@@ -15,13 +15,13 @@ from typing import Mapping
 
 import httpx
 
-from tests.helpers.server import free_port, wait_healthy
+from tests.helpers.server import LogFile, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 QMTL = str(Path(sys.executable).parent / "qmtl")
 
 
-class WorldServiceProcess:
+class WorldServiceProcess(LogFile):
     def __init__(self, data_dir: Path, *, service_token: str, env: Mapping[str, str] | None = None, port: int | None = None,
                  service: str = "worldservice", argv: list[str] | None = None) -> None:
         self.service = service
@@ -81,14 +81,6 @@ class WorldServiceProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
 
 
 # --------------------------------------------------------------------------- Gateway side
