@@ -37,10 +37,10 @@ from prometheus_client import Counter
 from qmtl.common.cache import LRU
 from qmtl.common.errors import ServiceError
 from qmtl.contracts.limits import OperationTable, send_problem
+from qmtl.contracts.security import IDENTITY_KEY as IDENTITY_SCOPE_KEY  # where the auth middleware leaves the caller
 
 log = logging.getLogger(__name__)
 
-IDENTITY_SCOPE_KEY = "qmtl.identity"
 RATE_CLASS_EXTENSION = "x-qmtl-rate-class"
 
 # KEYS[1] bucket; ARGV rate (tokens/s), burst. Returns {allowed 0|1, seconds to wait (string)}.
