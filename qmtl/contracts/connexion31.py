@@ -41,7 +41,7 @@ from connexion.utils import is_null, is_nullable
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from qmtl.contracts.limits import bound_text, short_repr
+from qmtl.contracts.limits import DEFAULT_MAX_DEPTH, DEPTH_SCOPE_KEY, bound_text, json_depth_exceeds, short_repr, too_deep_problem
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,9 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
         raw = b"".join([chunk async for chunk in stream])
         if not raw:
             return None
+        depth = (scope or {}).get(DEPTH_SCOPE_KEY, DEFAULT_MAX_DEPTH)
+        if json_depth_exceeds(raw, depth):  # before any parser recurses into it
+            raise ProblemException(**too_deep_problem(depth))
         try:
             text = raw.decode(self._encoding or "utf-8")
         except (UnicodeDecodeError, LookupError) as exc:

@@ -33,6 +33,15 @@ from qmtl.common import correlation
 from qmtl.common.logs import RouteTemplates
 
 MAX_BODY_EXTENSION = "x-qmtl-max-body-bytes"
+DEPTH_SCOPE_KEY = "qmtl.max_json_depth"
+DEFAULT_MAX_DEPTH = 64
+
+
+def too_deep_problem(limit: int) -> dict:
+    """The 400 problem of a body nested deeper than ``limit`` (status, title, detail, ext)."""
+    return {"status": 400, "title": "Bad Request",
+            "detail": f"Request body nests arrays/objects deeper than {limit} levels (limits.max_json_depth)",
+            "ext": {"limit": "max_json_depth", "max_depth": limit}}
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 # Bound of a value quoted in a problem's detail or errors (see :func:`short_repr`).
@@ -190,12 +199,9 @@ class RequestLimits:
         if too_large:
             await self._too_large(send, scope, limit, "the streamed body passed it")
             return
-        if body and (not ctype or b"json" in ctype.lower()) and json_depth_exceeds(body, self.limits.max_json_depth):
-            await send_problem(
-                send, 400, "Bad Request",
-                f"Request body nests arrays/objects deeper than {self.limits.max_json_depth} levels (limits.max_json_depth)",
-                ext={"limit": "max_json_depth", "max_depth": self.limits.max_json_depth})
-            return
+        # the depth is checked where the body is parsed (after authentication: an anonymous
+        # caller gets its 401 first), with this service's limit
+        scope[DEPTH_SCOPE_KEY] = self.limits.max_json_depth
         await self.app(scope, replay_body(body, receive), send)
 
     @staticmethod

@@ -29,7 +29,7 @@ from qmtl.common.errors import ServiceError
 from qmtl.contracts.app import problem_response
 from qmtl.contracts.constants import Operation, operation
 from qmtl.contracts.events import schema_validator
-from qmtl.contracts.limits import replay_body
+from qmtl.contracts.limits import DEFAULT_MAX_DEPTH, json_depth_exceeds, replay_body
 from qmtl.contracts.loader import SpecError
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,11 @@ async def _read_body(receive: Any) -> tuple[bytes, bool]:
 
 
 def _parse(raw: bytes) -> Any:
+    if json_depth_exceeds(raw, DEFAULT_MAX_DEPTH):
+        return None  # too deep: the stack authenticates, then refuses it (400)
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None  # the stack says what is wrong with it
 
 
