@@ -158,6 +158,8 @@ def _run_loop(coro: Any) -> Any:
 async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
     import uvicorn
 
+    from qmtl.contracts.server import server_options
+
     servers = []
     for _name, app, host, port in apps:
         # No permessage-deflate: the Gateway serialises each event once for every subscriber;
@@ -167,8 +169,12 @@ async def _serve_all(apps: list[tuple[str, Any, str, int]]) -> None:
         # proxy_headers=False: a client address is the TCP peer's, never an X-Forwarded-For value
         # (uvicorn believes it from 127.0.0.1 by default, which would let a local caller claim a
         # trusted callback network, see gateway.callbacks.trusted_networks).
+        # server_options: header timeout and size, keep-alive timeout, connection cap with
+        # headroom for /health (the service's `limits` section; qmtl.contracts.server).
+        bounds = server_options(app.guard) if getattr(app, "guard", None) is not None else {}
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
-                                ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False, http=_http_impl())
+                                ws_per_message_deflate=False, timeout_graceful_shutdown=5, proxy_headers=False,
+                                **{"http": _http_impl(), **bounds})  # the bounded protocol is httptools' too
         server = quiet_server(config)  # we handle signals once for all
         servers.append(server)
 

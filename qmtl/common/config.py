@@ -57,6 +57,43 @@ class BudgetConfig:
 class BreakerConfig:
     failure_threshold: int = 5
     reset_timeout: float = 10.0
+    # WorldService: one breaker per operation (method + route of its spec), so failures of one
+    # operation (one caller's flood of it, say) do not refuse the others; false: one breaker.
+    per_operation: bool = True
+
+
+@dataclass
+class LimitsConfig:
+    """Bounds of one service's HTTP server (each service section has its own ``limits``)."""
+    # request bodies (413 / 400 / 408 problem+json)
+    max_body_bytes: int = 1_048_576  # operations without ``x-qmtl-max-body-bytes`` in the spec
+    max_json_depth: int = 64  # nesting of arrays/objects in a JSON body
+    body_timeout: float = 30.0  # the whole body must arrive within this many seconds (408)
+    # connections (the HTTP server)
+    header_timeout: float = 10.0  # request line + headers must arrive within this after connect or the previous response
+    keep_alive_timeout: float = 5.0  # idle keep-alive connections are closed after this
+    max_header_bytes: int = 65_536  # request line + headers (431)
+    max_connections: int = 2_048  # open connections; above it only /health, /ready, /metrics are served (503 otherwise)
+    health_headroom: int = 64  # connections beyond max_connections kept for health probes; more are closed at once
+    backlog: int = 2_048
+
+
+@dataclass
+class RateClassConfig:
+    rate: float = 50.0  # tokens per second
+    burst: int = 100  # bucket size
+
+
+@dataclass
+class RateLimitConfig:
+    # "auto": enforced when gateway.auth.mode is "jwt", disabled in development mode (announced at
+    # startup); "enforce" / "disabled" force it. (Not on/off: YAML reads those as booleans.)
+    mode: str = "auto"
+    # token buckets per subject (per client address when anonymous), by class; an operation's
+    # class is its ``x-qmtl-rate-class`` in the spec, else "read" for GET/HEAD, "write" otherwise
+    read: RateClassConfig = field(default_factory=lambda: RateClassConfig(50.0, 100))
+    write: RateClassConfig = field(default_factory=lambda: RateClassConfig(10.0, 30))
+    max_buckets: int = 100_000  # in-memory buckets kept (LRU), per process
 
 
 @dataclass
@@ -88,6 +125,8 @@ class EventsConfig:
     instance_id: str = ""
     fallback_url: str = ""  # descriptor fallback_url; default: this Gateway's /ws (legacy route)
     ready_timeout: float = 10.0  # how long /ws/evt waits for the state rebuild before 1013
+    max_connections: int = 10_000  # open /ws/evt + /ws connections in total (more: close 1013)
+    max_connections_per_subject: int = 100  # per verified subject (more: close 4029)
 
 
 @dataclass
@@ -129,6 +168,8 @@ class GatewayConfig:
     # several); a 10,000-node diff costs ~330-450 ms on the DAG Manager: 0.5 ms/node leaves 10x
     diff_budget_ms_per_node: float = 0.5
     diff_budget_ms_per_diff: float = 100.0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 
 @dataclass
@@ -151,6 +192,7 @@ class WorldServiceConfig:
     apply_lease_seconds: float = 30.0
     outbox_poll_seconds: float = 1.0
     database_schema: str = ""  # PostgreSQL schema (search_path) for the tables; default: the user's
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass
@@ -170,6 +212,7 @@ class DagManagerConfig:
     outbox_poll_seconds: float = 1.0  # how often the outbox publisher looks for events other replicas left
     validate_responses: bool = True
     metric_label_cap: int = 200  # distinct sentinel ids in metric labels before "other"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass
@@ -293,3 +336,27 @@ def _check(cfg: Config) -> None:
             ipaddress.ip_network(str(cidr).strip(), strict=False)
         except ValueError as exc:
             raise ConfigError(f"gateway.callbacks.trusted_networks: {cidr!r} is not a CIDR network ({exc})") from None
+    _check_limits(cfg)
+
+
+def _check_limits(cfg: Config) -> None:
+    for section in ("gateway", "worldservice", "dagmanager"):
+        lim = getattr(cfg, section).limits
+        for name in ("max_body_bytes", "max_json_depth", "max_header_bytes", "max_connections", "backlog"):
+            if getattr(lim, name) < 1:
+                raise ConfigError(f"{section}.limits.{name} must be at least 1, got {getattr(lim, name)!r}")
+        for name in ("body_timeout", "header_timeout", "keep_alive_timeout"):
+            if getattr(lim, name) <= 0:
+                raise ConfigError(f"{section}.limits.{name} must be positive, got {getattr(lim, name)!r}")
+        if lim.health_headroom < 0:
+            raise ConfigError(f"{section}.limits.health_headroom must not be negative, got {lim.health_headroom!r}")
+    rl = cfg.gateway.rate_limit
+    if rl.mode not in ("auto", "enforce", "disabled"):
+        raise ConfigError(f"gateway.rate_limit.mode must be 'auto', 'enforce' or 'disabled', got {rl.mode!r}")
+    for name in ("read", "write"):
+        budget = getattr(rl, name)
+        if budget.rate <= 0 or budget.burst < 1:
+            raise ConfigError(f"gateway.rate_limit.{name}: rate must be positive and burst at least 1, got {budget!r}")
+    ev = cfg.gateway.events
+    if ev.max_connections < 1 or ev.max_connections_per_subject < 1:
+        raise ConfigError("gateway.events.max_connections and max_connections_per_subject must be at least 1")

@@ -43,6 +43,8 @@ from qmtl.contracts.connexion31 import (
     allow_openapi31,
     decorate_handlers_once,
 )
+from qmtl.contracts.limits import RequestLimits, bound_text
+from qmtl.contracts.server import ConnectionGuard
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,8 @@ def problem_response(status: int, title: str, detail: str, *, ext: dict | None =
     cid = correlation.get()
     if cid:
         ext.setdefault("correlation_id", cid)
-    return problem(status=status, title=title, detail=detail, ext=ext, headers=headers)
+    # a detail that quotes what the caller sent never grows with it
+    return problem(status=status, title=title, detail=bound_text(detail), ext=ext, headers=headers)
 
 
 def _service_error(_req: ConnexionRequest, exc: ServiceError) -> ConnexionResponse:
@@ -245,14 +248,20 @@ class DeprecationHeaders:
 
 
 class Dispatcher:
-    """WebSocket scopes → Starlette router; everything else → the Connexion app."""
+    """WebSocket scopes → Starlette router; everything else → the Connexion app.
+
+    ``limits`` (a :class:`~qmtl.contracts.limits.RequestLimits` factory) bounds every HTTP
+    request before it reaches ``http_app`` — whatever ``http_app`` is replaced with later."""
 
     def __init__(self, http_app: ASGIApp, ws_routes: t.Sequence[WebSocketRoute] = (), *,
-                 access_log: t.Callable[[ASGIApp], ASGIApp] | None = None) -> None:
+                 access_log: t.Callable[[ASGIApp], ASGIApp] | None = None,
+                 limits: t.Callable[[ASGIApp], ASGIApp] | None = None) -> None:
         self.http_app = http_app
         self.ws_router = Router(routes=list(ws_routes)) if ws_routes else None
-        # correlation id first, so the access line (written when the response ends) carries it
-        self.inner = CorrelationMiddleware(access_log(self._dispatch) if access_log else self._dispatch)
+        inner: ASGIApp = limits(self._dispatch) if limits else self._dispatch
+        # correlation id first, so the access line (written when the response ends) carries it;
+        # the access log outside the limits, so their refusals are logged like any answer
+        self.inner = CorrelationMiddleware(access_log(inner) if access_log else inner)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -307,6 +316,7 @@ def build_app(
     tracer_provider: t.Any = None,
     security: t.Mapping[str, t.Any] | None = None,
     anonymous: t.Callable[[], t.Awaitable[t.Any]] | None = None,
+    limits: t.Any = None,
 ) -> Dispatcher:
     """The ASGI app of ``service`` (``gateway``, ``worldservice`` or ``dagmanager``).
 
@@ -317,6 +327,8 @@ def build_app(
     ``security`` maps each security scheme of the spec to its verifier and ``anonymous``
     admits the spec's ``{}`` alternative (see :mod:`qmtl.contracts.security`, which takes
     the place of Connexion's own security middleware: authentication before validation).
+    ``limits`` is the service's ``limits`` config section (body size, JSON depth, body read
+    timeout; see :mod:`qmtl.contracts.limits`); the defaults apply when it is None.
     """
     allow_openapi31()
     decorate_handlers_once()
@@ -344,10 +356,19 @@ def build_app(
     app.add_error_handler(HTTPException, _http_exception)
     app.add_error_handler(UnicodeDecodeError, _unicode_error)
     app.add_error_handler(Exception, _unexpected)
-    routes = RouteTemplates(spec.bundled.get("paths") or {})
-    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, spec.bundled), ws_routes,
-                            access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log))
+    if limits is None:
+        from qmtl.common.config import LimitsConfig
+
+        limits = LimitsConfig()
+    doc = spec.bundled
+    routes = RouteTemplates(doc.get("paths") or {})
+    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, doc), ws_routes,
+                            access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
+                            limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes))
     dispatcher.spec = spec  # type: ignore[attr-defined]
+    # the HTTP server's bounds (header timeout, connection cap): the service registers the
+    # guard's metrics on its registry, the server runs it (qmtl.contracts.server.server_options)
+    dispatcher.guard = ConnectionGuard(limits, name=service)  # type: ignore[attr-defined]
     dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
     return dispatcher
 

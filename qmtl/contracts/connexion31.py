@@ -22,6 +22,7 @@ Drop this module when Connexion supports OpenAPI 3.1 natively.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import typing as t
@@ -40,10 +41,13 @@ from connexion.utils import is_null, is_nullable
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
+from qmtl.contracts.limits import DEFAULT_MAX_DEPTH, DEPTH_SCOPE_KEY, bound_text, json_depth_exceeds, short_repr, too_deep_problem
+
 logger = logging.getLogger(__name__)
 
 _FORMAT_CHECKER = Draft202012Validator.FORMAT_CHECKER
 _MAX_ERRORS = 20
+_SCANNED_ERRORS = 1000  # violations looked at to pick the most relevant (a 10 MB body can hold millions)
 
 
 def allow_openapi31() -> None:
@@ -142,16 +146,28 @@ def fast_is_valid(fast: t.Any, instance: t.Any) -> bool:
 
 
 def schema_errors(validator: Draft202012Validator, instance: t.Any, prefix: str = "") -> list[dict]:
-    """Every violation as ``{"pointer", "message"}``, most relevant first, bounded."""
-    errors = list(validator.iter_errors(instance))
+    """Every violation as ``{"pointer", "message"}``, most relevant first, bounded: at most
+    ``_MAX_ERRORS`` of them, and a value quoted in a message is cut to a few dozen characters
+    (a 10 MB string in the body is not echoed back)."""
+    errors = list(itertools.islice(validator.iter_errors(instance), _SCANNED_ERRORS))
     if not errors:
         return []
     first = best_match(errors)
     ordered = [first] + [e for e in errors if e is not first]
     return [
-        {"pointer": prefix + pointer(e.absolute_path), "message": e.message}
+        {"pointer": bound_text(prefix + pointer(e.absolute_path), 200), "message": error_message(e)}
         for e in ordered[:_MAX_ERRORS]
     ]
+
+
+def error_message(error: t.Any) -> str:
+    """A jsonschema error's message with the instance it quotes shortened."""
+    message = error.message
+    if len(message) > 200:
+        quoted = repr(error.instance)
+        if len(quoted) > 80 and quoted in message:
+            message = message.replace(quoted, short_repr(error.instance))
+    return bound_text(message, 500)
 
 
 class UnprocessableBodyProblem(ProblemException):
@@ -188,6 +204,9 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
         raw = b"".join([chunk async for chunk in stream])
         if not raw:
             return None
+        depth = (scope or {}).get(DEPTH_SCOPE_KEY, DEFAULT_MAX_DEPTH)
+        if json_depth_exceeds(raw, depth):  # before any parser recurses into it
+            raise ProblemException(**too_deep_problem(depth))
         try:
             text = raw.decode(self._encoding or "utf-8")
         except (UnicodeDecodeError, LookupError) as exc:
@@ -284,10 +303,10 @@ class Parameter2020Validator(ParameterValidator):
             if validator is None or validator.schema is not schema:
                 validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
                 Parameter2020Validator._cache[key] = validator
-            error = best_match(validator.iter_errors(value))
+            error = best_match(itertools.islice(validator.iter_errors(value), _SCANNED_ERRORS))
             if error is not None:
                 name = param_name or param.get("name")
-                return f"Invalid {parameter_type} parameter '{name}': {error.message}"
+                return f"Invalid {parameter_type} parameter '{name}': {error_message(error)}"
             return None
         if param.get("required"):
             return f"Missing {parameter_type} parameter '{param['name']}'"

@@ -109,7 +109,10 @@ def create_app(
     verifiers = {"serviceToken": service_token_verifier(
         config.dagmanager.service_token, header=api_key_header("dagmanager", "serviceToken"), open_when_unset=True)}
     app = build_app("dagmanager", service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses,
-                    access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers)
+                    access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers, limits=config.dagmanager.limits)
+    from qmtl.contracts.server import register_guard
+
+    register_guard(service.metrics.registry, app.guard)  # the HTTP server's refusals (qmtl.contracts.server)
     app.ctx = service  # type: ignore[attr-defined]
     return app
 

@@ -52,7 +52,7 @@ class GatewayContext:
         self.worldservice = Backend(
             "worldservice", g.worldservice_url, timeout=g.worldservice_budget.timeout, retries=g.worldservice_budget.retries,
             failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=backend_metrics,
-            default_headers=headers,
+            default_headers=headers, operations=_operations("worldservice") if g.breaker.per_operation else None,
         )
         self.dagmanager = Backend(
             "dagmanager", g.dagmanager_url, timeout=g.dagmanager_budget.timeout, retries=g.dagmanager_budget.retries,
@@ -101,6 +101,14 @@ class GatewayContext:
             self.tracer_provider.shutdown()  # flushes the spans still batched
 
 
+def _operations(service: str) -> Any:
+    """A backend's operations (method + route) from its spec, for per-operation breakers."""
+    from qmtl.contracts.limits import OperationTable
+    from qmtl.contracts.loader import load_openapi
+
+    return OperationTable(load_openapi(service).bundled)
+
+
 def _component_module(name: str) -> Any:
     try:
         return importlib.import_module(f"qmtl.gateway.{name}")
@@ -134,7 +142,7 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
 
     verifiers, anonymous = spec_security(ctx)
     app = build_app("gateway", ctx, lifespan=lifespan, validate_responses=config.gateway.validate_responses, ws_routes=ws_routes,
-                    access_log=config.access_log, tracer_provider=ctx.tracer_provider, security=verifiers, anonymous=anonymous)
+                    access_log=config.access_log, tracer_provider=ctx.tracer_provider, security=verifiers, anonymous=anonymous, limits=config.gateway.limits)
     worlds = ctx.components.get("worlds")
     if worlds is not None:  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
         from qmtl.gateway.worlds import DecideFastPath
@@ -144,5 +152,14 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
         from qmtl.gateway.ingest.fastpath import SubmitFastPath
 
         app.http_app = SubmitFastPath(app.http_app, ctx)
+    # rate limits per caller, in front of everything that answers an operation (fast paths too)
+    from qmtl.gateway.ratelimit import RateLimiter
+
+    limiter = RateLimiter(app.http_app, ctx, app.spec.bundled)  # its metrics exist either way
+    if limiter.enabled:
+        app.http_app = limiter
+    from qmtl.contracts.server import register_guard
+
+    register_guard(ctx.registry, app.guard)  # the HTTP server's refusals (qmtl.contracts.server)
     app.ctx = ctx  # type: ignore[attr-defined]
     return app

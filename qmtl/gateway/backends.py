@@ -1,7 +1,12 @@
 """HTTP calls from the Gateway to one backend (WorldService or DAG Manager), on a budget.
 
 Each backend has its own timeout and retry budget (SPEC §4: WorldService 300 ms, 2 retries
-with jittered backoff; DAG Manager 500 ms, 1 retry) and its own circuit breaker. Only
+with jittered backoff; DAG Manager 500 ms, 1 retry) and its own circuit breaker — or, given
+the backend's operations (``operations``: an :class:`~qmtl.contracts.limits.OperationTable`
+of its spec), one breaker per operation, so that failures of one operation (one caller
+flooding ``GET /worlds`` until WorldService times out, say) refuse that operation only and
+not every other caller's decides and writes. The backend's state in ``/status`` and in
+``gateway_circuit_breaker_state`` is then its worst operation's. Only
 idempotent calls are retried. Every call carries the request's correlation id. Failures
 become :class:`BackendUnavailable` (transport error, timeout, 5xx after retries, breaker
 open); any other answer, including 4xx, is returned to the caller to interpret.
@@ -51,6 +56,7 @@ class BackendMetrics:
     errors: Counter
     latency: Histogram
     breaker_state: Gauge
+    operation_breaker_state: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "BackendMetrics":
@@ -59,7 +65,10 @@ class BackendMetrics:
             errors=Counter("gateway_proxy_errors", "Failed or error-status backend calls by backend and status", ["backend", "status"], registry=registry),
             latency=Histogram("gateway_backend_latency_ms", "Backend call latency (ms), retries included", ["backend"], registry=registry,
                               buckets=(1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000)),
-            breaker_state=Gauge("gateway_circuit_breaker_state", "Breaker state per backend: 0 closed, 1 half-open, 2 open", ["backend"], registry=registry),
+            breaker_state=Gauge("gateway_circuit_breaker_state", "Breaker state per backend (its worst operation's when breakers "
+                                "are per operation): 0 closed, 1 half-open, 2 open", ["backend"], registry=registry),
+            operation_breaker_state=Gauge("gateway_circuit_breaker_operation_state", "Breaker state per backend operation (method and "
+                                          "route of its spec): 0 closed, 1 half-open, 2 open", ["backend", "operation"], registry=registry),
         )
 
 
@@ -76,13 +85,15 @@ class Backend:
         metrics: BackendMetrics | None = None,
         client: httpx.AsyncClient | None = None,
         default_headers: Mapping[str, str] | None = None,
+        operations: Any = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.metrics = metrics
-        self.breaker = AsyncCircuitBreaker(
-            name, failure_threshold=failure_threshold, reset_timeout=reset_timeout, on_state_change=self._on_state
-        )
+        self._breaker_args = {"failure_threshold": failure_threshold, "reset_timeout": reset_timeout}
+        self.breaker = AsyncCircuitBreaker(name, on_state_change=self._on_state, **self._breaker_args)
+        self.operations = operations  # an OperationTable: one breaker per operation
+        self._breakers: dict[str, AsyncCircuitBreaker] = {}
         self.policy = RetryPolicy(timeout=timeout, retries=retries)
         self.client = client or httpx.AsyncClient(
             base_url=self.base_url,
@@ -96,7 +107,28 @@ class Backend:
     def _on_state(self, name: str, old: str, new: str) -> None:
         log.warning("circuit breaker %s: %s -> %s", name, old, new)
         if self.metrics:
-            self.metrics.breaker_state.labels(name).set(_STATE_VALUE.get(new, 0))
+            if self.operations is None:
+                self.metrics.breaker_state.labels(self.name).set(_STATE_VALUE.get(new, 0))
+                return
+            self.metrics.operation_breaker_state.labels(self.name, name.partition(" ")[2] or name).set(_STATE_VALUE.get(new, 0))
+            self.metrics.breaker_state.labels(self.name).set(_STATE_VALUE.get(self._worst().state, 0))
+
+    def breaker_for(self, method: str, path: str) -> AsyncCircuitBreaker:
+        """The breaker guarding this call: the backend's, or its operation's."""
+        if self.operations is None:
+            return self.breaker
+        found = self.operations.find(method.upper(), path.split("?", 1)[0])
+        if found is None:
+            return self.breaker  # not an operation of the backend's spec: the backend-wide breaker
+        key = f"{method.upper()} {found[0]}"
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            breaker = self._breakers[key] = AsyncCircuitBreaker(f"{self.name} {key}", on_state_change=self._on_state, **self._breaker_args)
+        return breaker
+
+    def _worst(self) -> AsyncCircuitBreaker:
+        candidates = [self.breaker, *self._breakers.values()]
+        return max(candidates, key=lambda b: (_STATE_VALUE.get(b.state, 0), b.failures))
 
     async def request(
         self,
@@ -135,7 +167,8 @@ class Backend:
         started = time.perf_counter()
         status = "error"
         try:
-            resp = await self.policy.call(attempt, idempotent=idempotent, retry_on=retry_on, breaker=self.breaker, timeout=timeout)
+            resp = await self.policy.call(attempt, idempotent=idempotent, retry_on=retry_on, breaker=self.breaker_for(method, path),
+                                          timeout=timeout)
             status = str(resp.status_code)
             if resp.status_code >= 400 and self.metrics:
                 self.metrics.errors.labels(self.name, status).inc()
@@ -175,7 +208,10 @@ class Backend:
             return False
 
     def snapshot(self) -> dict:
-        snap = self.breaker.snapshot()
+        snap = self._worst().snapshot()
+        snap["name"] = self.name
+        if self.operations is not None:
+            snap["operations"] = {b.name.partition(" ")[2]: b.state for b in self._breakers.values() if b.state != "closed"}
         snap["url"] = self.base_url
         snap["timeout_ms"] = int(self.policy.timeout * 1000)
         snap["retries"] = self.policy.retries

@@ -56,6 +56,10 @@ def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, s
         validate_responses=config.worldservice.validate_responses,
         access_log=config.access_log,
         tracer_provider=tracer_provider,
+        limits=config.worldservice.limits,
     )
+    from qmtl.contracts.server import register_guard
+
+    register_guard(service.metrics.registry, app.guard)  # the HTTP server's refusals (qmtl.contracts.server)
     app.service = service  # type: ignore[attr-defined]
     return app

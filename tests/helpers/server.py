@@ -12,6 +12,41 @@ import uvicorn
 from qmtl.cli import quiet_server
 
 
+class LogFile:
+    """``log_text()`` / ``log_tail()`` of a subprocess whose output goes to ``self.log_path``."""
+
+    log_path: "object"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+
+def wait_healthy(proc, url: str, timeout: float, what: str, log_tail) -> bool:
+    """Poll ``url``/health until 200 (True) or ``timeout`` (False); raise when the
+    subprocess ``proc`` exits meanwhile (with ``log_tail()`` in the message)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} during startup:\n{log_tail()}")
+        try:
+            if httpx.get(url + "/health", timeout=0.5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,13 +15,13 @@ from typing import Mapping
 
 import httpx
 
-from tests.helpers.server import free_port
+from tests.helpers.server import LogFile, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 QMTL = str(Path(sys.executable).parent / "qmtl")
 
 
-class WorldServiceProcess:
+class WorldServiceProcess(LogFile):
     def __init__(self, data_dir: Path, *, service_token: str, env: Mapping[str, str] | None = None, port: int | None = None,
                  service: str = "worldservice", argv: list[str] | None = None) -> None:
         self.service = service
@@ -54,16 +54,8 @@ class WorldServiceProcess:
             cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.service} exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if wait_healthy(self.proc, self.url, timeout, self.service, self.log_tail):
+            return
         self.stop()
         raise RuntimeError(f"{self.service} did not become healthy within {timeout} s:\n{self.log_tail()}")
 
@@ -89,14 +81,6 @@ class WorldServiceProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
 
 
 # --------------------------------------------------------------------------- Gateway side

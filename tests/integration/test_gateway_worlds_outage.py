@@ -200,14 +200,21 @@ async def test_budget_timeouts_and_retries_only_for_idempotent_calls(ws_ttl2, tm
             r = await c.post("/worlds", json={"world_id": w + "-2", "name": "x"})  # not idempotent: one attempt
             assert r.status_code == 503
             status = (await c.get("/status")).json()
-            assert status["breakers"]["worldservice"]["failures"] == 4
+            # one breaker per operation: the backend shows its worst one (decide's 3 failures; POST has 1)
+            assert status["breakers"]["worldservice"]["failures"] == 3
             assert status["dependencies"]["worldservice"]["healthy"] is False
             r = await c.get(f"/worlds/{w}/activation", params={"strategy_id": "s", "side": "long"})
-            assert r.json()["active"] is False  # its first attempt is the 5th failure: the breaker opens
+            assert r.json()["active"] is False  # 3 failures of its own: its breaker stays closed
+            assert (await c.get("/status")).json()["breakers"]["worldservice"]["state"] == "closed"
+            r = await c.get(f"/worlds/{w}/decide")  # decide's 4th and 5th failures open decide's breaker
+            assert r.status_code == 200 and r.headers["x-qmtl-cache"] == "safe-default"
             status = (await c.get("/status")).json()
             assert status["breakers"]["worldservice"]["state"] == "open"
+            assert status["breakers"]["worldservice"]["operations"] == {"GET /worlds/{world_id}/decide": "open"}
             metrics = (await c.get("/metrics")).text
-            assert metric(metrics, "gateway_proxy_errors_total", backend="worldservice", status="timeout") == 2
+            assert metric(metrics, "gateway_circuit_breaker_operation_state", backend="worldservice",
+                          operation="GET /worlds/{world_id}/decide") == 2
+            assert metric(metrics, "gateway_proxy_errors_total", backend="worldservice", status="timeout") == 3
         finally:
             ws.thaw()
 

@@ -48,7 +48,7 @@ from .hub import (
 )
 from .metrics import WS_ROUTES, EventMetrics
 from .tokens import TOPIC_ALIASES, InvalidToken, Tokens, normalise_topics
-from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, StreamEndpoint, StreamRefused
+from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, ConnectionCaps, StreamEndpoint, StreamRefused
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class EventsComponent:
             ctx.bus, self._apply_from_bus, consumer_id=self.consumer_id, epoch=self.hub.epoch, metrics=self.metrics,
             tracer_provider=ctx.tracer_provider,
         )
+        auth = ctx.config.gateway.auth
+        self.caps = ConnectionCaps(cfg.max_connections, cfg.max_connections_per_subject,
+                                   exempt_subject=auth.dev_subject if auth.mode == "dev" else None)
         self._frame_schema = schema_validator("ws_frame.schema.json")
         self.metrics.state_hash_mismatch.set_function(self.state.mismatched_worlds)
         self._resolving: SingleFlight[tuple] = SingleFlight()

@@ -38,6 +38,7 @@ CLOSE_TOO_SLOW = 4008
 # Seconds past a token's exp before its stream is closed: the leeway the token verification
 # allows (tokens carry whole-second exp; a client refreshing "on time" must not lose).
 EXPIRY_GRACE = 2.0
+CLOSE_TOO_MANY = 4029  # this subject holds gateway.events.max_connections_per_subject streams already
 
 
 class StreamRefused(Exception):
@@ -46,6 +47,44 @@ class StreamRefused(Exception):
         self.code = code
         self.reason = reason
         self.label = label
+
+
+class ConnectionCaps:
+    """Open streams in total and per subject (``gateway.events.max_connections`` and
+    ``max_connections_per_subject``). A refusal is a close with 1013 (the Gateway is full:
+    try again later) or 4029 (this subject holds its share), counted in ``ws_rejected``.
+    The development subject (anonymous callers in development mode, all one subject) has
+    only the total cap."""
+
+    def __init__(self, total: int, per_subject: int, exempt_subject: str | None = None) -> None:
+        self.total = total
+        self.per_subject = per_subject
+        self.exempt_subject = exempt_subject
+        self.open = 0
+        self.by_subject: dict[str, int] = {}
+
+    def reserve(self) -> None:
+        if self.open >= self.total:
+            raise StreamRefused(CLOSE_TRY_AGAIN, f"the Gateway holds its maximum of {self.total} streams; retry later", "total_cap")
+        self.open += 1
+
+    def reserve_subject(self, subject: str | None) -> str | None:
+        if not subject or subject == self.exempt_subject:
+            return None
+        held = self.by_subject.get(subject, 0)
+        if held >= self.per_subject:
+            raise StreamRefused(CLOSE_TOO_MANY, f"this subject holds its maximum of {self.per_subject} streams; close one first", "subject_cap")
+        self.by_subject[subject] = held + 1
+        return subject
+
+    def release(self, subject: str | None) -> None:
+        self.open -= 1
+        if subject is not None:
+            left = self.by_subject.get(subject, 1) - 1
+            if left > 0:
+                self.by_subject[subject] = left
+            else:
+                self.by_subject.pop(subject, None)
 
 
 class StreamEndpoint:
@@ -61,21 +100,33 @@ class StreamEndpoint:
         if message["type"] != "websocket.connect":
             return
         comp = self.component
+        caps = comp.caps
+        subject = None
         try:
-            sub, last_event_id = await comp.open_subscription(scope, route=self.route, legacy=self.legacy)
+            caps.reserve()  # the total cap, before any work for this connection
+            try:
+                sub, last_event_id = await comp.open_subscription(scope, route=self.route, legacy=self.legacy)
+                subject = caps.reserve_subject(sub.subject)
+            except BaseException:
+                caps.release(None)
+                raise
         except StreamRefused as refused:
             comp.metrics.ws_rejected.labels(self.route, refused.label).inc()
-            log.info("refused %s subscriber: %s (close %d)", self.route, refused.reason, refused.code)
+            if refused.label not in ("total_cap", "subject_cap"):  # cap refusals are counted, not logged one by one
+                log.info("refused %s subscriber: %s (close %d)", self.route, refused.reason, refused.code)
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.accept"})
                 await send({"type": "websocket.close", "code": refused.code, "reason": refused.reason[:120]})
             return
         try:
-            await send({"type": "websocket.accept"})
-        except Exception:
-            return
-        comp.hub.attach(sub, last_event_id=last_event_id, snapshot=comp.snapshot_frames)
-        await self._serve(sub, receive, send, scope.get(ABORT_KEY))
+            try:
+                await send({"type": "websocket.accept"})
+            except Exception:
+                return
+            comp.hub.attach(sub, last_event_id=last_event_id, snapshot=comp.snapshot_frames)
+            await self._serve(sub, receive, send, scope.get(ABORT_KEY))
+        finally:
+            caps.release(subject)
 
     async def _serve(self, sub: Subscriber, receive: Any, send: Any, abort: Callable[[], bool] | None = None) -> None:
         comp = self.component

@@ -29,6 +29,7 @@ from qmtl.common.errors import ServiceError
 from qmtl.contracts.app import problem_response
 from qmtl.contracts.constants import Operation, operation
 from qmtl.contracts.events import schema_validator
+from qmtl.contracts.limits import DEFAULT_MAX_DEPTH, json_depth_exceeds, replay_body
 from qmtl.contracts.loader import SpecError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SubmitFastPath:
         body = _parse(raw) if not more else None
         if body is None or not self.validator.is_valid(body):
             self.declined += 1
-            await self.app(scope, _replay(raw, more, receive), send)
+            await self.app(scope, replay_body(raw, receive, disconnected=more), send)
             return
         self.served += 1
         try:
@@ -113,25 +114,14 @@ async def _read_body(receive: Any) -> tuple[bytes, bool]:
 
 
 def _parse(raw: bytes) -> Any:
+    if json_depth_exceeds(raw, DEFAULT_MAX_DEPTH):
+        return None  # too deep: the stack authenticates, then refuses it (400)
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None  # the stack says what is wrong with it
 
 
-def _replay(raw: bytes, disconnected: bool, receive: Any) -> Any:
-    sent = False
-
-    async def replay() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        if disconnected:
-            return {"type": "http.disconnect"}
-        return await receive()
-
-    return replay
 
 
 async def _send_connexion(send: Any, resp: Any) -> None:
