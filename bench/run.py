@@ -1,7 +1,8 @@
 """Run every benchmark in bench/, one after another, and print each one's output.
 
     make bench                       # all of them
-    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest, statehash, ops)
+    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest, statehash, ops, flood,
+                                     # slowloris, outage, tracing, labels)
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
 noisy; absolute figures drift). They run one at a time so they do not slow each other.
@@ -23,6 +24,11 @@ BENCHES = {
     "ingest": ["bench_ingest.py"],
     "statehash": ["bench_statehash.py"],
     "ops": ["bench_ops.py"],
+    "flood": ["bench_flood.py"],
+    "slowloris": ["bench_slowloris.py"],
+    "outage": ["bench_outage.py"],
+    "tracing": ["bench_tracing.py"],
+    "labels": ["bench_label_series.py"],
 }
 
 
