@@ -71,6 +71,11 @@ class GatewayContext:
             component = module.build(self)
             self.components[name] = component
             setattr(self, name, component)
+        worlds, events = self.components.get("worlds"), self.components.get("events")
+        if worlds is not None and events is not None:
+            # Caches follow the bus: every PolicyUpdated / ActivationUpdated this replica
+            # consumes drops the world's cached decide and activation entries.
+            events.on_world_change(worlds.world_changed)
 
     def __getattr__(self, name: str) -> Any:
         if name in COMPONENTS:

@@ -9,7 +9,11 @@ API used by the rest of the Gateway:
   from the ControlBus (ingest ``progress``/``queue_map``, callback ``sentinel_weight`` and
   ``queue_update``, or a versioned envelope as ``activation_updated``/``policy_updated``);
 * ``state_hash(topic, ...)`` / ``await resolved_state_hash(...)`` — the probes;
-* ``await describe(identity, body)`` — the ``POST /events/subscribe`` descriptor.
+* ``await describe(identity, body)`` — the ``POST /events/subscribe`` descriptor;
+* ``on_world_change(listener)`` — ``listener(WorldChange)`` is called for every
+  PolicyUpdated / ActivationUpdated applied (from the bus, a rebuild, a seed or a callback),
+  whatever its outcome (a duplicate of a state seeded from WorldService still means the
+  world changed recently); the worlds proxy drops its cached entries of the world.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -54,6 +59,20 @@ log = logging.getLogger(__name__)
 
 _TOPIC_OF_TYPE = {"activation_updated": TOPIC_ACTIVATION, "policy_updated": TOPIC_POLICY}
 _LOCAL_TYPES = ("progress", "queue_map")
+
+
+@dataclass(frozen=True)
+class WorldChange:
+    """One PolicyUpdated / ActivationUpdated applied by this Gateway."""
+
+    topic: str  # control.policy | control.activation
+    world_id: str
+    outcome: str  # applied | duplicate | stale (qmtl.gateway.events.state)
+    source: str  # controlbus | rebuild | worldservice | local | callback
+    policy_version: int | None = None
+
+
+WorldChangeListener = Callable[[WorldChange], None]
 
 
 def generated_instance_id() -> str:
@@ -99,6 +118,20 @@ class EventsComponent:
         self._resolving: SingleFlight[tuple] = SingleFlight()
         self._seeded_worlds: set[str] = set()
         self._seeding: SingleFlight[str] = SingleFlight()
+        self._world_listeners: list[WorldChangeListener] = []
+
+    def on_world_change(self, listener: WorldChangeListener) -> Callable[[], None]:
+        """Call ``listener`` for every world event applied; returns the unsubscribe function."""
+        self._world_listeners.append(listener)
+        return lambda: self._world_listeners.remove(listener) if listener in self._world_listeners else None
+
+    def _world_changed(self, topic: str, event: Mapping[str, Any], outcome: str, source: str) -> None:
+        change = WorldChange(topic, event["world_id"], outcome, source, event.get("policy_version"))
+        for listener in tuple(self._world_listeners):
+            try:
+                listener(change)
+            except Exception:  # one listener failing must not stop the relay
+                log.exception("world-change listener %r failed for %s", listener, change)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +187,8 @@ class EventsComponent:
             outcome, delivered = self._apply_queues(key, event["queues"], etag=event.get("etag"), ts=event.get("ts"), relay=relay)
         else:
             raise ValueError(f"no relay rule for topic {topic!r}")
+        if topic != TOPIC_QUEUES and self._world_listeners:
+            self._world_changed(topic, event, outcome, source)
         self.metrics.controlbus_events.labels(topic, outcome, source).inc()
         if relay:
             self.metrics.relay_seconds.observe(time.perf_counter() - t0)
