@@ -102,7 +102,7 @@ class EventsComponent:
         self.sentinel_label = BoundedLabel(ctx.config.gateway.metric_label_cap)  # sentinel ids come from callers
         self.tokens = Tokens(
             signing_keys=list(cfg.signing_keys), data_dir=ctx.config.data_dir, token_ttl=cfg.token_ttl,
-            algorithm=cfg.algorithm, issuer=self.public_url,
+            algorithm=cfg.algorithm, issuer=self.public_url, store=self._key_store(ctx),
         )
         self.state = st.StateStore(max_skew=ctx.config.gateway.callbacks.max_clock_skew)
         self.hub = Hub(
@@ -133,15 +133,38 @@ class EventsComponent:
             except Exception:  # one listener failing must not stop the relay
                 log.exception("world-change listener %r failed for %s", listener, change)
 
+    def _key_store(self, ctx: Any) -> Any:
+        """``gateway.events.key_store``: ``database`` (default unless ``signing_keys`` lists
+        files), ``files`` or ``generated``; see :mod:`.tokens`."""
+        kind = self.cfg.key_store
+        if kind == "auto":
+            kind = "files" if self.cfg.signing_keys else "database"
+        if kind == "files" and not self.cfg.signing_keys:
+            raise ValueError("gateway.events.key_store is 'files' but gateway.events.signing_keys lists none")
+        if kind != "database":
+            return None
+        from .keystore import DatabaseKeyStore
+
+        return DatabaseKeyStore(ctx.db, algorithm=self.cfg.algorithm, token_ttl=self.cfg.token_ttl, owner=self.consumer_id,
+                                refresh=self.cfg.key_refresh)
+
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        log.info("event stream: consumer %s, signing key %s (%s)", self.consumer_id, self.tokens.ring.signer.kid, self.tokens.algorithm)
+        await self.tokens.start()
+        log.info("event stream: consumer %s, signing key %s (%s) from %s", self.consumer_id, self.tokens.ring.signer.kid,
+                 self.tokens.algorithm, self.tokens.source)
+        if not self.tokens.shared:
+            # Loud: a sibling replica's /ws/evt tokens are refused here (and ours there).
+            log.warning("event-stream signing keys are NOT shared with other Gateway replicas: %s", self.tokens.sharing_note())
+        elif self.tokens.store is not None and self.ctx.config.controlbus.kind == "kafka" and self.tokens.store.db.is_sqlite:
+            log.warning("event-stream signing keys: %s", self.tokens.sharing_note())
         await self.hub.start()
         await self.consumer.start()
 
     async def stop(self) -> None:
         await self.consumer.stop()
         await self.hub.stop()
+        await self.tokens.stop()
 
     def ws_routes(self) -> list[WebSocketRoute]:
         return [
@@ -427,7 +450,7 @@ class EventsComponent:
         if not token:
             raise StreamRefused(CLOSE_POLICY, "a token is required (Authorization: Bearer or ?token=)", "missing_token")
         try:
-            grant = self.tokens.verify(token)
+            grant = await self.tokens.verify_fresh(token)
         except InvalidToken as exc:
             raise StreamRefused(CLOSE_POLICY, f"invalid token: {exc.reason}", exc.reason.replace(" ", "_")) from None
         if query.get("world_id") and query["world_id"] != grant.world_id:
@@ -476,7 +499,7 @@ class EventsComponent:
         all_topics = tuple(StreamTopic)
         if token:
             try:
-                grant = self.tokens.verify(token)
+                grant = await self.tokens.verify_fresh(token)
             except InvalidToken as exc:
                 reason = exc.reason
             else:  # a descriptor token on the legacy route: its world and topics
