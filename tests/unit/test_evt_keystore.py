@@ -6,6 +6,7 @@ separate processes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jwt
@@ -30,6 +31,18 @@ class Clock:
 def replica(db: Database, clock: Clock, name: str) -> Tokens:
     store = DatabaseKeyStore(db, algorithm="ES256", token_ttl=TTL, owner=name, refresh=3600, clock=clock)
     return Tokens(signing_keys=[], data_dir="/nonexistent", token_ttl=TTL, algorithm="ES256", issuer="http://gw", store=store)
+
+
+@contextlib.asynccontextmanager
+async def started(db: Database, clock: Clock, *names: str):
+    replicas = [replica(db, clock, n) for n in names]
+    try:
+        for t in replicas:
+            await t.start()
+        yield replicas
+    finally:
+        for t in replicas:
+            await t.stop()
 
 
 def issue(t: Tokens) -> str:
@@ -62,28 +75,18 @@ def test_schedule_ring_signs_with_the_newest_active_key_and_keeps_the_previous_o
 
 
 async def test_a_token_issued_by_one_replica_verifies_on_another(db):
-    clock = Clock()
-    g1, g2 = replica(db, clock, "g1"), replica(db, clock, "g2")
-    await g1.start()
-    await g2.start()
-    try:
+    async with started(db, Clock(), "g1", "g2") as (g1, g2):
         assert g1.ring.signer.kid == g2.ring.signer.kid  # the second found the first's key
         assert g2.verify(issue(g1)).subject == "u" and g1.verify(issue(g2)).subject == "u"
         state = g2.describe()
         assert state["source"] == "database" and state["shared"] is True and state["signer"] == g1.ring.signer.kid
         assert [k["role"] for k in state["keys"]] == ["signing"]
         assert "private" not in str(state).lower()
-    finally:
-        await g1.stop()
-        await g2.stop()
 
 
 async def test_rotation_is_an_insert_and_siblings_follow_it(db):
     clock = Clock()
-    g1, g2 = replica(db, clock, "g1"), replica(db, clock, "g2")
-    await g1.start()
-    await g2.start()
-    try:
+    async with started(db, clock, "g1", "g2") as (g1, g2):
         old_kid = g1.ring.signer.kid
         before = issue(g1)
         new = await g1.store.rotate(stage=10)  # g2 does not re-read yet (refresh is an hour)
@@ -101,16 +104,11 @@ async def test_rotation_is_an_insert_and_siblings_follow_it(db):
         for t in (g1, g2):
             with pytest.raises(InvalidToken, match="unknown kid"):
                 await t.verify_fresh(before)
-    finally:
-        await g1.stop()
-        await g2.stop()
 
 
 async def test_unknown_kids_re_read_the_table_at_a_bounded_rate(db):
     clock = Clock()
-    g = replica(db, clock, "g")
-    await g.start()
-    try:
+    async with started(db, clock, "g") as (g,):
         other = SigningKey.generate("ES256")
         forged = jwt.encode({"aud": "controlbus", "sub": "x", "topics": ["activation"], "exp": int(clock.now) + 60},
                             other.private_key, algorithm="ES256", headers={"kid": "forged-kid"})
@@ -120,8 +118,6 @@ async def test_unknown_kids_re_read_the_table_at_a_bounded_rate(db):
                 await g.verify_fresh(forged)
         assert g.store.reloads - reloads == 1  # one re-read for the whole flood
         assert g.unknown_kid_refusals == 50 and g.describe()["unknown_kid_refusals"] == 50
-    finally:
-        await g.stop()
 
 
 def test_a_generated_key_says_it_is_not_shared(tmp_path):
