@@ -111,6 +111,7 @@ class GatewayConfig:
     worldservice_url: str = "http://127.0.0.1:8001"
     dagmanager_url: str = "http://127.0.0.1:8002"
     kv_url: str = "memory://"
+    kv_prefix: str = "qmtl:gw:"  # prefix of every Redis key of this Gateway (its replicas share it)
     database_url: str = ""  # default sqlite under data_dir
     allow_live: bool = False
     insert_sentinel: bool = True
