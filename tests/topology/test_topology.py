@@ -22,6 +22,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from qmtl.common.config import WorldServiceConfig
 from qmtl.sdk import Dag, EventStream, GatewayClient, Node
 from qmtl.sdk.errors import Conflict, ProblemError, QmtlError
 from tests.conftest import REDIS_URL
@@ -54,6 +55,11 @@ def topology(tmp_path, fresh_kafka_cluster, fresh_database, redis_prefix):  # no
         yield topo
     finally:
         topo.stop()
+
+
+# WorldService replicas recover an apply whose process died by a lease on the world (its
+# length is configurable once that work is in; the test then uses a short one).
+LEASE_ENV = {"QMTL__WORLDSERVICE__APPLY_LEASE_SECONDS": "2"} if hasattr(WorldServiceConfig(), "apply_lease_seconds") else {}
 
 
 class Load:
@@ -225,3 +231,50 @@ async def _more_submissions(load: Load, n: int) -> None:
 
 async def settled(http: list[httpx.AsyncClient], world_id: str, version: int) -> bool:
     return all(v == version for v in await policy_versions(http, world_id))
+
+
+async def test_an_apply_cut_by_kill_9_is_not_left_half_done(tmp_path, fresh_kafka_cluster, fresh_database):  # noqa: F811
+    """Two WorldServices on one database: the one running an apply is killed while the world
+    is frozen; the other one, while the first stays down, leaves the world unfrozen with the
+    activation set either before or after the plan (never a mix), and the same run_id applied
+    again through the load balancer completes."""
+    topo = Topology(tmp_path, replicas=2, bootstrap=fresh_kafka_cluster.bootstrap_servers, database_url=fresh_database,
+                    redis_url=REDIS_URL, kv_prefix="unused:",
+                    extra={"worldservice": {"QMTL__WORLDSERVICE__APPLY_DRAIN_SECONDS": "3", **LEASE_ENV}})
+    try:
+        topo.start("ws1", "ws2")
+        ws1, ws2 = topo.procs["ws1"], topo.procs["ws2"]
+        w = "apply-" + uuid.uuid4().hex[:8]
+        async with httpx.AsyncClient(base_url=topo.ws_lb.url, timeout=30) as lb, \
+                httpx.AsyncClient(base_url=ws1.url, timeout=30) as c1, httpx.AsyncClient(base_url=ws2.url, timeout=30) as c2:
+            assert (await lb.post("/worlds", json={"world_id": w, "name": w})).status_code == 201
+            r = await lb.post(f"/worlds/{w}/apply", json={"run_id": "r0", "plan": {"activate": ["s0"]}})
+            assert r.status_code == 200, r.text
+            before = {("s0", "long"), ("s0", "short")}
+            after = {("s1", "long"), ("s1", "short")}
+            plan = {"run_id": "r1", "plan": {"activate": ["s1"], "deactivate": ["s0"]}}
+            cut = asyncio.create_task(c1.post(f"/worlds/{w}/apply", json=plan))
+
+            async def frozen() -> bool:
+                return (await c2.get(f"/worlds/{w}/activations")).json()["frozen"]
+
+            await wait_until(frozen, 10, what="the apply on ws1 to freeze the world")
+            topo.kill("ws1")
+            with contextlib.suppress(httpx.HTTPError):
+                await cut
+
+            async def settled() -> set | None:
+                body = (await c2.get(f"/worlds/{w}/activations")).json()
+                active = {(a["strategy_id"], a["side"]) for a in body["activations"] if a["active"]}
+                return None if body["frozen"] else active
+
+            state = await wait_until(settled, 30, interval=0.5,
+                                     what="ws2 to unfreeze the world left frozen by the killed ws1 (needs WorldService leases)")
+            assert state in (before, after), f"apply left half-done: {state}"
+            r = await lb.post(f"/worlds/{w}/apply", json=plan)  # the same run again: completes (or was complete)
+            assert r.status_code == 200, r.text
+            assert await settled() == after
+            topo.start("ws1")  # rejoins
+            assert (await c1.get(f"/worlds/{w}/activations")).json()["frozen"] is False
+    finally:
+        topo.stop()
