@@ -1,7 +1,7 @@
 """Run every benchmark in bench/, one after another, and print each one's output.
 
     make bench                       # all of them
-    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest)
+    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest, replicas)
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
 noisy; absolute figures drift). They run one at a time so they do not slow each other.
@@ -21,6 +21,7 @@ BENCHES = {
     "diff": ["bench_diff.py"],
     "ws": ["bench_ws.py"],
     "ingest": ["bench_ingest.py"],
+    "replicas": ["bench_replicas.py"],
 }
 
 
