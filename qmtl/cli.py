@@ -5,6 +5,7 @@
   substitute, development auth), prints the URLs, stops cleanly on Ctrl-C.
 * ``qmtl gw`` / ``qmtl worldservice`` / ``qmtl dagmanager``: one service each;
   ``qmtl gw --workers N`` serves one Gateway with N worker processes (each a replica).
+* ``qmtl rotate-signing-key``: a new /ws/evt signing key in the Gateways' shared key ring.
 * ``qmtl check-specs``: load and validate every spec; exit 1 with the reason if broken.
 
 Config: ``--config FILE`` (one YAML, a section per service), environment
@@ -21,6 +22,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -72,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=f"start the {name}")
         _common(sp)
         sp.add_argument("--port", type=int)
+
+    rot = sub.add_parser("rotate-signing-key",
+                         help="add a new /ws/evt signing key to the Gateways' shared key ring (gateway.events.key_store: database)")
+    rot.add_argument("--config", help="YAML config file (its gateway section names the database)")
+    rot.add_argument("--data-dir", help="directory of the embedded SQLite database (default .qmtl)")
+    rot.add_argument("--stage", type=float, default=None,
+                     help="seconds before the new key signs (default: two key_refresh periods, so every replica publishes it first)")
 
     sub.add_parser("check-specs", help="validate every spec in specs/ and exit")
     return parser
@@ -244,6 +253,30 @@ def make_apps(cfg: Config, services: Sequence[str]) -> list[tuple[str, Any, str,
     return out
 
 
+async def _rotate_signing_key(cfg: Config, stage: float | None) -> int:
+    """Insert a new key into ``gw_signing_keys``; every replica publishes it, then signs with it."""
+    from qmtl.gateway.events.keystore import DatabaseKeyStore
+    from qmtl.store import Database
+
+    ev = cfg.gateway.events
+    if ev.key_store == "files" or (ev.key_store == "auto" and ev.signing_keys) or ev.key_store == "generated":
+        print("the signing keys are not in the database (gateway.events.key_store); rotate files by adding the new PEM "
+              "at the end of gateway.events.signing_keys on every replica", file=sys.stderr)
+        return 2
+    db = Database(cfg.db_url("gateway"))
+    try:
+        store = DatabaseKeyStore(db, algorithm=ev.algorithm, token_ttl=ev.token_ttl, owner="qmtl rotate-signing-key",
+                                 refresh=ev.key_refresh)
+        await store.load()
+        key = await store.rotate(stage=stage)
+    finally:
+        await db.close()
+    row = next(r for r in store.rows if r.key.kid == key.kid)
+    print(f"new signing key {key.kid} ({key.algorithm}) signs from {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(row.signs_from))}; "
+          f"the previous one verifies for {ev.token_ttl:g} s more")
+    return 0
+
+
 WORKER_ENV = "QMTL_GATEWAY_WORKER"
 
 
@@ -271,7 +304,7 @@ def gateway_worker_app() -> Any:
 
     spec = json.loads(os.environ[WORKER_ENV])
     cfg = load_config(spec["config"], overrides=spec["overrides"])
-    _setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     if cfg.gateway.events.instance_id:
         cfg.gateway.events.instance_id = f"{cfg.gateway.events.instance_id}-{os.getpid()}"
     return make_apps(cfg, ["gateway"])[0][1]
@@ -323,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "rotate-signing-key":
+        return asyncio.run(_rotate_signing_key(cfg, args.stage))
     from qmtl.contracts.loader import SpecError, load_all
 
     try:

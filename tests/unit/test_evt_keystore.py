@@ -125,3 +125,26 @@ def test_a_generated_key_says_it_is_not_shared(tmp_path):
     state = t.describe()
     assert state["source"] == "generated" and state["shared"] is False
     assert "other Gateway replicas refuse its tokens" in state["detail"]
+
+
+def test_qmtl_rotate_signing_key_inserts_a_staged_key(tmp_path, capsys):
+    import asyncio
+
+    from qmtl.cli import main
+
+    assert main(["rotate-signing-key", "--data-dir", str(tmp_path), "--stage", "60"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("new signing key ") and "the previous one verifies for 300 s more" in out
+
+    async def ring():
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+        try:
+            store = DatabaseKeyStore(db, algorithm="ES256", token_ttl=300, owner="t")
+            await store.load()
+            return store.current().describe()
+        finally:
+            await db.close()
+
+    roles = sorted(k["role"] for k in asyncio.run(ring()))
+    assert roles == ["signing", "staged"]  # the first key signs; the new one is published, signs in 60 s
+    assert main(["rotate-signing-key", "--data-dir", str(tmp_path / "x")]) == 0  # an empty ring: first key + staged one
