@@ -154,10 +154,12 @@ class EventsComponent:
         log.info("event stream: consumer %s, signing key %s (%s) from %s", self.consumer_id, self.tokens.ring.signer.kid,
                  self.tokens.algorithm, self.tokens.source)
         if not self.tokens.shared:
-            # Loud: a sibling replica's /ws/evt tokens are refused here (and ours there).
-            log.warning("event-stream signing keys are NOT shared with other Gateway replicas: %s", self.tokens.sharing_note())
-        elif self.tokens.store is not None and self.ctx.config.controlbus.kind == "kafka" and self.tokens.store.db.is_sqlite:
-            log.warning("event-stream signing keys: %s", self.tokens.sharing_note())
+            # On the Kafka bus (separate processes, maybe replicas) this is loud: a sibling
+            # replica's /ws/evt tokens are refused here (and ours there). Embedded (one
+            # process, in-process bus) it is how things are meant to be: said at INFO.
+            replicated = self.ctx.config.controlbus.kind == "kafka"
+            log.log(logging.WARNING if replicated else logging.INFO,
+                    "event-stream signing keys are NOT shared with other Gateway replicas: %s", self.tokens.sharing_note())
         await self.hub.start()
         await self.consumer.start()
 
