@@ -524,7 +524,8 @@ class WorldsProxy:
     def _decision_reply(self, entry: DecisionEntry, result: str, now: float) -> Reply:
         headers = {"ETag": entry.etag, CACHE_HEADER: result}
         if entry.ttl > 0:
-            remaining = max(0, int(entry.expires_at - max(now, entry.fetched_at)))
+            # + 1e-6: (fetched + ttl) - fetched is not always ttl in floating point (299.99999999994)
+            remaining = max(0, int(entry.expires_at - max(now, entry.fetched_at) + 1e-6))
             headers["Cache-Control"] = f"private, max-age={remaining}"
             headers["Age"] = str(max(0, int(now - entry.fetched_at))) if result == HIT else "0"
         else:
