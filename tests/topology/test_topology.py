@@ -57,9 +57,10 @@ def topology(tmp_path, fresh_kafka_cluster, fresh_database, redis_prefix):  # no
         topo.stop()
 
 
-# WorldService replicas recover an apply whose process died by a lease on the world (its
-# length is configurable once that work is in; the test then uses a short one).
-LEASE_ENV = {"QMTL__WORLDSERVICE__APPLY_LEASE_SECONDS": "2"} if hasattr(WorldServiceConfig(), "apply_lease_seconds") else {}
+# WorldService replicas recover an apply whose process died by a lease on the world
+# (worldservice.apply_lease_seconds): a short one here, long enough for a loaded machine's
+# stalls not to expire a live replica's lease (renewed every third of it).
+LEASE_ENV = {"QMTL__WORLDSERVICE__APPLY_LEASE_SECONDS": "4"} if hasattr(WorldServiceConfig(), "apply_lease_seconds") else {}
 
 
 class Load:
