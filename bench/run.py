@@ -2,7 +2,7 @@
 
     make bench                       # all of them
     make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest, statehash, ops, flood,
-                                     # slowloris, outage, tracing, labels)
+                                     # slowloris, outage, tracing, labels, replicas)
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
 noisy; absolute figures drift). They run one at a time so they do not slow each other.
@@ -29,6 +29,7 @@ BENCHES = {
     "outage": ["bench_outage.py"],
     "tracing": ["bench_tracing.py"],
     "labels": ["bench_label_series.py"],
+    "replicas": ["bench_replicas.py"],
 }
 
 

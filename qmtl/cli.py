@@ -3,7 +3,9 @@
 * ``qmtl up``: Gateway, WorldService and DAG Manager in one process on embedded
   defaults (in-process ControlBus, SQLite files in ``--data-dir``, in-memory Redis
   substitute, development auth), prints the URLs, stops cleanly on Ctrl-C.
-* ``qmtl gw`` / ``qmtl worldservice`` / ``qmtl dagmanager``: one service each.
+* ``qmtl gw`` / ``qmtl worldservice`` / ``qmtl dagmanager``: one service each;
+  ``qmtl gw --workers N`` serves one Gateway with N worker processes (each a replica).
+* ``qmtl rotate-signing-key``: a new /ws/evt signing key in the Gateways' shared key ring.
 * ``qmtl check-specs``: load and validate every spec; exit 1 with the reason if broken.
 
 Config: ``--config FILE`` (one YAML, a section per service), environment
@@ -20,6 +22,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -62,12 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int)
     gw.add_argument("--worldservice-url")
     gw.add_argument("--dagmanager-url")
+    gw.add_argument("--workers", type=int, default=1,
+                    help="serve this Gateway with N worker processes on one port; each is a replica (needs the Kafka "
+                         "ControlBus and a shared Redis: see README, Production)")
     _gateway_flags(gw)
 
     for name in ("worldservice", "dagmanager"):
         sp = sub.add_parser(name, help=f"start the {name}")
         _common(sp)
         sp.add_argument("--port", type=int)
+
+    rot = sub.add_parser("rotate-signing-key",
+                         help="add a new /ws/evt signing key to the Gateways' shared key ring (gateway.events.key_store: database)")
+    rot.add_argument("--config", help="YAML config file (its gateway section names the database)")
+    rot.add_argument("--data-dir", help="directory of the embedded SQLite database (default .qmtl)")
+    rot.add_argument("--stage", type=float, default=None,
+                     help="seconds before the new key signs (default: two key_refresh periods, so every replica publishes it first)")
 
     sub.add_parser("check-specs", help="validate every spec in specs/ and exit")
     return parser
@@ -238,6 +251,16 @@ def make_apps(cfg: Config, services: Sequence[str]) -> list[tuple[str, Any, str,
     from qmtl.contracts.events import event_validators
 
     bus = make_bus(bus_options(cfg), validator=event_validators())
+    if bus.in_process:
+        # Only the services of this process share an in-process bus: one started alone on it
+        # is loud (an ERROR line here, /ready 503 and, for the Gateway, /status degraded).
+        bus.local_services = frozenset(services)
+        from qmtl.bus import isolation_problem
+
+        for svc in services:
+            problem = isolation_problem(bus, svc)
+            if problem:
+                log.error("%s: %s", svc, problem)
     out = []
     for svc in services:
         if svc == "worldservice":
@@ -253,6 +276,81 @@ def make_apps(cfg: Config, services: Sequence[str]) -> list[tuple[str, Any, str,
 
             out.append(("Gateway", gw_app(cfg, bus=bus), cfg.gateway.host, cfg.gateway.port))
     return out
+
+
+async def _rotate_signing_key(cfg: Config, stage: float | None) -> int:
+    """Insert a new key into ``gw_signing_keys``; every replica publishes it, then signs with it."""
+    from qmtl.gateway.events.keystore import DatabaseKeyStore
+    from qmtl.store import Database
+
+    ev = cfg.gateway.events
+    if ev.key_store == "files" or (ev.key_store == "auto" and ev.signing_keys) or ev.key_store == "generated":
+        print("the signing keys are not in the database (gateway.events.key_store); rotate files by adding the new PEM "
+              "at the end of gateway.events.signing_keys on every replica", file=sys.stderr)
+        return 2
+    db = Database(cfg.db_url("gateway"))
+    try:
+        store = DatabaseKeyStore(db, algorithm=ev.algorithm, token_ttl=ev.token_ttl, owner="qmtl rotate-signing-key",
+                                 refresh=ev.key_refresh)
+        await store.load()
+        key = await store.rotate(stage=stage)
+    finally:
+        await db.close()
+    row = next(r for r in store.rows if r.key.kid == key.kid)
+    print(f"new signing key {key.kid} ({key.algorithm}) signs from {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(row.signs_from))}; "
+          f"the previous one verifies for {ev.token_ttl:g} s more")
+    return 0
+
+
+WORKER_ENV = "QMTL_GATEWAY_WORKER"
+
+
+def worker_problems(cfg: Config) -> list[str]:
+    """Why this config cannot run the Gateway as several worker processes (empty: it can)."""
+    problems = []
+    if cfg.controlbus.kind != "kafka":
+        problems.append("the in-process ControlBus cannot span worker processes: set controlbus.kind: kafka")
+    if cfg.gateway.kv_url.startswith("memory://"):
+        problems.append("the in-memory Redis substitute is per process (a strategy accepted by one worker would be "
+                        "unknown to the others): set gateway.kv_url to a Redis URL")
+    if cfg.gateway.events.key_store in ("generated",):
+        problems.append("gateway.events.key_store 'generated' gives each worker its own key: use 'database' or 'files'")
+    return problems
+
+
+def gateway_worker_app() -> Any:
+    """The app factory of one ``qmtl gw --workers N`` process (``uvicorn --factory``).
+
+    Each worker is a Gateway replica: its own ControlBus consumer identity (``gateway-<id>``
+    with a per-process id; a configured ``gateway.events.instance_id`` gets ``-<pid>``), its
+    own caches following the bus, the ingest FIFO and locks in the shared Redis, and the
+    signing keys from the shared store, so a token issued by one worker verifies on all."""
+    import os
+
+    spec = json.loads(os.environ[WORKER_ENV])
+    cfg = load_config(spec["config"], overrides=spec["overrides"])
+    setup_logging(cfg.log_level, cfg.log_format)
+    if cfg.gateway.events.instance_id:
+        cfg.gateway.events.instance_id = f"{cfg.gateway.events.instance_id}-{os.getpid()}"
+    return make_apps(cfg, ["gateway"])[0][1]
+
+
+def _serve_workers(cfg: Config, args: argparse.Namespace, workers: int) -> int:
+    import os
+
+    import uvicorn
+
+    problems = worker_problems(cfg)
+    if problems:
+        print("cannot serve the Gateway with --workers " + str(workers) + ":\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 2
+    os.environ[WORKER_ENV] = json.dumps({"config": args.config, "overrides": overrides_from_args(args)})
+    g = cfg.gateway
+    shown = "127.0.0.1" if g.host in ("0.0.0.0", "") else g.host
+    print(f"{'Gateway':<13} http://{shown}:{g.port}   ({workers} worker processes; docs: http://{shown}:{g.port}/docs)", flush=True)
+    uvicorn.run("qmtl.cli:gateway_worker_app", factory=True, host=g.host, port=g.port, workers=workers, log_level="warning",
+                lifespan="on", ws="websockets-sansio", ws_per_message_deflate=False, timeout_graceful_shutdown=5)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "rotate-signing-key":
+        return asyncio.run(_rotate_signing_key(cfg, args.stage))
     from qmtl.contracts.loader import SpecError, load_all
 
     try:
@@ -296,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         services = ["gateway" if args.command == "gw" else args.command]
     log.info("config: %s", json.dumps(cfg.masked(), sort_keys=True))
+    workers = getattr(args, "workers", 1) or 1
+    if workers > 1:
+        return _serve_workers(cfg, args, workers)
     try:
         _run_loop(_serve_all(make_apps(cfg, services)))
     except KeyboardInterrupt:

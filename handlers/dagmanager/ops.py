@@ -26,3 +26,10 @@ async def metrics(ctx: DagManagerService):
 
 async def run_gc(ctx: DagManagerService):
     return await ctx.gc()
+
+
+async def ready(ctx: DagManagerService):
+    from qmtl.common.readiness import ready_response
+    from qmtl.dagmanager.readiness import readiness
+
+    return ready_response(*await readiness(ctx))

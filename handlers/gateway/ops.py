@@ -17,3 +17,9 @@ async def get_status(ctx):
 async def metrics(ctx):
     body, content_type = exposition(ctx.registry, request.headers.get("accept"))
     return ConnexionResponse(status_code=200, body=body, content_type=content_type)
+
+
+async def ready(ctx):
+    from qmtl.common.readiness import ready_response
+
+    return ready_response(*await ctx.status.readiness())

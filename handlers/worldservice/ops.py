@@ -15,3 +15,10 @@ async def health(ctx):
 async def metrics(ctx):
     body, content_type = exposition(ctx.metrics.registry, request.headers.get("accept"))
     return ConnexionResponse(status_code=200, body=body, content_type=content_type)
+
+
+async def ready(ctx):
+    from qmtl.common.readiness import ready_response
+    from qmtl.worldservice.readiness import readiness
+
+    return ready_response(*await readiness(ctx))

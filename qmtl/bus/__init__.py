@@ -13,6 +13,7 @@ import inspect
 from typing import Any, Mapping
 
 from .base import (
+    ALL_SERVICES,
     CONTROL_TOPICS,
     TOPIC_ACTIVATION,
     TOPIC_POLICY,
@@ -22,12 +23,15 @@ from .base import (
     EventValidator,
     InvalidEvent,
     Subscription,
+    isolation_problem,
 )
 from .errors import BusClosed, BusError, BusUnavailable
 from .inproc import InProcessBus
 from .keys import partition_key, queue_key
 
 __all__ = [
+    "ALL_SERVICES",
+    "isolation_problem",
     "CONTROL_TOPICS",
     "TOPIC_ACTIVATION",
     "TOPIC_POLICY",

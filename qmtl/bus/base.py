@@ -67,6 +67,12 @@ class Subscription(abc.ABC):
 
 
 class ControlBus(abc.ABC):
+    # Whether the bus reaches only this process (the in-process bus), and which services
+    # share this bus object — set by the process that builds it (``qmtl.cli``); None when
+    # unknown (tests and embedding compose services as they like). See isolation_problem().
+    in_process = False
+    local_services: frozenset[str] | None = None
+
     @abc.abstractmethod
     async def start(self) -> None: ...
 
@@ -122,3 +128,30 @@ class ControlBus(abc.ABC):
     def invalid_events(self) -> int:
         """How many invalid events were refused on publish or skipped on consume."""
         return getattr(self, "_invalid_events", 0)
+
+
+ALL_SERVICES = frozenset({"gateway", "worldservice", "dagmanager"})
+
+_ISOLATED = {
+    "gateway": "no ActivationUpdated, PolicyUpdated or QueueUpdated from WorldService or the DAG Manager in other "
+               "processes reaches this Gateway: /ws/evt and /ws relay nothing and the worlds caches do not follow "
+               "changes made elsewhere",
+    "worldservice": "the ActivationUpdated and PolicyUpdated this WorldService publishes reach no Gateway in another "
+                    "process: clients' event streams and the Gateways' caches never hear of its changes",
+    "dagmanager": "the QueueUpdated this DAG Manager publishes reach no Gateway in another process (only the legacy "
+                  "HTTP callback, when dagmanager.gateway_callback_url is set)",
+}
+
+
+def isolation_problem(bus: ControlBus, service: str) -> str | None:
+    """Why ``service`` on ``bus`` cannot exchange events with the other services, or None.
+
+    The in-process bus works only when all three services share the process (``qmtl up``);
+    one service started alone on it (``qmtl gw`` with ``controlbus.kind: inproc``) would
+    otherwise look healthy while no event ever crosses."""
+    local = bus.local_services
+    if not bus.in_process or local is None or ALL_SERVICES <= local:
+        return None
+    return (f"controlbus.kind is 'inproc' but this process runs only {', '.join(sorted(local))}: {_ISOLATED[service]}. "
+            "Set controlbus.kind: kafka (and bootstrap_servers) on every service, or run all three in one process "
+            "with `qmtl up`.")

@@ -254,6 +254,8 @@ class InProcessSubscription(Subscription):
 class InProcessBus(ControlBus):
     """ControlBus for one process (embedded deployment)."""
 
+    in_process = True
+
     def __init__(
         self,
         *,

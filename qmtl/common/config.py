@@ -115,6 +115,11 @@ class AuthConfig:
 @dataclass
 class EventsConfig:
     signing_keys: list[str] = field(default_factory=list)  # PEM files, newest last
+    # Where the signing keys live: "database" (the Gateway's database, shared by every replica;
+    # the default unless signing_keys lists files), "files" (signing_keys), "generated" (a key
+    # of this replica alone, under data_dir); "auto" picks files or database.
+    key_store: str = "auto"
+    key_refresh: float = 30.0  # seconds between re-reads of the database key ring
     token_ttl: float = 300.0
     algorithm: str = "ES256"
     client_queue_size: int = 1024
@@ -145,6 +150,7 @@ class GatewayConfig:
     worldservice_url: str = "http://127.0.0.1:8001"
     dagmanager_url: str = "http://127.0.0.1:8002"
     kv_url: str = "memory://"
+    kv_prefix: str = "qmtl:gw:"  # prefix of every Redis key of this Gateway (its replicas share it)
     database_url: str = ""  # default sqlite under data_dir
     allow_live: bool = False
     insert_sentinel: bool = True
@@ -327,6 +333,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("controlbus.bootstrap_servers is required when controlbus.kind is 'kafka'")
     if cfg.gateway.auth.mode not in ("dev", "jwt"):
         raise ConfigError(f"gateway.auth.mode must be 'dev' or 'jwt', got {cfg.gateway.auth.mode!r}")
+    if cfg.gateway.events.key_store not in ("auto", "database", "files", "generated"):
+        raise ConfigError(f"gateway.events.key_store must be 'auto', 'database', 'files' or 'generated', got {cfg.gateway.events.key_store!r}")
     if cfg.worldservice.rbac not in ("dev", "enforce"):
         raise ConfigError(f"worldservice.rbac must be 'dev' or 'enforce', got {cfg.worldservice.rbac!r}")
     import ipaddress

@@ -186,6 +186,47 @@ class KeyRing:
             raise ValueError("no signing key configured")
         return cls(keys, token_ttl=token_ttl, clock=clock)
 
+    @classmethod
+    def from_schedule(
+        cls,
+        signer: SigningKey,
+        *,
+        retired: list[tuple[SigningKey, float]] = (),  # type: ignore[assignment]
+        staged: list[SigningKey] = (),  # type: ignore[assignment]
+        token_ttl: float = DEFAULT_TOKEN_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> KeyRing:
+        """A ring built from a shared schedule (e.g. the Gateway's key table): ``signer`` signs,
+        each ``(key, drop_at)`` of ``retired`` verifies until ``drop_at`` (epoch seconds), each
+        ``staged`` key verifies and is published before it signs."""
+        ring = cls([signer], token_ttl=token_ttl, clock=clock)
+        now = clock()
+        for key, drop_at in retired:
+            if key.kid in ring._keys or drop_at <= now:
+                continue
+            ring._keys[key.kid] = key
+            ring._drop_at[key.kid] = drop_at
+        for key in staged:
+            if key.kid not in ring._keys:
+                ring.stage(key)
+        return ring
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every key of the ring: ``kid``, ``alg``, ``role`` (signing | verifying | staged) and,
+        for a retired key, ``verifies_until`` (epoch seconds). No key material."""
+        self._prune()
+        out: list[dict[str, Any]] = []
+        for kid, key in self._keys.items():
+            if key is self._signer:
+                out.append({"kid": kid, "alg": key.algorithm, "role": "signing"})
+            elif self._drop_at.get(kid) is None:
+                out.append({"kid": kid, "alg": key.algorithm, "role": "staged"})
+            else:
+                until = max(self._drop_at[kid] or 0.0, self._last_exp.get(kid, 0.0))
+                out.append({"kid": kid, "alg": key.algorithm, "role": "verifying", "verifies_until": until})
+        out.sort(key=lambda d: (d["role"] != "signing", d["kid"]))
+        return out
+
     # -- key management ----------------------------------------------------------------
     @property
     def signer(self) -> SigningKey:

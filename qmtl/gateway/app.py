@@ -38,13 +38,13 @@ COMPONENTS = ("auth", "worlds", "events", "ingest", "status")
 
 class GatewayContext:
     def __init__(self, config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None,
-                 kv_prefix: str = "qmtl:gw:", components: Sequence[str] | None = None, tracer_provider: Any = None) -> None:
+                 kv_prefix: str | None = None, components: Sequence[str] | None = None, tracer_provider: Any = None) -> None:
         self.config = config
         self.bus = bus
         self.tracer_provider = tracer_provider if tracer_provider is not None else make_tracer_provider(config.tracing, "gateway")
         self.registry = CollectorRegistry(auto_describe=True)
         self.kv = kv if kv is not None else make_kv(config.gateway.kv_url)
-        self.kv_prefix = kv_prefix
+        self.kv_prefix = kv_prefix if kv_prefix is not None else config.gateway.kv_prefix
         self.db = db if db is not None else Database(config.db_url("gateway"))
         g = config.gateway
         backend_metrics = BackendMetrics.create(self.registry)
@@ -71,6 +71,11 @@ class GatewayContext:
             component = module.build(self)
             self.components[name] = component
             setattr(self, name, component)
+        worlds, events = self.components.get("worlds"), self.components.get("events")
+        if worlds is not None and events is not None:
+            # Caches follow the bus: every PolicyUpdated / ActivationUpdated this replica
+            # consumes drops the world's cached decide and activation entries.
+            events.on_world_change(worlds.world_changed)
 
     def __getattr__(self, name: str) -> Any:
         if name in COMPONENTS:
@@ -119,7 +124,7 @@ def _component_module(name: str) -> Any:
         return None
 
 
-def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None, kv_prefix: str = "qmtl:gw:",
+def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database | None = None, kv_prefix: str | None = None,
                components: Sequence[str] | None = None, tracer_provider: Any = None) -> Any:
     """The Gateway's ASGI app. ``components`` (default: all of :data:`COMPONENTS`) selects which
     components to build — for focused tests and benchmarks; production builds them all."""

@@ -20,6 +20,15 @@ MINIMAL    exactly one of Redis and the database unhealthy (durable ingest state
 STATIC     Redis and the database both unhealthy (only static and cached answers)
 =========  ==============================================================================
 
+The report also shows the ControlBus (kind, this replica's consumer identity, whether it has
+caught up, offset lag per topic, reconnects) and the signing key ring (source, whether it is
+shared with the other replicas, kids and which one signs). ``status`` is ``degraded`` when
+the level is not NORMAL **or** the ControlBus cannot reach the other services (the
+in-process bus of a process running the Gateway alone: see
+:func:`qmtl.bus.base.isolation_problem`; logged at startup too).
+
+``readiness()`` is ``GET /ready`` (rules in ``specs/openapi.yaml`` under ``/ready``).
+
 ``level()`` is synchronous for hot paths (the ingest route): it returns the level of
 the last evaluation and, when that is older than the cache TTL, schedules a refresh in
 the background. ``await current_level()`` waits for a fresh one when stale.
@@ -33,6 +42,9 @@ import logging
 import time
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
+
+from qmtl.bus.base import isolation_problem
+from qmtl.common.readiness import Check, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +80,7 @@ class StatusMonitor:
         self._checked_at: float | None = None
         self._inflight: asyncio.Task | None = None
         self._stopped = False
+        self._answered: set[str] = set()  # backends seen healthy since start (see readiness())
 
     # -- component protocol ------------------------------------------------------------
     async def start(self) -> None:
@@ -146,17 +159,90 @@ class StatusMonitor:
     async def report(self) -> dict:
         deps, cached = await self._dependencies()
         level = self._level
+        bus = self.controlbus()
         out: dict[str, Any] = {
-            "status": "ok" if level == NORMAL else "degraded",
+            "status": "ok" if level == NORMAL and not bus.get("problem") else "degraded",
             "degradation": level,
             "dependencies": deps,
             "breakers": self.breakers(),
             "cached": cached,
+            "controlbus": bus,
         }
         fallback = self._fallback_queue_size()
         if fallback is not None:
             out["fallback_queue"] = fallback
+        events = self.ctx.components.get("events")
+        if events is not None:
+            out["signing_keys"] = events.tokens.describe()
         return out
+
+    def controlbus(self) -> dict[str, Any]:
+        """The ControlBus as this replica sees it (no I/O: the lag is the last measured)."""
+        bus = self.ctx.bus
+        out: dict[str, Any] = {"kind": "inproc" if bus.in_process else "kafka"}
+        problem = isolation_problem(bus, "gateway")
+        if problem:
+            out["problem"] = problem
+        events = self.ctx.components.get("events")
+        if events is not None:
+            consumer = events.consumer
+            out["consumer_id"] = consumer.consumer_id
+            out["caught_up"] = consumer.ready.is_set()
+            out["reconnects"] = consumer.stats["reconnects"]
+            if consumer.offset_lag is not None:
+                out["lag"] = dict(consumer.offset_lag)
+        return out
+
+    async def readiness(self) -> tuple[bool, dict]:
+        """``GET /ready``: see ``specs/openapi.yaml``."""
+        deps: dict[str, dict] = {}
+        events = self.ctx.components.get("events")
+
+        async def dependencies() -> None:
+            if not deps:
+                deps.update((await self._dependencies())[0])
+
+        def dependency(name: str) -> Callable[[], Awaitable[tuple[bool, str]]]:
+            async def check() -> tuple[bool, str]:
+                await dependencies()
+                ok = bool(deps[name]["healthy"])
+                if ok:
+                    self._answered.add(name)
+                return ok, deps[name]["detail"]
+            return check
+
+        async def controlbus() -> tuple[bool, str]:
+            bus = self.ctx.bus
+            problem = isolation_problem(bus, "gateway")
+            if problem:
+                return False, problem
+            kind = "in-process" if bus.in_process else "kafka"
+            if events is None:
+                return True, f"{kind} ControlBus (no event stream in this build)"
+            consumer = events.consumer
+            lag = await consumer.update_lag_metrics()
+            behind = sum(lag.values()) if lag else None
+            where = f"{behind} behind" if behind is not None else "lag unknown: the bus does not answer"
+            if consumer.ready.is_set():
+                return True, f"{kind} ControlBus; consumer {consumer.consumer_id} caught up ({where})"
+            return False, f"{kind} ControlBus; consumer {consumer.consumer_id} catching up ({where})"
+
+        checks = [Check("controlbus", controlbus), Check("redis", dependency("redis")), Check("database", dependency("database"))]
+        for name in ("worldservice", "dagmanager"):
+            # Required until it has answered once; afterwards an outage degrades this Gateway
+            # (fallback queue, safe decisions) without taking every replica out of the pool.
+            checks.append(Check(name, dependency(name), required=name not in self._answered))
+        if events is not None:
+            tokens = events.tokens
+
+            async def keys() -> tuple[bool, str]:
+                return True, f"signing with {tokens.ring.signer.kid} ({tokens.source})"
+
+            async def keys_shared() -> tuple[bool, str]:
+                return tokens.shared, tokens.sharing_note()
+
+            checks += [Check("signing_keys", keys), Check("signing_keys_shared", keys_shared, required=False)]
+        return await evaluate("gateway", checks, timeout=PROBE_TIMEOUT * 3)
 
     def _fallback_queue_size(self) -> int | None:
         ingest = self.ctx.components.get("ingest")

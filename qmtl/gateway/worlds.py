@@ -36,6 +36,14 @@ from WorldService), ``revalidated`` (WorldService confirmed the cached entry wit
 ``reason`` says why). Caches are bounded LRUs owned by this component (one per Gateway
 instance); concurrent identical upstream reads are coalesced.
 
+**Caches follow the bus.** Every replica consumes every PolicyUpdated / ActivationUpdated;
+the events component calls :meth:`WorldsProxy.world_changed` for each one (a typed
+listener wired by the app factory), which drops the world's decide and activation entries
+and bumps the world's generation, so an upstream read that started before the event cannot
+refill the cache with the superseded answer. Once a replica has consumed the event it
+never answers the superseded policy version from its cache, whichever replica the change
+went through (the staleness window is the bus latency: ``bench/bench_replicas.py``).
+
 Envelopes from WorldService are validated against the Gateway's own schemas before they
 are cached (an invalid one is "WorldService failing": safe default). That is what lets
 :class:`DecideFastPath` answer decide cache hits in front of the contract stack (the
@@ -136,6 +144,44 @@ class Incoming:
 # --------------------------------------------------------------------------- caches
 
 
+class WorldLRU(LRU):
+    """An :class:`LRU` whose keys are tuples starting with a world id, with an index by world,
+    so that dropping one world's entries (on each consumed ControlBus event) costs the size
+    of that world's entries, not of the whole cache."""
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__(max_entries)
+        self._by_world: dict[str, set] = {}
+
+    def put(self, key: Any, value: Any) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        self._by_world.setdefault(key[0], set()).add(key)
+        while len(self._data) > self.max_entries:
+            old, _ = self._data.popitem(last=False)
+            self._unindex(old)
+
+    def pop(self, key: Any) -> Any:
+        value = self._data.pop(key, None)
+        if value is not None:
+            self._unindex(key)
+        return value
+
+    def _unindex(self, key: Any) -> None:
+        keys = self._by_world.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_world[key[0]]
+
+    def drop_world(self, world_id: str) -> int:
+        """Forget every entry of ``world_id``; returns how many there were."""
+        keys = self._by_world.pop(world_id, None) or ()
+        for key in keys:
+            self._data.pop(key, None)
+        return len(keys)
+
+
 @dataclass
 class DecisionEntry:
     envelope: dict
@@ -173,6 +219,7 @@ class WorldsMetrics:
             "world_activation_cache_hit_ratio", "Share of activation answers served from the Gateway cache after WorldService revalidated it (304)", registry=registry)
         self.live_guard_refusals = Counter("world_live_guard_refusals", "Calls refused by the live guard", ["operation"], registry=registry)
         self.cache_entries = Gauge("world_cache_entries", "Entries held by the worlds caches", ["cache"], registry=registry)
+        self.invalidations = Counter("world_cache_invalidations", "Worlds cache entries dropped because the world changed (a write through this Gateway or a consumed ControlBus event)", registry=registry)
         self._decide = [0, 0]  # hits, total
         self._activation = [0, 0]
         self._decide_by = {r: self.decide_requests.labels(r) for r in (HIT, MISS, REVALIDATED, SAFE)}
@@ -213,8 +260,11 @@ class WorldsProxy:
         self.backend = ctx.worldservice
         self.allow_live = bool(g.allow_live)
         self.default_ttl = float(g.decide_default_ttl)
-        self.decisions = LRU(g.worlds_cache_size)
-        self.activations = LRU(g.worlds_cache_size)
+        self.decisions = WorldLRU(g.worlds_cache_size)
+        self.activations = WorldLRU(g.worlds_cache_size)
+        # Per world, bumped on every invalidation: an upstream read that started before the
+        # bump does not fill the cache after it (it may carry the superseded version).
+        self._generation: dict[str, int] = {}
         self._flight = SingleFlight()
         self.metrics = WorldsMetrics(ctx.registry)
         self.public_url = ctx.config.gateway_public_url()
@@ -381,11 +431,24 @@ class WorldsProxy:
             self.invalidate(world_id)
         return self._map(resp)
 
-    def invalidate(self, world_id: str) -> None:
-        """Forget cached decisions of a world after a write through this Gateway changed them
-        (other Gateway replicas keep theirs until their ttl: the ttl is the contract)."""
-        for key in [k for k in self.decisions.keys() if k[0] == world_id]:
-            self.decisions.pop(key)
+    def invalidate(self, world_id: str, *, activations: bool = False) -> None:
+        """Forget the cached decisions (and, with ``activations``, activation entries) of a
+        world: after a write through this Gateway changed them, and on every PolicyUpdated /
+        ActivationUpdated this replica consumes for the world (:meth:`world_changed`), so no
+        replica serves a superseded decision once the event has reached it."""
+        self._generation[world_id] = self._generation.get(world_id, 0) + 1
+        dropped = self.decisions.drop_world(world_id)
+        if activations:
+            dropped += self.activations.drop_world(world_id)
+        if dropped:
+            self.metrics.invalidations.inc(dropped)
+            self.metrics.cache_entries.labels("decide").set(len(self.decisions))
+            self.metrics.cache_entries.labels("activation").set(len(self.activations))
+
+    def world_changed(self, change: Any) -> None:
+        """The events component's world-change listener (wired by the app factory):
+        ``change.world_id`` had a PolicyUpdated or ActivationUpdated consumed."""
+        self.invalidate(change.world_id, activations=True)
 
     # -- decide ------------------------------------------------------------------------
     async def decide(self, world_id: str, req: Incoming, as_of: str | None = None) -> Reply:
@@ -399,7 +462,9 @@ class WorldsProxy:
             result = HIT
         else:
             try:
-                entry, result = await self._flight.do(("decide", key, identity.subject), lambda: self._fetch_decision(world_id, as_of, key, identity))
+                gen = self._generation.get(world_id, 0)
+                entry, result = await self._flight.do(("decide", key, identity.subject, gen),
+                                                      lambda: self._fetch_decision(world_id, as_of, key, identity, gen))
             except _Passthrough as p:
                 self.metrics.decide_requests.labels("error").inc()
                 return p.reply
@@ -411,7 +476,7 @@ class WorldsProxy:
         self.metrics.decide(result, started)
         return self._conditional(reply, req)
 
-    async def _fetch_decision(self, world_id: str, as_of: str | None, key: tuple, identity: Any) -> tuple[DecisionEntry, str]:
+    async def _fetch_decision(self, world_id: str, as_of: str | None, key: tuple, identity: Any, gen: int) -> tuple[DecisionEntry, str]:
         stale = self.decisions.get(key)
         headers = identity.forward_headers()
         if stale is not None:
@@ -423,9 +488,11 @@ class WorldsProxy:
         except BackendUnavailable as exc:
             raise _Unanswered(f"WorldService unavailable ({exc.reason})") from exc
         fetched = time.monotonic()
+        current = self._generation.get(world_id, 0) == gen  # no bus event for the world meanwhile
         if resp.status_code == 304 and stale is not None:
-            stale.fetched_at, stale.expires_at = fetched, fetched + stale.ttl
-            self.decisions.put(key, stale)
+            if current:
+                stale.fetched_at, stale.expires_at = fetched, fetched + stale.ttl
+                self.decisions.put(key, stale)
             return stale, REVALIDATED
         if resp.status_code != 200:
             if resp.status_code == 404:
@@ -447,9 +514,9 @@ class WorldsProxy:
             raise _Unanswered(f"WorldService answered an invalid decision ({exc})") from exc
         etag = quote_etag(envelope["etag"])
         entry = DecisionEntry(envelope, body, etag, resp.headers.get("etag") or etag, ttl, fetched, fetched + ttl)
-        if ttl > 0:
+        if ttl > 0 and current:
             self.decisions.put(key, entry)
-        else:
+        elif ttl <= 0:
             self.decisions.pop(key)
         self.metrics.cache_entries.labels("decide").set(len(self.decisions))
         return entry, MISS
@@ -457,7 +524,8 @@ class WorldsProxy:
     def _decision_reply(self, entry: DecisionEntry, result: str, now: float) -> Reply:
         headers = {"ETag": entry.etag, CACHE_HEADER: result}
         if entry.ttl > 0:
-            remaining = max(0, int(entry.expires_at - max(now, entry.fetched_at)))
+            # + 1e-6: (fetched + ttl) - fetched is not always ttl in floating point (299.99999999994)
+            remaining = max(0, int(entry.expires_at - max(now, entry.fetched_at) + 1e-6))
             headers["Cache-Control"] = f"private, max-age={remaining}"
             headers["Age"] = str(max(0, int(now - entry.fetched_at))) if result == HIT else "0"
         else:
@@ -536,8 +604,9 @@ class WorldsProxy:
         identity.require(world_id, "reader")
         key = (world_id, strategy_id, side)
         try:
-            entry, result = await self._flight.do(("activation", key, identity.subject),
-                                                  lambda: self._fetch_activation(world_id, strategy_id, side, key, identity))
+            gen = self._generation.get(world_id, 0)
+            entry, result = await self._flight.do(("activation", key, identity.subject, gen),
+                                                  lambda: self._fetch_activation(world_id, strategy_id, side, key, identity, gen))
         except _Passthrough as p:
             self.metrics.activation_requests.labels("error").inc()
             return p.reply
@@ -548,7 +617,8 @@ class WorldsProxy:
         headers = {"ETag": entry.etag, CACHE_HEADER: result, "Cache-Control": "no-cache", **entry.headers}
         return self._conditional(Reply(200, entry.body, "application/json", headers), req)
 
-    async def _fetch_activation(self, world_id: str, strategy_id: str, side: str, key: tuple, identity: Any) -> tuple[ActivationEntry, str]:
+    async def _fetch_activation(self, world_id: str, strategy_id: str, side: str, key: tuple, identity: Any,
+                                gen: int) -> tuple[ActivationEntry, str]:
         cached: ActivationEntry | None = self.activations.get(key)
         headers = identity.forward_headers()
         if cached is not None:
@@ -575,7 +645,8 @@ class WorldsProxy:
         etag = quote_etag(envelope["etag"])
         gated = resp.headers.get("x-qmtl-gated")
         entry = ActivationEntry(envelope, resp.content, etag, resp.headers.get("etag") or etag, {"X-QMTL-Gated": gated} if gated else {})
-        self.activations.put(key, entry)
+        if self._generation.get(world_id, 0) == gen:
+            self.activations.put(key, entry)
         self.metrics.cache_entries.labels("activation").set(len(self.activations))
         return entry, MISS
 

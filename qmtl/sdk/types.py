@@ -292,7 +292,7 @@ class AuditPage(TypedDict):
 
 
 class GatewayStatus(TypedDict):
-    """``gateway_status.schema.json``: GET /status: the Gateway's degradation level, the health of each dependency (cached briefly) and each backend's circuit breaker."""
+    """``gateway_status.schema.json``: GET /status: the Gateway's degradation level, the health of each dependency (cached briefly), each backend's circuit breaker, the ControlBus as this replica consumes it and the event-stream signing key ring."""
 
     status: Literal['ok', 'degraded']
     degradation: Literal['NORMAL', 'PARTIAL', 'MINIMAL', 'STATIC']
@@ -300,6 +300,8 @@ class GatewayStatus(TypedDict):
     breakers: dict[str, dict[str, Any]]
     fallback_queue: NotRequired[int]
     cached: NotRequired[bool]
+    controlbus: NotRequired[dict[str, Any]]
+    signing_keys: NotRequired[dict[str, Any]]
 
 
 class WsFrame(TypedDict):

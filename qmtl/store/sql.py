@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+_CREATE_LOCK = 0x716D746C  # "qmtl": the advisory lock that serialises create_all across processes
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -63,6 +64,10 @@ class Database:
 
     async def create_all(self, metadata: sa.MetaData) -> None:
         async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Replicas starting together would race on CREATE TABLE (PostgreSQL answers a
+                # unique violation on pg_type to the loser): one creates at a time.
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CREATE_LOCK})
             if self.schema is not None and not self.is_sqlite:
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(metadata.create_all)

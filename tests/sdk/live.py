@@ -102,10 +102,15 @@ class QmtlUp:
 
 
 class TcpProxy:
-    """127.0.0.1:<port> → 127.0.0.1:<target_port>, in a thread with its own event loop."""
+    """127.0.0.1:<port> → 127.0.0.1:<target_port>, in a thread with its own event loop.
 
-    def __init__(self, target_port: int, *, port: int | None = None) -> None:
-        self.target_port = target_port
+    Several target ports make it a load balancer: each connection goes to the next target
+    in turn, and to the one after when a target refuses (a replica that is down)."""
+
+    def __init__(self, target_port: int | list[int], *, port: int | None = None) -> None:
+        self.targets = list(target_port) if isinstance(target_port, (list, tuple)) else [target_port]
+        self.target_port = self.targets[0]
+        self._next = 0
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -164,9 +169,14 @@ class TcpProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
+        start, self._next = self._next, (self._next + 1) % len(self.targets)
+        for i in range(len(self.targets)):
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.targets[(start + i) % len(self.targets)])
+                break
+            except OSError:
+                continue
+        else:
             writer.transport.abort()
             return
         self._conns.update((writer, up_writer))

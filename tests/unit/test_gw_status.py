@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from jsonschema import Draft202012Validator
 
+from qmtl.bus.inproc import InProcessBus
 from qmtl.contracts.loader import load_schema_files, schema_registry
 from qmtl.gateway import status as st
 
@@ -69,6 +70,7 @@ class Ctx:
         self.dagmanager = Breakered(self.deps["dagmanager"], "dagmanager")
         self.worldservice = Breakered(self.deps["worldservice"], "worldservice")
         self.components = {}
+        self.bus = InProcessBus()
 
 
 VALIDATOR = Draft202012Validator(load_schema_files()["gateway_status.schema.json"], registry=schema_registry(),

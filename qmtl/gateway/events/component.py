@@ -9,7 +9,11 @@ API used by the rest of the Gateway:
   from the ControlBus (ingest ``progress``/``queue_map``, callback ``sentinel_weight`` and
   ``queue_update``, or a versioned envelope as ``activation_updated``/``policy_updated``);
 * ``state_hash(topic, ...)`` / ``await resolved_state_hash(...)`` — the probes;
-* ``await describe(identity, body)`` — the ``POST /events/subscribe`` descriptor.
+* ``await describe(identity, body)`` — the ``POST /events/subscribe`` descriptor;
+* ``on_world_change(listener)`` — ``listener(WorldChange)`` is called for every
+  PolicyUpdated / ActivationUpdated applied (from the bus, a rebuild, a seed or a callback),
+  whatever its outcome (a duplicate of a state seeded from WorldService still means the
+  world changed recently); the worlds proxy drops its cached entries of the world.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -56,6 +61,20 @@ _TOPIC_OF_TYPE = {"activation_updated": TOPIC_ACTIVATION, "policy_updated": TOPI
 _LOCAL_TYPES = ("progress", "queue_map")
 
 
+@dataclass(frozen=True)
+class WorldChange:
+    """One PolicyUpdated / ActivationUpdated applied by this Gateway."""
+
+    topic: str  # control.policy | control.activation
+    world_id: str
+    outcome: str  # applied | duplicate | stale (qmtl.gateway.events.state)
+    source: str  # controlbus | rebuild | worldservice | local | callback
+    policy_version: int | None = None
+
+
+WorldChangeListener = Callable[[WorldChange], None]
+
+
 def generated_instance_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "host")[:40]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -83,7 +102,7 @@ class EventsComponent:
         self.sentinel_label = BoundedLabel(ctx.config.gateway.metric_label_cap)  # sentinel ids come from callers
         self.tokens = Tokens(
             signing_keys=list(cfg.signing_keys), data_dir=ctx.config.data_dir, token_ttl=cfg.token_ttl,
-            algorithm=cfg.algorithm, issuer=self.public_url,
+            algorithm=cfg.algorithm, issuer=self.public_url, store=self._key_store(ctx),
         )
         self.state = st.StateStore(max_skew=ctx.config.gateway.callbacks.max_clock_skew)
         self.hub = Hub(
@@ -102,16 +121,55 @@ class EventsComponent:
         self._resolving: SingleFlight[tuple] = SingleFlight()
         self._seeded_worlds: set[str] = set()
         self._seeding: SingleFlight[str] = SingleFlight()
+        self._world_listeners: list[WorldChangeListener] = []
+
+    def on_world_change(self, listener: WorldChangeListener) -> Callable[[], None]:
+        """Call ``listener`` for every world event applied; returns the unsubscribe function."""
+        self._world_listeners.append(listener)
+        return lambda: self._world_listeners.remove(listener) if listener in self._world_listeners else None
+
+    def _world_changed(self, topic: str, event: Mapping[str, Any], outcome: str, source: str) -> None:
+        change = WorldChange(topic, event["world_id"], outcome, source, event.get("policy_version"))
+        for listener in tuple(self._world_listeners):
+            try:
+                listener(change)
+            except Exception:  # one listener failing must not stop the relay
+                log.exception("world-change listener %r failed for %s", listener, change)
+
+    def _key_store(self, ctx: Any) -> Any:
+        """``gateway.events.key_store``: ``database`` (default unless ``signing_keys`` lists
+        files), ``files`` or ``generated``; see :mod:`.tokens`."""
+        kind = self.cfg.key_store
+        if kind == "auto":
+            kind = "files" if self.cfg.signing_keys else "database"
+        if kind == "files" and not self.cfg.signing_keys:
+            raise ValueError("gateway.events.key_store is 'files' but gateway.events.signing_keys lists none")
+        if kind != "database":
+            return None
+        from .keystore import DatabaseKeyStore
+
+        return DatabaseKeyStore(ctx.db, algorithm=self.cfg.algorithm, token_ttl=self.cfg.token_ttl, owner=self.consumer_id,
+                                refresh=self.cfg.key_refresh)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        log.info("event stream: consumer %s, signing key %s (%s)", self.consumer_id, self.tokens.ring.signer.kid, self.tokens.algorithm)
+        await self.tokens.start()
+        log.info("event stream: consumer %s, signing key %s (%s) from %s", self.consumer_id, self.tokens.ring.signer.kid,
+                 self.tokens.algorithm, self.tokens.source)
+        if not self.tokens.shared:
+            # On the Kafka bus (separate processes, maybe replicas) this is loud: a sibling
+            # replica's /ws/evt tokens are refused here (and ours there). Embedded (one
+            # process, in-process bus) it is how things are meant to be: said at INFO.
+            replicated = self.ctx.config.controlbus.kind == "kafka"
+            log.log(logging.WARNING if replicated else logging.INFO,
+                    "event-stream signing keys are NOT shared with other Gateway replicas: %s", self.tokens.sharing_note())
         await self.hub.start()
         await self.consumer.start()
 
     async def stop(self) -> None:
         await self.consumer.stop()
         await self.hub.stop()
+        await self.tokens.stop()
 
     def ws_routes(self) -> list[WebSocketRoute]:
         return [
@@ -157,6 +215,8 @@ class EventsComponent:
             outcome, delivered = self._apply_queues(key, event["queues"], etag=event.get("etag"), ts=event.get("ts"), relay=relay)
         else:
             raise ValueError(f"no relay rule for topic {topic!r}")
+        if topic != TOPIC_QUEUES and self._world_listeners:
+            self._world_changed(topic, event, outcome, source)
         self.metrics.controlbus_events.labels(topic, outcome, source).inc()
         if relay:
             self.metrics.relay_seconds.observe(time.perf_counter() - t0)
@@ -395,7 +455,7 @@ class EventsComponent:
         if not token:
             raise StreamRefused(CLOSE_POLICY, "a token is required (Authorization: Bearer or ?token=)", "missing_token")
         try:
-            grant = self.tokens.verify(token)
+            grant = await self.tokens.verify_fresh(token)
         except InvalidToken as exc:
             raise StreamRefused(CLOSE_POLICY, f"invalid token: {exc.reason}", exc.reason.replace(" ", "_")) from None
         if query.get("world_id") and query["world_id"] != grant.world_id:
@@ -444,7 +504,7 @@ class EventsComponent:
         all_topics = tuple(StreamTopic)
         if token:
             try:
-                grant = self.tokens.verify(token)
+                grant = await self.tokens.verify_fresh(token)
             except InvalidToken as exc:
                 reason = exc.reason
             else:  # a descriptor token on the legacy route: its world and topics

@@ -91,6 +91,7 @@ class ControlBusConsumer:
         self._last_progress = 0.0
         self._watchdog: asyncio.Task | None = None
         self._lag_gauges = {t: metrics.controlbus_lag_ms.labels(t) for t in topics}
+        self.offset_lag: dict[str, int] | None = None  # messages behind per topic, last measured
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -332,6 +333,7 @@ class ControlBusConsumer:
             behind = max(0, end - nxt)
             per_topic[topic] += behind
             lags[topic].append(max(0.0, now - ts) if behind and ts else 0.0)
+        self.offset_lag = per_topic
         for topic in self.topics:
             self.metrics.consumer_offset_lag.labels(topic).set(per_topic[topic])
             values = lags[topic]
