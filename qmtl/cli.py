@@ -21,7 +21,8 @@ import logging
 import signal
 import sys
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from qmtl.common.config import Config, ConfigError, load_config
 from qmtl.common.logs import FORMATS, setup_logging

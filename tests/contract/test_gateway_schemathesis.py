@@ -75,7 +75,7 @@ def backends(tmp_path_factory):
     ws.start()
     dm_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QMTL")}
-    log = open(root / "dagmanager.log", "ab")
+    log = open(root / "dagmanager.log", "ab")  # noqa: SIM115 - the child process writes to it
     dm = subprocess.Popen([QMTL, "dagmanager", "--port", str(dm_port), "--data-dir", str(root / "dm")],
                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

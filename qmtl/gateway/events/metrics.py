@@ -41,8 +41,10 @@ class EventMetrics:
     def create(cls, registry: CollectorRegistry) -> EventMetrics:
         r = registry
         metrics = cls(
-            controlbus_lag_ms=Gauge("controlbus_lag_ms", "Time from publish on the ControlBus to apply at this Gateway (ms), last event per topic", ["topic"], registry=r),
-            consumer_offset_lag=Gauge("controlbus_consumer_offset_lag", "Messages on the ControlBus not yet applied by this Gateway, per topic", ["topic"], registry=r),
+            controlbus_lag_ms=Gauge("controlbus_lag_ms", "Time from publish on the ControlBus to apply at this Gateway (ms), last event per topic",
+                                    ["topic"], registry=r),
+            consumer_offset_lag=Gauge("controlbus_consumer_offset_lag", "Messages on the ControlBus not yet applied by this Gateway, per topic",
+                                      ["topic"], registry=r),
             partition_skew_seconds=Gauge(
                 "partition_skew_seconds",
                 "Per topic: spread (max - min) of the time lag across partitions; a partition with nothing unread has lag 0",
@@ -71,7 +73,8 @@ class EventMetrics:
                 "sent within the close grace (a peer that does not read)", ["route"], registry=r,
             ),
             ws_rejected=Counter("ws_rejected", "WebSocket connections refused, by reason (close 1008 or 1013)", ["route", "reason"], registry=r),
-            ws_connections=Counter("ws_connections", "WebSocket subscriptions opened, by how the stream started (snapshot, resumed, live)", ["route", "start"], registry=r),
+            ws_connections=Counter("ws_connections", "WebSocket subscriptions opened, by how the stream started (snapshot, resumed, live)",
+                                   ["route", "start"], registry=r),
             event_fanout=Counter("event_fanout", "Frames handed to subscribers (one per subscriber per event)", ["topic"], registry=r),
             events_relayed=Counter("gateway_events_relayed", "Events relayed to the WebSocket streams (once per event)", ["type"], registry=r),
             relay_seconds=Histogram(

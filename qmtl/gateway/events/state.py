@@ -44,12 +44,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.bus.keys import queue_key
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 from qmtl.common.statehash import (
     activation_state_hash,
     canonical_json,
     policy_state_hash,
 )
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 
 __all__ = [
     "APPLIED",
