@@ -32,7 +32,6 @@ import sqlalchemy as sa
 
 from qmtl.bus.base import TOPIC_QUEUES, ControlBus
 from qmtl.bus.keys import queue_key
-from qmtl.common import tracing
 from qmtl.contracts.constants import MATCH_MODES, MatchMode
 from qmtl.store.outbox import Outbox, lock_key
 from qmtl.store.sql import Database
