@@ -28,8 +28,6 @@ import pytest
 import requests
 import schemathesis
 import uvicorn
-
-from qmtl.cli import quiet_server
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import (
@@ -41,6 +39,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from qmtl.bus.inproc import InProcessBus
+from qmtl.cli import quiet_server
 from qmtl.common.config import load_config
 from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.nodeid import compute_node_id
