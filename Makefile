@@ -18,6 +18,8 @@ up: $(STAMP)
 	$(BIN)/qmtl up $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy qmtl/sdk qmtl/common
 	scripts/ensure-services.sh
 	$(BIN)/qmtl check-specs
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -176,7 +176,7 @@ class ServerProcess:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection: send a request, read the whole response, send the next."""
 
-    def __init__(self, request: bytes, stats: "_Stats", expect_header: bytes | None) -> None:
+    def __init__(self, request: bytes, stats: _Stats, expect_header: bytes | None) -> None:
         self.request = request
         self.stats = stats
         self.expect = expect_header

@@ -75,7 +75,7 @@ def make_dag(n: int, salt: str) -> dict:
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, round(p / 100.0 * len(s) + 0.5) - 1))
     return s[k]
 
 
@@ -150,16 +150,15 @@ async def run_http(db: Database, bus: InProcessBus, dag: dict, args: argparse.Na
     # bodies encoded up front: the client's own JSON work is not the server's latency
     bodies = [json.dumps({"strategy_id": f"http-{i}", "dag": dag}).encode() for i in range(args.warmup + args.iterations)]
     gc.collect()
-    async with serve(app) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            for i, body in enumerate(bodies):
-                t0, c0 = time.perf_counter(), time.process_time()
-                r = await client.post("/diff", content=body, headers=headers)
-                dt, dc = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
-                r.raise_for_status()
-                if i >= args.warmup:
-                    times.append(dt)
-                    cpu.append(dc)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for i, body in enumerate(bodies):
+            t0, c0 = time.perf_counter(), time.process_time()
+            r = await client.post("/diff", content=body, headers=headers)
+            dt, dc = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
+            r.raise_for_status()
+            if i >= args.warmup:
+                times.append(dt)
+                cpu.append(dc)
     return times, cpu
 
 

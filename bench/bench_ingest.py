@@ -40,7 +40,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,7 +186,7 @@ def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     v = sorted(values)
-    k = max(0, min(len(v) - 1, int(round(p / 100 * len(v) + 0.5)) - 1))
+    k = max(0, min(len(v) - 1, round(p / 100 * len(v) + 0.5) - 1))
     return v[k]
 
 
@@ -205,7 +204,7 @@ def submissions(n: int, run_tag: str) -> list[bytes]:
     out = []
     for i in range(n):
         unique = make_node("Compute", f"{run_tag}{i:06x}", tags=["bench-own"], inputs=[m["node_id"] for m in shared])
-        nodes = shared + [unique]
+        nodes = [*shared, unique]
         if i % 10 == 0:  # consumes the shared queues tagged f0 or f1 (a set that stays the same)
             nodes.append(make_node("TagQueryNode", f"7a{run_tag}{i:06x}", tags=["f0", "f1"], match_mode="any"))
         dag = {"nodes": nodes}
@@ -235,7 +234,7 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
     gw, ws, dm = free_port(), free_port(), free_port()
     env = dict(os.environ, QMTL__LOG_LEVEL="WARNING")
     env.pop("QMTL_CONFIG", None)
-    log = open(log_path, "ab")
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the server processes, closed with them
     procs = []
     if split:
         procs.append(subprocess.Popen([qmtl, "dagmanager", "--data-dir", str(data_dir), "--port", str(dm)],
@@ -306,7 +305,7 @@ def mirror_states(db_path: Path, ids: set[str]) -> dict[str, str]:
 
 def metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             try:
                 return float(line.rsplit(" ", 1)[1])
             except ValueError:
@@ -417,7 +416,8 @@ async def main(args: argparse.Namespace) -> int:
     line("answers", f"202: {burst.statuses.get(202, 0)}   other: {non_202 or 'none'}   transport errors: {burst.errors or 'none'}")
     line("completed / failed after the burst", f"{completed} / {failed} of {len(accepted)} accepted (drained in {drain_s:.1f} s, "
                                                 f"{len(accepted) / max(drain_s, 1e-9):.0f} diffs/s)")
-    line("lost (G-01)", f"{lost}  (lost_requests_total {lost_metric:.0f}; accepted but not finished within the drain window {len(accepted) - completed - failed})")
+    line("lost (G-01)",
+         f"{lost}  (lost_requests_total {lost_metric:.0f}; accepted but not finished within the drain window {len(accepted) - completed - failed})")
     line("POST→ack latency", f"p50 {p50:.1f} ms   p95 {p95:.1f} ms   p99 {p99:.1f} ms   max {max(burst.latencies_ms or [0]):.1f} ms")
     line("server-side gateway_e2e_latency_ms p95", f"≤ {server_p95:g} ms (histogram bucket)" if server_p95 is not None else "n/a")
     line("baseline GET /health (same rate)", f"p50 {b50:.1f} ms   p95 {b95:.1f} ms   ({sum(base.statuses.values())} answered)")

@@ -44,7 +44,7 @@ async def run(args: argparse.Namespace) -> int:
     cluster = MockKafkaCluster().start()
     schema = "bench_" + uuid.uuid4().hex[:12]
     worlds = [f"bw{i}" for i in range(args.worlds)]
-    seq = {w: 0 for w in worlds}
+    seq = dict.fromkeys(worlds, 0)
     try:
         env = service_env("worldservice", (POSTGRES_URL, schema), cluster.bootstrap_servers)
         with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp), "worldservice", 1, env) as [ws]:

@@ -48,7 +48,7 @@ def cpu_seconds(pid: int) -> float:
 class _Sink(BaseHTTPRequestHandler):
     spans_posts = 0
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))
         type(self).spans_posts += 1
         self.send_response(200)

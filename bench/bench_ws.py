@@ -337,7 +337,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    k = min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[k]
 
 
@@ -495,7 +495,8 @@ def report(results: list[dict]) -> int:
                            all(r["complete"] for r in paced)))
         if paced and stall:
             drops = ", ".join(str(int(r["dropped"])) for r in stall)
-            checks.append((f"stalled client dropped in every round ({drops}) and nobody else missed an event", all(r["dropped"] >= 1 and r["complete"] for r in stall)))
+            checks.append((f"stalled client dropped in every round ({drops}) and nobody else missed an event",
+                           all(r["dropped"] >= 1 and r["complete"] for r in stall)))
             for key, what in (("p99_ms", "p99"), ("worst_client_p99_ms", "worst single client's p99")):
                 base = statistics.median(r[key] for r in paced)
                 with_stall = statistics.median(r[key] for r in stall)

@@ -24,7 +24,8 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from qmtl.common.config import Config, ConfigError, load_config
 from qmtl.common.logs import FORMATS, setup_logging

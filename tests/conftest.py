@@ -15,8 +15,9 @@ POSTGRES_URL = os.environ.get("QMTL_TEST_POSTGRES_URL", "postgresql://postgres@1
 @pytest.fixture
 async def pg_schema():
     """A fresh PostgreSQL schema for one test: yields (url, schema); dropped afterwards."""
-    from qmtl.store import drop_schema
     import asyncpg
+
+    from qmtl.store import drop_schema
 
     try:
         conn = await asyncpg.connect(POSTGRES_URL.replace("postgresql://", "postgres://"), timeout=5)

@@ -34,8 +34,8 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import pytest
 
@@ -61,7 +61,7 @@ class MockClusterError(RuntimeError):
 
 def _librdkafka() -> ctypes.CDLL:
     """The librdkafka that confluent_kafka itself loaded (same process, same copy)."""
-    import confluent_kafka  # noqa: F401  - loads librdkafka
+    import confluent_kafka  # loads librdkafka
 
     path = None
     try:
@@ -121,7 +121,7 @@ class MockKafkaCluster:
         self._log_handler: _Capture | None = None
 
     # -- start / stop -----------------------------------------------------------
-    def start(self) -> "MockKafkaCluster":
+    def start(self) -> MockKafkaCluster:
         errors = []
         for mode, starter in (("ctypes", self._start_ctypes), ("producer", self._start_producer)):
             try:
@@ -199,7 +199,7 @@ class MockKafkaCluster:
             self._lib.rd_kafka_destroy(self._rk)
             self._rk = None
 
-    def __enter__(self) -> "MockKafkaCluster":
+    def __enter__(self) -> MockKafkaCluster:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

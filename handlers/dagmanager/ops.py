@@ -6,7 +6,6 @@ from connexion import request
 from connexion.lifecycle import ConnexionResponse
 
 from qmtl.common.metrics import exposition
-
 from qmtl.contracts.app import problem_response
 from qmtl.dagmanager.service import DagManagerService
 

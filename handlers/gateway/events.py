@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from connexion import request
 
-from qmtl.gateway.auth import caller
-
 from qmtl.common.errors import BadRequest
 from qmtl.contracts.constants import StreamTopic
+from qmtl.gateway.auth import caller
 
 
 async def subscribe(ctx, body):

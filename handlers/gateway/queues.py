@@ -1,10 +1,9 @@
 """Queue lookup routes (SPEC §3), answered from the DAG Manager on its budget (500 ms, 1 retry)."""
 
 from connexion import request
-
-from qmtl.gateway.auth import caller
 from starlette.responses import StreamingResponse
 
+from qmtl.gateway.auth import caller
 from qmtl.gateway.backends import BackendUnavailable
 from qmtl.gateway.ingest.queues import effective_match_mode, parse_tags, unavailable
 

@@ -9,7 +9,7 @@ which forwards the request's own method, path and query.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from urllib.parse import parse_qsl
 
 from connexion import context
@@ -20,7 +20,7 @@ from qmtl.contracts.security import IDENTITY_KEY
 from qmtl.gateway.worlds import Incoming, Reply, Route
 
 
-@lru_cache(maxsize=None)
+@cache
 def _route(operation_id: str) -> Route:
     rule = proxy_rules("gateway")[operation_id]
     return Route(rule.method, idempotent=rule.idempotent, live_guard=rule.live_guard, changes_decisions=rule.changes_decisions)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from connexion import request
 
-from qmtl.worldservice.rbac import Identity
 from qmtl.common.http import if_none_match
+from qmtl.worldservice.rbac import Identity
 from qmtl.worldservice.service import WorldService
 
 

@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import (
     ALL_SERVICES,
@@ -71,7 +72,7 @@ def make_bus(config: Mapping[str, Any] | None, *, validator: EventValidator | No
     if kind in ("inproc", "in-process", "memory"):
         factory: Any = InProcessBus
     elif kind == "kafka":
-        from .kafka import KafkaBus as factory  # noqa: N813
+        from .kafka import KafkaBus as factory
 
         if not options.get("bootstrap_servers"):
             raise ValueError("ControlBus kind 'kafka' needs 'bootstrap_servers'")

@@ -17,11 +17,11 @@ Two implementations: :mod:`qmtl.bus.inproc` (embedded, one process) and
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Mapping, Sequence
 
 # The three control topics (SPEC §5): the ControlBus channels of specs/asyncapi.yaml.
-from qmtl.contracts.constants import CONTROL_TOPICS, TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES  # noqa: E402,F401
+from qmtl.contracts.constants import CONTROL_TOPICS, TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES  # noqa: F401
 
 # Validates one event for one topic; raises InvalidEvent (or any ValueError) when invalid.
 EventValidator = Callable[[str, Mapping], None]
@@ -59,7 +59,7 @@ class Subscription(abc.ABC):
         """Messages not yet delivered per (topic, partition), where known (metrics)."""
         return {}
 
-    async def __aenter__(self) -> "Subscription":
+    async def __aenter__(self) -> Subscription:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -79,7 +79,7 @@ class ControlBus(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def __aenter__(self) -> "ControlBus":
+    async def __aenter__(self) -> ControlBus:
         await self.start()
         return self
 

@@ -28,8 +28,8 @@ import asyncio
 import json
 import time
 import zlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import AsyncIterator, Mapping, Sequence
 
 from ._common import PartitionProgress, check_event, encode_event, log, normalise_headers
 from .base import BusMessage, ControlBus, EventValidator, InvalidEvent, Subscription

@@ -30,7 +30,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
@@ -165,7 +166,7 @@ class KafkaBus(ControlBus):
             await self._get_producer(deadline)
             if self._create_topics:
                 await self._ensure_topics([self.physical_topic(t) for t in CONTROL_TOPICS], deadline)
-        except (BusUnavailable, KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, BusUnavailable, KafkaError, OSError) as exc:
             log.warning(
                 "Kafka ControlBus at %s not reachable at start (%s: %s); will retry on use",
                 self.bootstrap_servers, type(exc).__name__, exc,
@@ -306,7 +307,7 @@ class KafkaBus(ControlBus):
                     "(those topics get the broker's defaults, not cleanup.policy=%s)",
                     failed, self._cleanup_policy,
                 )
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError, OSError) as exc:
             # Broker away or refusing: try again next time, carry on with auto-creation.
             log.warning("CreateTopics failed (%s: %s); falling back to broker auto-creation",
                         type(exc).__name__, exc)
@@ -336,7 +337,7 @@ class KafkaBus(ControlBus):
             return await self._partitions(self.physical_topic(topic), deadline)
         except BusUnavailable:
             raise
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError, OSError) as exc:
             raise self._unavailable(f"partitions of {topic}", exc) from exc
 
     # -- offsets ----------------------------------------------------------------
@@ -388,7 +389,7 @@ class KafkaBus(ControlBus):
                     self._meta = consumer
                 tps = await self._topic_partitions(topics, deadline)
                 ends = await asyncio.wait_for(self._meta.end_offsets(tps), left()) if tps else {}
-            except (KafkaError, OSError, asyncio.TimeoutError, BusUnavailable) as exc:
+            except (TimeoutError, KafkaError, OSError, BusUnavailable) as exc:
                 meta, self._meta = self._meta, None
                 if meta is not None:
                     await self._stop_client(meta, "offsets consumer stop")
@@ -420,7 +421,7 @@ class KafkaBus(ControlBus):
             return out
         except BusUnavailable:
             raise
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError, OSError) as exc:
             raise self._unavailable(f"committed offsets of {consumer_id}", exc) from exc
         finally:
             await self._stop_client(consumer, "offsets consumer stop")
@@ -476,7 +477,7 @@ class KafkaBus(ControlBus):
                 last_error = exc
                 if producer is not None:
                     await self._reset_producer(producer)
-            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, KafkaError, OSError) as exc:
                 last_error = exc
                 if isinstance(exc, KafkaError) and not _transient(exc):
                     raise BusError(f"Kafka refused the event on {topic!r}: {type(exc).__name__}: {exc}") from exc
@@ -514,7 +515,7 @@ class KafkaBus(ControlBus):
         sub._start()
         try:
             await asyncio.wait_for(sub._ready.wait(), self._request_timeout + self._publish_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning(
                 "subscription %s to %s not ready yet (broker away?); it keeps retrying",
                 consumer_id, list(topics),
@@ -550,7 +551,7 @@ async def _close_client(client: Any, timeout: float) -> None:
         return
     try:
         await asyncio.shield(asyncio.wait_for(client.close(), timeout))
-    except Exception as exc:  # noqa: BLE001 - closing must not fail the caller
+    except Exception as exc:  # closing must not fail the caller
         log.debug("closing an aiokafka client: %r", exc)
 
 
@@ -714,7 +715,7 @@ class KafkaSubscription(Subscription):
             while self._idx < len(batch):
                 record = batch[self._idx]
                 self._idx += 1
-                msg = self._deliver(self._batch_tp, record)  # type: ignore[arg-type]
+                msg = self._deliver(self._batch_tp, record)
                 if msg is not None:
                     return msg
             if self._closed:

@@ -8,7 +8,7 @@ the key the same way: ``control.activation`` and ``control.policy`` are keyed by
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from .base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
 

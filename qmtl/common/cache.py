@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["LRU", "SingleFlight"]
 
@@ -52,17 +53,17 @@ class SingleFlight(Generic[K]):
     is free again: the next caller starts a new call."""
 
     def __init__(self) -> None:
-        self._inflight: dict[K, asyncio.Future] = {}
+        self._inflight: dict[K, asyncio.Future[Any]] = {}  # each call has its own result type
 
     async def do(self, key: K, fn: Callable[[], Awaitable[V]]) -> V:
         fut = self._inflight.get(key)
         if fut is None:
             fut = asyncio.ensure_future(fn())
             self._inflight[key] = fut
-            fut.add_done_callback(lambda f, k=key: self._done(k, f))
+            fut.add_done_callback(functools.partial(self._done, key))
         return await asyncio.shield(fut)
 
-    def _done(self, key: K, fut: asyncio.Future) -> None:
+    def _done(self, key: K, fut: asyncio.Future[Any]) -> None:
         if self._inflight.get(key) is fut:
             del self._inflight[key]
         if not fut.cancelled():

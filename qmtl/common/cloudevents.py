@@ -10,7 +10,7 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["SPECVERSION", "encode", "is_cloudevent", "make_event"]
@@ -29,16 +29,16 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def _rfc3339(moment: datetime) -> str:
     """UTC RFC 3339 timestamp with a 'Z' suffix; naive datetimes are taken to be UTC."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def make_event(
-    type: str,  # noqa: A002 - the CloudEvents attribute name
+    type: str,  # the CloudEvents attribute name
     data: Any,
     *,
     source: str,
-    id: str | None = None,  # noqa: A002
+    id: str | None = None,
     time: datetime | None = None,
     subject: str | None = None,
     extensions: Mapping[str, Any] | None = None,
@@ -60,7 +60,7 @@ def make_event(
         "id": id if id is not None else uuid.uuid4().hex,
         "source": source,
         "type": type,
-        "time": _rfc3339(time if time is not None else datetime.now(timezone.utc)),
+        "time": _rfc3339(time if time is not None else datetime.now(UTC)),
         "datacontenttype": "application/json",
     }
     if subject is not None:

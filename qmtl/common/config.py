@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -234,9 +235,9 @@ class Config:
     dagmanager: DagManagerConfig = field(default_factory=DagManagerConfig)
 
     def db_url(self, service: str) -> str:
-        section = getattr(self, service)
-        if section.database_url:
-            return section.database_url
+        database_url: str | None = getattr(self, service).database_url
+        if database_url:
+            return database_url
         return f"sqlite+aiosqlite:///{Path(self.data_dir).resolve() / (service + '.db')}"
 
     def gateway_public_url(self) -> str:
@@ -255,7 +256,7 @@ class Config:
         self.dagmanager.service_token = token
         return token
 
-    def masked(self) -> dict:
+    def masked(self) -> dict[str, Any]:
         d = asdict(self)
         for section in ("gateway", "worldservice", "dagmanager"):
             if d[section].get("service_token"):
@@ -282,8 +283,8 @@ def _merge(target: Any, data: Mapping[str, Any], where: str) -> None:
         setattr(target, key, copy.deepcopy(value))
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict:
-    out: dict = {}
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue

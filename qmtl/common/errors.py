@@ -8,7 +8,8 @@ Services never import the web framework.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ServiceError(Exception):

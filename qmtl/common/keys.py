@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -113,14 +113,17 @@ class SigningKey:
         pem = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
         private_key = load_pem_private_key(pem, password=password)
         algorithm = "RS256" if isinstance(private_key, rsa.RSAPrivateKey) else "ES256"
+        # any other key type (DSA, Ed25519, ...) is refused by __init__ with a ValueError naming what it needs
         return cls(private_key, algorithm=algorithm, kid=kid, created_at=created_at)  # type: ignore[arg-type]
 
     def _required_jwk_members(self) -> dict[str, str]:
         """The RFC 7638 required members of the public JWK."""
         numbers = self.public_key.public_numbers()
-        if self.algorithm == "ES256":
-            return {"crv": "P-256", "kty": "EC", "x": _b64url_uint(numbers.x, 32), "y": _b64url_uint(numbers.y, 32)}
-        return {"e": _b64url_uint(numbers.e), "kty": "RSA", "n": _b64url_uint(numbers.n)}
+        if self.algorithm == "ES256":  # the algorithm follows the key type (constructor)
+            ec_numbers = cast(ec.EllipticCurvePublicNumbers, numbers)
+            return {"crv": "P-256", "kty": "EC", "x": _b64url_uint(ec_numbers.x, 32), "y": _b64url_uint(ec_numbers.y, 32)}
+        rsa_numbers = cast(rsa.RSAPublicNumbers, numbers)
+        return {"e": _b64url_uint(rsa_numbers.e), "kty": "RSA", "n": _b64url_uint(rsa_numbers.n)}
 
     def thumbprint(self) -> str:
         """RFC 7638 JWK SHA-256 thumbprint, base64url without padding."""

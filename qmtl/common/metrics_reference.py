@@ -36,12 +36,13 @@ def registries(data_dir: str) -> dict[str, CollectorRegistry]:
 def describe(registry: CollectorRegistry) -> list[dict[str, t.Any]]:
     """One entry per metric family: ``name`` (as exposed: counters end in ``_total``),
     ``type``, ``labels``, ``help``."""
-    out = []
+    out: list[dict[str, t.Any]] = []
     for collector in list(registry._collector_to_names):  # the registry's public API has no listing of collectors
         kind = getattr(collector, "_type", None)
         name = getattr(collector, "_name", None)
         if kind is None or name is None:
-            for family in collector.describe() or collector.collect():
+            describe = getattr(collector, "describe", None)  # optional in the Collector protocol
+            for family in (describe() if describe is not None else None) or collector.collect():
                 out.append({"name": family.name, "type": family.type, "labels": [], "help": family.documentation})
             continue
         exposed = name + "_total" if kind == "counter" else name

@@ -84,7 +84,8 @@ class AsyncCircuitBreaker:
     @property
     def state(self) -> str:
         """Current state; an expired ``open`` becomes ``half_open`` here (lazily)."""
-        if self._state == OPEN and self._clock() - self._opened_at >= self.reset_timeout:  # type: ignore[operator]
+        opened = self._opened_at  # set whenever the state is open
+        if self._state == OPEN and opened is not None and self._clock() - opened >= self.reset_timeout:
             self._probe_in_flight = False
             self._transition(HALF_OPEN)
         return self._state
@@ -101,9 +102,9 @@ class AsyncCircuitBreaker:
 
     def retry_after(self) -> float:
         """Seconds until a call may be tried: 0 when closed or a probe slot is free."""
-        state = self.state
-        if state == OPEN:
-            return max(0.0, self._opened_at + self.reset_timeout - self._clock())  # type: ignore[operator]
+        state, opened = self.state, self._opened_at
+        if state == OPEN and opened is not None:
+            return max(0.0, opened + self.reset_timeout - self._clock())
         if state == HALF_OPEN and self._probe_in_flight:
             # Unknown until the probe ends; if it fails the breaker reopens for reset_timeout.
             return self.reset_timeout
@@ -282,6 +283,6 @@ class Backoff:
         self._attempt = 0
 
     def next(self) -> float:
-        delay = min(self.maximum, self.initial * (2 ** min(self._attempt, 30)))
+        delay = min(self.maximum, self.initial * (2.0 ** min(self._attempt, 30)))
         self._attempt += 1
         return delay * random.uniform(0.5, 1.0)

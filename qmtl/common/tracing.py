@@ -27,6 +27,7 @@ import typing as t
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.trace.propagation import _SPAN_KEY  # the context key of the current span
 
 from qmtl.common.config import TracingConfig
 
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 TRACEPARENT = "traceparent"
-_SPAN_KEY = trace._SPAN_KEY  # where the API keeps the current span in the context (opentelemetry.trace)
 
 
 def make_tracer_provider(cfg: TracingConfig, service: str, *, span_processor: t.Any = None) -> t.Any:
@@ -115,7 +115,7 @@ def consumed(headers: t.Mapping[str, str] | None, name: str, provider: t.Any = N
 def frame_extensions() -> dict[str, str]:
     """The CloudEvents distributed-tracing extension for a frame relayed now: the current
     span's ``traceparent`` (empty when there is none)."""
-    span = otel_context.get_value(_SPAN_KEY)
+    span = t.cast("trace.Span | None", otel_context.get_value(_SPAN_KEY))
     if span is None:  # the common case with tracing off: nothing current, one context lookup
         return {}
     ctx = span.get_span_context()

@@ -162,7 +162,7 @@ def _unicode_error(_req: ConnexionRequest, exc: UnicodeDecodeError) -> Connexion
 
 
 def _unexpected(_req: ConnexionRequest, exc: Exception) -> ConnexionResponse:
-    logger.exception("unhandled error: %r", exc)
+    logger.error("unhandled error: %r", exc, exc_info=exc)
     return problem_response(500, "Internal Server Error", "An unexpected error occurred; the correlation id identifies it in the logs.")
 
 

@@ -30,6 +30,7 @@ import typing as t
 from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem, NonConformingResponseBody, ProblemException
 from connexion.spec import OpenAPISpecification
+from connexion.utils import is_null, is_nullable
 from connexion.validators import (
     AbstractRequestBodyValidator,
     AbstractResponseBodyValidator,
@@ -37,7 +38,6 @@ from connexion.validators import (
     MultiPartFormDataValidator,
     ParameterValidator,
 )
-from connexion.utils import is_null, is_nullable
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
@@ -57,13 +57,13 @@ def allow_openapi31() -> None:
         return
     original = current.__func__
 
-    def _validate_spec(cls, spec):  # type: ignore[no-untyped-def]
+    def _validate_spec(cls, spec):
         if str(spec.get("openapi", "")).startswith("3.1"):
             return  # validated up front by qmtl.contracts.loader.validate_openapi
         return original(cls, spec)
 
     _validate_spec._qmtl_31 = True  # type: ignore[attr-defined]
-    OpenAPISpecification._validate_spec = classmethod(_validate_spec)  # type: ignore[method-assign]
+    OpenAPISpecification._validate_spec = classmethod(_validate_spec)
 
 
 def decorate_handlers_once() -> None:
@@ -77,7 +77,8 @@ def decorate_handlers_once() -> None:
     ``POST /strategies`` it saved ~10 % of the CPU per request. Safe to call repeatedly.
     """
     from connexion.apps.asynchronous import AsyncOperation
-    from connexion.context import receive as ctx_receive, scope as ctx_scope  # the same proxies Connexion passes
+    from connexion.context import receive as ctx_receive  # the same proxies Connexion passes
+    from connexion.context import scope as ctx_scope
     from connexion.decorators.main import ASGIDecorator, StarletteDecorator
 
     if getattr(AsyncOperation, "_qmtl_decorate_once", False):
@@ -103,9 +104,9 @@ def decorate_handlers_once() -> None:
 
         return wrapper
 
-    AsyncOperation.fn = property(fn)  # type: ignore[method-assign,assignment]
-    ASGIDecorator.__call__ = call  # type: ignore[method-assign]
-    AsyncOperation._qmtl_decorate_once = True  # type: ignore[attr-defined]
+    AsyncOperation.fn = property(fn)
+    ASGIDecorator.__call__ = call
+    AsyncOperation._qmtl_decorate_once = True
 
 
 def pointer(path: t.Iterable[t.Any]) -> str:
@@ -210,15 +211,15 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
         try:
             text = raw.decode(self._encoding or "utf-8")
         except (UnicodeDecodeError, LookupError) as exc:
-            raise BadRequestProblem(detail=f"Request body is not valid {self._encoding or 'utf-8'}: {exc}")
+            raise BadRequestProblem(detail=f"Request body is not valid {self._encoding or 'utf-8'}: {exc}") from exc
         try:
             return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except json.JSONDecodeError as exc:
             raise BadRequestProblem(
                 detail=f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            )
+            ) from exc
         except ValueError as exc:  # NaN / Infinity / a float out of range: not JSON (RFC 8259)
-            raise BadRequestProblem(detail=f"Request body is not valid JSON: {exc}")
+            raise BadRequestProblem(detail=f"Request body is not valid JSON: {exc}") from exc
 
     def _validate(self, body: t.Any) -> None:
         if body is None:
@@ -247,7 +248,7 @@ class JSONResponse2020Validator(AbstractResponseBodyValidator):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise NonConformingResponseBody(f"Response body is not JSON: {exc}")
+            raise NonConformingResponseBody(f"Response body is not JSON: {exc}") from exc
 
     def _validate(self, body: t.Any) -> None:
         if fast_is_valid(self._fast, body):
@@ -288,10 +289,10 @@ class StreamingResponseValidator(AbstractResponseBodyValidator):
 class Parameter2020Validator(ParameterValidator):
     """Parameter validator using Draft 2020-12 instead of Draft 4."""
 
-    _cache: dict[int, Draft202012Validator] = {}
+    _cache: t.ClassVar[dict[int, Draft202012Validator]] = {}
 
     @staticmethod
-    def validate_parameter(parameter_type, value, param, param_name=None):  # type: ignore[override]
+    def validate_parameter(parameter_type, value, param, param_name=None):
         if is_nullable(param) and is_null(value):
             return None
         if value is not None:

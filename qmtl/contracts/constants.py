@@ -24,11 +24,12 @@ proves it on an edited copy of ``specs/``):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from qmtl.contracts.loader import SPECS_DIR, SpecError, load_asyncapi, load_openapi, load_schema_files
 
@@ -163,7 +164,7 @@ class Operation:
         return types[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{[^}/]+\})", template)
     return re.compile("^" + "".join(f"(?P<{p[1:-1]}>[^/]+)" if p.startswith("{") else re.escape(p) for p in parts) + "$")
@@ -196,7 +197,7 @@ def operations(service: str, specs_dir: Path = SPECS_DIR) -> dict[str, Operation
     return _operations(service, specs_dir)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _operations(service: str, specs_dir: Path) -> dict[str, Operation]:
     spec = load_openapi(service, specs_dir)
     raw, where = spec.raw, str(spec.path)

@@ -9,9 +9,10 @@ event fails is the pure-Python validator run to say what is wrong and where.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jsonschema_rs
 from jsonschema import Draft202012Validator
@@ -122,11 +123,11 @@ class EventValidators:
         raise InvalidEvent(f"invalid event for {topic}: {msg} at {where}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def event_validators() -> EventValidators:
     return EventValidators()
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema_validator(file_name: str) -> SchemaValidator:
     return SchemaValidator(file_name, load_schema_files())

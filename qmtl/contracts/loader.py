@@ -17,10 +17,11 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from referencing import Registry, Resource
@@ -55,7 +56,7 @@ def _load_file(path: Path) -> Any:
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema_files(schemas_dir: Path = SCHEMAS_DIR) -> dict[str, dict]:
     """All schema files by file name, each checked to be a valid 2020-12 schema."""
     from jsonschema import Draft202012Validator
@@ -80,7 +81,7 @@ def load_schema_files(schemas_dir: Path = SCHEMAS_DIR) -> dict[str, dict]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema_registry(schemas_dir: Path = SCHEMAS_DIR) -> Registry:
     """A pre-crawled registry of every schema, for validators that follow ``$ref``."""
     resources = [
@@ -206,7 +207,7 @@ class OpenAPISpec:
                     yield route, method, op
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_openapi(service: str, specs_dir: Path = SPECS_DIR) -> OpenAPISpec:
     """Load, bundle and validate the OpenAPI document of ``service``."""
     try:
@@ -276,7 +277,7 @@ def check_proxy(gateway: OpenAPISpec, upstream: OpenAPISpec) -> None:
                             f"which is {target[0].upper()} {target[1]} in {upstream.path.name}: the paths must match")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_asyncapi(specs_dir: Path = SPECS_DIR) -> dict:
     path = specs_dir / ASYNCAPI_FILE
     doc = _load_file(path)

@@ -50,7 +50,7 @@ def operation_rules(doc: t.Mapping[str, t.Any]) -> dict[str, Rule]:
         for method, op in item.items():
             if method not in _METHODS or not isinstance(op, dict) or "operationId" not in op:
                 continue
-            security = op["security"] if "security" in op else default
+            security = op.get("security", default)
             alternatives = tuple(tuple(req) for req in security)
             if not any(alternatives):  # [] or [{}]: public
                 alternatives = ()

@@ -35,7 +35,9 @@ class DagManagerMetrics:
         self.queues_collected = Counter("dm_gc_collected", "Queues collected by GC", registry=r)
         self.gc_runs = Counter("dm_gc_runs", "GC passes by outcome", ["result"], registry=r)
         self.queue_updated = Counter("dm_queue_updated_published", "QueueUpdated events published on the ControlBus", registry=r)
-        self.queue_updated_failed = Counter("dm_queue_updated_failed", "Attempts to publish a QueueUpdated the ControlBus refused or could not take (retried from the outbox)", registry=r)
+        self.queue_updated_failed = Counter(
+            "dm_queue_updated_failed",
+            "Attempts to publish a QueueUpdated the ControlBus refused or could not take (retried from the outbox)", registry=r)
         self.outbox_pending = Gauge("dm_outbox_pending", "Committed QueueUpdated events not yet published", registry=r)
         self.outbox_oldest_age = Gauge("dm_outbox_oldest_age_seconds", "Age of the oldest committed event not yet published (0 when none)", registry=r)
         self.gc_skipped = Counter("dm_gc_skipped", "Periodic GC passes left to another replica (it ran within the interval)", registry=r)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 SHORT_HASH_LEN = 6
 STEP = 2

@@ -54,8 +54,9 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -188,8 +189,7 @@ def database_errors(request: Any = None) -> Any:
     given); any other SQL error is a bug and surfaces as a 500 with its log."""
     try:
         yield
-    except (UnicodeEncodeError, DBAPIError, OperationalError, InterfaceError, OSError, ConnectionError,
-            asyncio.TimeoutError) as exc:
+    except (TimeoutError, UnicodeEncodeError, DBAPIError, OperationalError, InterfaceError, OSError, ConnectionError) as exc:
         if _unencodable(exc):
             errors = _bad_strings(request) if request is not None else []
             raise Unprocessable(
@@ -299,9 +299,8 @@ class DagManagerService:
         """A write transaction: serialised on SQLite; on PostgreSQL holding the GC
         advisory lock (shared for diffs, exclusive for GC)."""
         if self.db.is_sqlite:
-            async with self._serial:
-                async with self.db.begin() as conn:
-                    yield conn
+            async with self._serial, self.db.begin() as conn:
+                yield conn
             return
         async with self.db.begin() as conn:
             fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
@@ -401,7 +400,7 @@ class DagManagerService:
             self.metrics.topic_create_failures.inc(len(topics))
             log.warning("creating %d topic(s) failed (%s); relying on broker auto-creation", len(topics), exc)
 
-    async def _diff_txn(self, plan: "_Plan") -> DiffResult:
+    async def _diff_txn(self, plan: _Plan) -> DiffResult:
         now = self.clock()
         sim = plan.sim
         async with self._write() as conn:
@@ -482,7 +481,7 @@ class DagManagerService:
         return list((await conn.exec_driver_sql(sql, (sim, self.sql.list_param(nids)))).all())
 
     async def _create_queues(
-        self, conn: Any, plan: "_Plan", missing: list[str], nids: Mapping[str, int], now: float
+        self, conn: Any, plan: _Plan, missing: list[str], nids: Mapping[str, int], now: float
     ) -> tuple[dict[str, str], dict[str, str]]:
         """Create queues for ``missing`` nodes. Returns (created by this diff, created by
         a concurrent one).
@@ -558,7 +557,7 @@ class DagManagerService:
             await self.sql.insert_new(conn, store.queue_tags, {"tag": tags, "interval": intervals, "sim": sim, "qid": qids})
         return created, concurrent
 
-    async def _assign_names(self, conn: Any, plan: "_Plan", node_ids: list[str]) -> dict[str, str]:
+    async def _assign_names(self, conn: Any, plan: _Plan, node_ids: list[str]) -> dict[str, str]:
         """Shortest free name per node, for nodes whose short name is taken: one SELECT of
         every candidate name of theirs; in the (sorted) order given, each node takes its
         first candidate neither taken nor taken by an earlier node."""
@@ -580,7 +579,7 @@ class DagManagerService:
         sql = f"SELECT topic FROM dm_queues WHERE topic {self.sql.in_list(1)}"
         return {r[0] for r in (await conn.exec_driver_sql(sql, (self.sql.list_param(names),))).all()}
 
-    async def _record_strategy(self, conn: Any, plan: "_Plan", new_nids: set[int], now: float) -> None:
+    async def _record_strategy(self, conn: Any, plan: _Plan, new_nids: set[int], now: float) -> None:
         s, sn = store.strategies, store.strategy_nodes
         sen, sen_n = store.sentinels, store.sentinel_nodes
         strategy_id = plan.strategy_id
@@ -941,7 +940,7 @@ class DagManagerService:
         try:
             async with self.db.connect() as conn:
                 count = (await conn.execute(sa.select(sa.func.count()).select_from(store.queues))).scalar_one()
-        except (SQLAlchemyError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, SQLAlchemyError, OSError, ConnectionError) as exc:
             log.warning("health: database down: %s", exc)
             return False, {"database": "down", "topic_admin": self.topic_admin.mode}
         outbox = await self.outbox.stats()

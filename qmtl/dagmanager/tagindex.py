@@ -23,9 +23,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def iso(ts: float) -> str:
     """RFC 3339 UTC with milliseconds and ``Z``."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def normalise_tags(tags: Iterable[str]) -> tuple[str, ...]:
@@ -60,7 +61,7 @@ class TagKey:
     match_mode: str
 
     @classmethod
-    def of(cls, tags: Iterable[str], interval: int, match_mode: str) -> "TagKey":
+    def of(cls, tags: Iterable[str], interval: int, match_mode: str) -> TagKey:
         if match_mode not in MATCH_MODES:
             raise ValueError(f"match_mode must be one of {', '.join(MATCH_MODES)}, not {match_mode!r}")
         return cls(normalise_tags(tags), int(interval), match_mode)

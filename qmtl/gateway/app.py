@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 

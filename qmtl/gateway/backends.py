@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -59,7 +60,7 @@ class BackendMetrics:
     operation_breaker_state: Gauge
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> "BackendMetrics":
+    def create(cls, registry: CollectorRegistry) -> BackendMetrics:
         return cls(
             requests=Counter("gateway_backend_requests", "Calls from the Gateway to a backend", ["backend", "status"], registry=registry),
             errors=Counter("gateway_proxy_errors", "Failed or error-status backend calls by backend and status", ["backend", "status"], registry=registry),

@@ -40,8 +40,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from qmtl.bus.base import isolation_problem
 from qmtl.common.readiness import Check, evaluate
@@ -67,7 +68,7 @@ def degradation_level(health: dict[str, bool]) -> str:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class StatusMonitor:

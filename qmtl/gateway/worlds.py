@@ -65,9 +65,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -75,8 +76,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from qmtl.common import correlation
 from qmtl.common.cache import LRU, SingleFlight
 from qmtl.common.durations import parse_duration
-from qmtl.common.http import if_none_match, quote_etag
 from qmtl.common.errors import BadGateway, Forbidden, ServiceError, ServiceUnavailable
+from qmtl.common.http import if_none_match, quote_etag
 from qmtl.contracts.constants import Mode, Operation, WorldState, operation, upstream_path
 from qmtl.contracts.loader import SpecError
 from qmtl.gateway.backends import BackendUnavailable
@@ -102,7 +103,7 @@ def parse_ttl(value: Any, default: float) -> float:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _digest(*parts: Any) -> str:
@@ -122,7 +123,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def json(cls, status: int, data: Any, headers: Mapping[str, str] | None = None) -> "Reply":
+    def json(cls, status: int, data: Any, headers: Mapping[str, str] | None = None) -> Reply:
         return cls(status, json.dumps(data, separators=(",", ":")).encode(), "application/json", dict(headers or {}))
 
     def data(self) -> Any:
@@ -213,10 +214,12 @@ class WorldsMetrics:
             buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000),
         )
         self.decide_requests = Counter("world_decide_requests", "Decide answers by cache result", ["result"], registry=registry)
-        self.decide_hit_ratio = Gauge("world_decide_cache_hit_ratio", "Share of decide answers served from the Gateway cache (hit or revalidated)", registry=registry)
+        self.decide_hit_ratio = Gauge("world_decide_cache_hit_ratio", "Share of decide answers served from the Gateway cache (hit or revalidated)",
+                                      registry=registry)
         self.activation_requests = Counter("world_activation_requests", "Activation answers by cache result", ["result"], registry=registry)
         self.activation_hit_ratio = Gauge(
-            "world_activation_cache_hit_ratio", "Share of activation answers served from the Gateway cache after WorldService revalidated it (304)", registry=registry)
+            "world_activation_cache_hit_ratio", "Share of activation answers served from the Gateway cache after WorldService revalidated it (304)",
+            registry=registry)
         self.live_guard_refusals = Counter("world_live_guard_refusals", "Calls refused by the live guard", ["operation"], registry=registry)
         self.cache_entries = Gauge("world_cache_entries", "Entries held by the worlds caches", ["cache"], registry=registry)
         self.invalidations = Counter("world_cache_invalidations", "Worlds cache entries dropped because the world changed (a write through this Gateway or a consumed ControlBus event)", registry=registry)

@@ -37,9 +37,11 @@ class ActivationGate:
         max_age: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if client is None and stream is None:
-            raise ValueError("an ActivationGate needs a GatewayClient, an EventStream, or both")
-        self.client = client if client is not None else stream.client  # type: ignore[union-attr]
+        if client is None:
+            if stream is None:
+                raise ValueError("an ActivationGate needs a GatewayClient, an EventStream, or both")
+            client = stream.client
+        self.client = client
         self.stream = stream
         self.max_age = float(max_age)
         self._clock = clock

@@ -40,7 +40,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import httpx
 
@@ -59,6 +59,7 @@ from .types import (
     ActivationSet,
     ApplyResult,
     AuditPage,
+    AuditRecord,
     DecisionEnvelope,
     DecisionState,
     EvaluationResult,
@@ -99,12 +100,14 @@ class ApiResponse:
 
     @property
     def etag(self) -> str | None:
-        return self.headers.get("etag")
+        etag: str | None = self.headers.get("etag")
+        return etag
 
     @property
     def cache(self) -> str | None:
         """``X-QMTL-Cache``: hit, miss, revalidated or safe-default (decide, activation)."""
-        return self.headers.get("x-qmtl-cache")
+        cache: str | None = self.headers.get("x-qmtl-cache")
+        return cache
 
 
 @dataclass
@@ -175,11 +178,10 @@ class GatewayClient:
 
     # -- the one request path ------------------------------------------------------------
     async def _auth_headers(self) -> dict[str, str]:
-        token = self.token
-        if callable(token):
-            token = token()
-            if inspect.isawaitable(token):
-                token = await token
+        source = self.token
+        token = source() if callable(source) else source
+        if inspect.isawaitable(token):
+            token = await token
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def request(
@@ -255,6 +257,8 @@ class GatewayClient:
             raise error
 
     async def _call(self, method: str, path: str, **kw: Any) -> Any:
+        # The body is JSON, checked against ``schema`` when one is named: the typed wrappers below
+        # cast it to the TypedDict generated from that same schema (qmtl/sdk/types.py).
         return (await self.request(method, path, **kw)).body
 
     def _live(self, allow_live: bool | None) -> dict[str, str]:
@@ -294,8 +298,8 @@ class GatewayClient:
 
     async def strategy_status(self, strategy_id: str, **kw: Any) -> StrategyStatus:
         """``GET /strategies/{id}/status``."""
-        return await self._call("GET", f"/strategies/{strategy_id}/status", idempotent=True,
-                                schema="strategy_status.schema.json", **kw)
+        return cast(StrategyStatus, await self._call("GET", f"/strategies/{strategy_id}/status", idempotent=True,
+                                schema="strategy_status.schema.json", **kw))
 
     async def wait_for_status(
         self,
@@ -318,8 +322,8 @@ class GatewayClient:
     # -- queues ----------------------------------------------------------------------------
     async def queues_by_tag(self, tags: Iterable[str], interval: int, match_mode: str = "any", **kw: Any) -> QueueList:
         """``GET /queues/by_tag``: queues carrying any (or all) of ``tags`` at ``interval``."""
-        params = {"tags": _tags_param(tags), "interval": int(interval), "match_mode": match_mode}
-        return await self._call("GET", "/queues/by_tag", params=params, idempotent=True, schema="queue_list.schema.json", **kw)
+        params: dict[str, str | int] = {"tags": _tags_param(tags), "interval": int(interval), "match_mode": match_mode}
+        return cast(QueueList, await self._call("GET", "/queues/by_tag", params=params, idempotent=True, schema="queue_list.schema.json", **kw))
 
     async def watch_queues(self, tags: Iterable[str], interval: int, match_mode: str = "any", *,
                            correlation_id: str | None = None) -> AsyncIterator[QueueList]:
@@ -327,7 +331,7 @@ class GatewayClient:
         until the server ends the stream. Prefer :class:`qmtl.sdk.EventStream`."""
         cid = correlation_id or correlation.get() or correlation.new_correlation_id()
         headers = {correlation.HEADER: cid, "Accept": "application/x-ndjson, application/problem+json", **(await self._auth_headers())}
-        params = {"tags": _tags_param(tags), "interval": int(interval), "match_mode": match_mode}
+        params: dict[str, str | int] = {"tags": _tags_param(tags), "interval": int(interval), "match_mode": match_mode}
         timeout = httpx.Timeout(self.timeout, read=None)
         try:
             async with self._http.stream("GET", "/queues/watch", params=params, headers=headers, timeout=timeout) as resp:
@@ -345,14 +349,14 @@ class GatewayClient:
                         log.warning("watch_queues: skipping a line that is not JSON: %r", line[:200])
                         continue
                     if isinstance(doc, dict) and isinstance(doc.get("queues"), list):
-                        yield doc  # type: ignore[misc]
+                        yield cast(QueueList, doc)  # the shape the server sends (queue_list.schema.json)
         except httpx.TransportError as exc:
             raise TransportError(f"GET {self.base_url}/queues/watch: {type(exc).__name__}: {exc}", method="GET",
                                  url=self.base_url + "/queues/watch", correlation_id=cid) from exc
 
     async def queues_state_hash(self, tags: Iterable[str], interval: int, match_mode: str = "any", **kw: Any) -> StateHash:
-        params = {"tags": _tags_param(tags), "interval": int(interval), "match_mode": match_mode}
-        return await self._call("GET", "/queues/state_hash", params=params, idempotent=True, schema="state_hash.schema.json", **kw)
+        params: dict[str, str | int] = {"tags": _tags_param(tags), "interval": int(interval), "match_mode": match_mode}
+        return cast(StateHash, await self._call("GET", "/queues/state_hash", params=params, idempotent=True, schema="state_hash.schema.json", **kw))
 
     # -- events ------------------------------------------------------------------------------
     async def subscribe(
@@ -374,16 +378,16 @@ class GatewayClient:
         if queue_keys:
             body["queue_keys"] = [_queue_key_body(k) for k in queue_keys]
         # Issuing a descriptor changes nothing on the server: safe to retry.
-        return await self._call("POST", "/events/subscribe", json=body, idempotent=True,
-                                schema="stream_descriptor.schema.json", **kw)
+        return cast(StreamDescriptor, await self._call("POST", "/events/subscribe", json=body, idempotent=True,
+                                schema="stream_descriptor.schema.json", **kw))
 
     async def jwks(self, **kw: Any) -> dict[str, Any]:
-        return await self._call("GET", "/events/jwks", idempotent=True, schema="jwks.schema.json", **kw)
+        return cast(dict[str, Any], await self._call("GET", "/events/jwks", idempotent=True, schema="jwks.schema.json", **kw))
 
     # -- worlds ------------------------------------------------------------------------------
     async def list_worlds(self, *, limit: int | None = None, cursor: str | None = None, **kw: Any) -> WorldList:
-        return await self._call("GET", "/worlds", params={"limit": limit, "cursor": cursor}, idempotent=True,
-                                schema="world_list.schema.json", **kw)
+        return cast(WorldList, await self._call("GET", "/worlds", params={"limit": limit, "cursor": cursor}, idempotent=True,
+                                schema="world_list.schema.json", **kw))
 
     async def iter_worlds(self, *, page_size: int = 100) -> AsyncIterator[World]:
         """Every world the caller may read, page by page."""
@@ -417,62 +421,62 @@ class GatewayClient:
             "labels": dict(labels) if labels is not None else None, "allow_live": allow_live,
             "circuit_breaker": circuit_breaker,
         })
-        return await self._call("POST", "/worlds", json=body, headers=self._live(consent_live), idempotent=False,
-                                ok=(201,), schema="world.schema.json", **kw)
+        return cast(World, await self._call("POST", "/worlds", json=body, headers=self._live(consent_live), idempotent=False,
+                                ok=(201,), schema="world.schema.json", **kw))
 
     async def get_world(self, world_id: str, **kw: Any) -> World:
-        return await self._call("GET", f"/worlds/{world_id}", idempotent=True, schema="world.schema.json", **kw)
+        return cast(World, await self._call("GET", f"/worlds/{world_id}", idempotent=True, schema="world.schema.json", **kw))
 
     async def update_world(self, world_id: str, *, consent_live: bool | None = None, correlation_id: str | None = None,
                            **changes: Any) -> World:
         """``PUT /worlds/{id}`` with the members to change (name, description, owner,
         labels, state, allow_live, circuit_breaker). Live-guarded when it can enable live."""
-        return await self._call("PUT", f"/worlds/{world_id}", json=changes, headers=self._live(consent_live),
-                                idempotent=True, schema="world.schema.json", correlation_id=correlation_id)
+        return cast(World, await self._call("PUT", f"/worlds/{world_id}", json=changes, headers=self._live(consent_live),
+                                idempotent=True, schema="world.schema.json", correlation_id=correlation_id))
 
     async def delete_world(self, world_id: str, **kw: Any) -> None:
         await self._call("DELETE", f"/worlds/{world_id}", idempotent=True, ok=(200, 204), **kw)
 
     async def list_policies(self, world_id: str, **kw: Any) -> PolicyList:
-        return await self._call("GET", f"/worlds/{world_id}/policies", idempotent=True, schema="policy_list.schema.json", **kw)
+        return cast(PolicyList, await self._call("GET", f"/worlds/{world_id}/policies", idempotent=True, schema="policy_list.schema.json", **kw))
 
     async def create_policy(self, world_id: str, yaml: str, *, set_default: bool = False, consent_live: bool | None = None,
                             **kw: Any) -> Policy:
         """``POST /worlds/{id}/policies``: a new version from YAML text (``set_default`` makes it the default)."""
-        return await self._call("POST", f"/worlds/{world_id}/policies", json={"yaml": yaml, "set_default": bool(set_default)},
-                                headers=self._live(consent_live), idempotent=False, ok=(201,), schema="policy.schema.json", **kw)
+        return cast(Policy, await self._call("POST", f"/worlds/{world_id}/policies", json={"yaml": yaml, "set_default": bool(set_default)},
+                                headers=self._live(consent_live), idempotent=False, ok=(201,), schema="policy.schema.json", **kw))
 
     async def get_policy(self, world_id: str, version: int, **kw: Any) -> Policy:
-        return await self._call("GET", f"/worlds/{world_id}/policies/{int(version)}", idempotent=True,
-                                schema="policy.schema.json", **kw)
+        return cast(Policy, await self._call("GET", f"/worlds/{world_id}/policies/{int(version)}", idempotent=True,
+                                schema="policy.schema.json", **kw))
 
     async def set_default_policy(self, world_id: str, version: int, *, consent_live: bool | None = None, **kw: Any) -> World:
-        return await self._call("POST", f"/worlds/{world_id}/set-default", params={"v": int(version)},
-                                headers=self._live(consent_live), idempotent=True, schema="world.schema.json", **kw)
+        return cast(World, await self._call("POST", f"/worlds/{world_id}/set-default", params={"v": int(version)},
+                                headers=self._live(consent_live), idempotent=True, schema="world.schema.json", **kw))
 
     async def policy_state_hash(self, world_id: str, **kw: Any) -> StateHash:
-        return await self._call("GET", f"/worlds/{world_id}/policy/state_hash", idempotent=True, schema="state_hash.schema.json", **kw)
+        return cast(StateHash, await self._call("GET", f"/worlds/{world_id}/policy/state_hash", idempotent=True, schema="state_hash.schema.json", **kw))
 
     async def record_observation(self, world_id: str, *, data_end: str, samples: int, metrics: Mapping[str, float],
                                  consent_live: bool | None = None, **kw: Any) -> DecisionState:
         """``PUT /worlds/{id}/observations`` (advances the hysteresis: never retried once sent)."""
         body = {"data_end": data_end, "samples": int(samples), "metrics": dict(metrics)}
-        return await self._call("PUT", f"/worlds/{world_id}/observations", json=body, headers=self._live(consent_live),
-                                idempotent=False, schema="decision_state.schema.json", **kw)
+        return cast(DecisionState, await self._call("PUT", f"/worlds/{world_id}/observations", json=body, headers=self._live(consent_live),
+                                idempotent=False, schema="decision_state.schema.json", **kw))
 
     async def get_observation(self, world_id: str, **kw: Any) -> DecisionState:
-        return await self._call("GET", f"/worlds/{world_id}/observations", idempotent=True, schema="decision_state.schema.json", **kw)
+        return cast(DecisionState, await self._call("GET", f"/worlds/{world_id}/observations", idempotent=True, schema="decision_state.schema.json", **kw))
 
     async def decide(self, world_id: str, *, as_of: str | None = None, **kw: Any) -> DecisionEnvelope:
         """``GET /worlds/{id}/decide``: the world's effective mode (``backtest`` as the safe
         default when WorldService cannot answer — see ``reason``)."""
-        return await self._call("GET", f"/worlds/{world_id}/decide", params={"as_of": as_of}, idempotent=True,
-                                schema="decision_envelope.schema.json", **kw)
+        return cast(DecisionEnvelope, await self._call("GET", f"/worlds/{world_id}/decide", params={"as_of": as_of}, idempotent=True,
+                                schema="decision_envelope.schema.json", **kw))
 
     async def get_activation(self, world_id: str, strategy_id: str, side: str, **kw: Any) -> ActivationEnvelope:
         """``GET /worlds/{id}/activation``: unknown or unavailable reads ``active: false, weight: 0``."""
-        return await self._call("GET", f"/worlds/{world_id}/activation", params={"strategy_id": strategy_id, "side": side},
-                                idempotent=True, schema="activation_envelope.schema.json", **kw)
+        return cast(ActivationEnvelope, await self._call("GET", f"/worlds/{world_id}/activation", params={"strategy_id": strategy_id, "side": side},
+                                idempotent=True, schema="activation_envelope.schema.json", **kw))
 
     async def override_activation(
         self,
@@ -492,23 +496,23 @@ class GatewayClient:
         headers = self._live(consent_live)
         if if_match is not None:
             headers["If-Match"] = if_match
-        return await self._call("PUT", f"/worlds/{world_id}/activation", json=body, headers=headers, idempotent=True,
-                                schema="activation_envelope.schema.json", **kw)
+        return cast(ActivationEnvelope, await self._call("PUT", f"/worlds/{world_id}/activation", json=body, headers=headers, idempotent=True,
+                                schema="activation_envelope.schema.json", **kw))
 
     async def list_activations(self, world_id: str, **kw: Any) -> ActivationSet:
         """``GET /worlds/{id}/activations``: the whole set and its ``state_hash``."""
-        return await self._call("GET", f"/worlds/{world_id}/activations", idempotent=True, schema="activation_set.schema.json", **kw)
+        return cast(ActivationSet, await self._call("GET", f"/worlds/{world_id}/activations", idempotent=True, schema="activation_set.schema.json", **kw))
 
     async def activation_state_hash(self, world_id: str, **kw: Any) -> StateHash:
-        return await self._call("GET", f"/worlds/{world_id}/activation/state_hash", idempotent=True,
-                                schema="state_hash.schema.json", **kw)
+        return cast(StateHash, await self._call("GET", f"/worlds/{world_id}/activation/state_hash", idempotent=True,
+                                schema="state_hash.schema.json", **kw))
 
     async def evaluate(self, world_id: str, strategies: Sequence[Mapping[str, Any]], *, as_of: str | None = None,
                        **kw: Any) -> EvaluationResult:
         """``POST /worlds/{id}/evaluate``: a plan, changing nothing (so it is retried)."""
         body = _drop_none({"strategies": [dict(s) for s in strategies], "as_of": as_of})
-        return await self._call("POST", f"/worlds/{world_id}/evaluate", json=body, idempotent=True,
-                                schema="evaluation_result.schema.json", **kw)
+        return cast(EvaluationResult, await self._call("POST", f"/worlds/{world_id}/evaluate", json=body, idempotent=True,
+                                schema="evaluation_result.schema.json", **kw))
 
     async def apply(self, world_id: str, plan: Mapping[str, Any], *, run_id: str | None = None,
                     consent_live: bool | None = None, **kw: Any) -> ApplyResult:
@@ -518,14 +522,14 @@ class GatewayClient:
         :class:`LiveGuardRefused`. Another apply in flight raises :class:`Conflict`."""
         run_id = run_id or f"run-{uuid.uuid4().hex[:20]}"
         body = {"run_id": run_id, "plan": {k: list(v) for k, v in plan.items() if k in ("activate", "deactivate")}}
-        return await self._call("POST", f"/worlds/{world_id}/apply", json=body, headers=self._live(consent_live),
-                                idempotent=True, schema="apply_result.schema.json", **kw)
+        return cast(ApplyResult, await self._call("POST", f"/worlds/{world_id}/apply", json=body, headers=self._live(consent_live),
+                                idempotent=True, schema="apply_result.schema.json", **kw))
 
     async def get_audit(self, world_id: str, *, limit: int | None = None, cursor: str | None = None, **kw: Any) -> AuditPage:
-        return await self._call("GET", f"/worlds/{world_id}/audit", params={"limit": limit, "cursor": cursor},
-                                idempotent=True, schema="audit_page.schema.json", **kw)
+        return cast(AuditPage, await self._call("GET", f"/worlds/{world_id}/audit", params={"limit": limit, "cursor": cursor},
+                                idempotent=True, schema="audit_page.schema.json", **kw))
 
-    async def iter_audit(self, world_id: str, *, page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+    async def iter_audit(self, world_id: str, *, page_size: int = 100) -> AsyncIterator[AuditRecord]:
         """The world's audit records, newest first, page by page."""
         cursor: str | None = None
         while True:
@@ -538,10 +542,10 @@ class GatewayClient:
 
     # -- operations ----------------------------------------------------------------------------
     async def status(self, **kw: Any) -> GatewayStatus:
-        return await self._call("GET", "/status", idempotent=True, schema="gateway_status.schema.json", **kw)
+        return cast(GatewayStatus, await self._call("GET", "/status", idempotent=True, schema="gateway_status.schema.json", **kw))
 
     async def health(self, **kw: Any) -> dict[str, Any]:
-        return await self._call("GET", "/health", idempotent=True, **kw)
+        return cast(dict[str, Any], await self._call("GET", "/health", idempotent=True, **kw))
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -560,7 +564,7 @@ def _decode(resp: httpx.Response) -> Any:
 def _tags_param(tags: Iterable[str]) -> str:
     if isinstance(tags, str):
         return tags
-    values = [t for t in tags]
+    values = list(tags)
     if not values:
         raise ValueError("at least one tag is needed")
     return ",".join(values)

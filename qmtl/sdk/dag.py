@@ -29,12 +29,13 @@ import hashlib
 import inspect
 import json
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.nodeid import NODE_ID_FIELDS, Lookup, compute_node_id, sha256_node_id
 from qmtl.common.statehash import canonical_json
+from qmtl.common.tasks import detach
 
 from .types import MATCH_MODE_VALUES, RUN_TYPE_VALUES
 
@@ -190,7 +191,7 @@ class TagQueryNode(Node):
     ) -> None:
         if isinstance(tags, str):
             raise TypeError("tags must be a list of strings, not a string")
-        tag_list = [t for t in tags]
+        tag_list = list(tags)
         if not tag_list or not all(isinstance(t, str) and t.strip() for t in tag_list):
             raise ValueError("a TagQueryNode needs at least one non-blank tag")
         if int(interval) < 1:
@@ -231,9 +232,7 @@ class TagQueryNode(Node):
         for listener in list(self._listeners):
             result = listener(list(new))
             if inspect.isawaitable(result):
-                import asyncio
-
-                asyncio.ensure_future(result)
+                detach(result)
         return True
 
 
@@ -314,7 +313,7 @@ class Dag:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Node]:
         return iter(list(self._nodes))
 
     def node(self, node_id: str) -> Node:

@@ -238,11 +238,11 @@ def problem_from_response(status: int, headers: Mapping[str, str], body: Any, *,
     """The exception for an error answer; ``body`` is the decoded JSON (or text, or None)."""
     lowered = {k.lower(): v for k, v in headers.items()}
     doc: dict[str, Any] = body if isinstance(body, dict) else {}
-    title = doc.get("title") if isinstance(doc.get("title"), str) else _reason(status)
-    detail = doc.get("detail") if isinstance(doc.get("detail"), str) else None
+    title = t if isinstance(t := doc.get("title"), str) else _reason(status)
+    detail = d if isinstance(d := doc.get("detail"), str) else None
     if detail is None and isinstance(body, str) and body.strip():
         detail = body.strip()[:500]
-    errors = doc.get("errors") if isinstance(doc.get("errors"), list) else []
+    errors: list[Any] = e if isinstance(e := doc.get("errors"), list) else []
     cid = doc.get("correlation_id") if isinstance(doc.get("correlation_id"), str) else None
     cid = cid or lowered.get("x-correlation-id") or correlation_id
     cls = _BY_STATUS.get(status, ProblemError)
@@ -250,7 +250,7 @@ def problem_from_response(status: int, headers: Mapping[str, str], body: Any, *,
         cls = LiveGuardRefused
     return cls(
         status, title, detail, [e for e in errors if isinstance(e, dict)], cid,
-        type=doc.get("type") if isinstance(doc.get("type"), str) else "about:blank",
+        type=ty if isinstance(ty := doc.get("type"), str) else "about:blank",
         instance=doc.get("instance") if isinstance(doc.get("instance"), str) else None,
         body=doc, headers=lowered, method=method, url=url,
     )

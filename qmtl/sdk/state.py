@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from qmtl.common.statehash import (
     activation_state_hash,
@@ -42,7 +42,7 @@ __all__ = [
     "queue_snapshot_hash",
 ]
 
-QueueKey = tuple  # (tags: tuple[str, ...], interval: int, match_mode: str)
+QueueKey: TypeAlias = tuple[tuple[str, ...], int, str]  # (tags, interval, match_mode)
 
 
 def parse_ts(value: Any) -> float | None:
@@ -86,7 +86,7 @@ def queue_snapshot_hash(item_hashes: Iterable[str]) -> str:
     return hashlib.sha256(canonical_json(sorted(item_hashes))).hexdigest()
 
 
-def _act_view(e: Mapping[str, Any]) -> tuple:
+def _act_view(e: Mapping[str, Any]) -> tuple[bool, float]:
     return (bool(e.get("active")), float(e.get("weight") or 0.0))
 
 

@@ -195,7 +195,7 @@ class EventStream:
         self._desc_lifetime = 0.0
         self._desc_lock = asyncio.Lock()
         self._ws: Any = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._resnapshot = False
         self._down_since: float | None = time.monotonic()
@@ -203,11 +203,11 @@ class EventStream:
         self._synced_at: float | None = None
         self._synced = asyncio.Event()
         self._pending_snapshots: set[str] = set()
-        self._verify_tasks: dict[tuple[str, str | None], asyncio.Task] = {}
+        self._verify_tasks: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._last_verify: dict[tuple[str, str | None], float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self, *, require_descriptor: bool = False) -> EventStream:
+    async def start(self, *, require_descriptor: bool = False) -> Self:
         """Subscribe and start streaming in the background (returns at once; see
         :meth:`wait_synced`). Raises when the Gateway refuses the subscription itself
         (e.g. 403 no read access, 422 bad topic) — or, with ``require_descriptor``, when no
@@ -411,8 +411,8 @@ class EventStream:
             for route in routes:
                 url = desc["fallback_url"] if route == "fallback" else desc["stream_url"]
                 opened, code = await self._connect_and_read(url, desc["token"], route)
-                if self._stopping:
-                    return
+                if self._stopping:  # set by stop() while the read was awaited (mypy narrowed it to False)
+                    return  # type: ignore[unreachable]
                 if code is not None:
                     self.stats.refusals[code] = self.stats.refusals.get(code, 0) + 1
                 if opened or code == CLOSE_POLICY:
@@ -602,7 +602,7 @@ class EventStream:
             self.last_event_id = fid
         await self._on_change(ftype, data, frame, fid, seq)
 
-    async def _on_snapshot(self, frame: dict, data: Any, fid: str | None, epoch: str | None, seq: int | None) -> None:
+    async def _on_snapshot(self, frame: dict[str, Any], data: Any, fid: str | None, epoch: str | None, seq: int | None) -> None:
         if not isinstance(data, dict) or data.get("topic") not in TOPIC_VALUES:
             return
         topic = data["topic"]
@@ -652,7 +652,7 @@ class EventStream:
         if self.verify_with_source:
             self._schedule_verify(topic, world_id if topic != "queues" else None, min_interval=0.0)
 
-    async def _on_change(self, ftype: str, data: Any, frame: dict, fid: str | None, seq: int | None) -> None:
+    async def _on_change(self, ftype: str, data: Any, frame: dict[str, Any], fid: str | None, seq: int | None) -> None:
         if not isinstance(data, dict):
             return
         statehash = frame.get("statehash") if isinstance(frame.get("statehash"), str) else None
@@ -742,7 +742,7 @@ class EventStream:
                                          world_id=world_id))
         return True
 
-    async def _sync_topic(self, topic: str, world_id: str | None) -> list[tuple[str, dict]]:
+    async def _sync_topic(self, topic: str, world_id: str | None) -> list[tuple[str, dict[str, Any]]]:
         c = self.client
         if topic == "activation" and world_id:
             try:
@@ -775,9 +775,9 @@ class EventStream:
             keys = list(self.queue_keys) or list(self.state.queues)
             out = []
             for key in keys:
-                body = await c.queues_by_tag(list(key[0]), key[1], key[2])
-                if self.state.apply_queues(key, body.get("queues") or [], body.get("etag")):
-                    out.append(("queue_update", _queue_data(key, body.get("queues") or [], body.get("etag"))))
+                qbody = await c.queues_by_tag(list(key[0]), key[1], key[2])
+                if self.state.apply_queues(key, qbody.get("queues") or [], qbody.get("etag")):
+                    out.append(("queue_update", _queue_data(key, qbody.get("queues") or [], qbody.get("etag"))))
             return out
         return []
 

@@ -23,6 +23,8 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any, Self
 
+from qmtl.common.tasks import detach
+
 from .client import GatewayClient
 from .dag import Dag, TagQueryNode
 from .errors import ProblemError, QmtlError
@@ -60,7 +62,7 @@ class TagQueryManager:
         self.stream_options = dict(stream_options or {})
         self.nodes: dict[QueueKey, list[TagQueryNode]] = {}
         self.mode: str | None = None  # stream | watch
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.updates = 0
 
@@ -88,7 +90,7 @@ class TagQueryManager:
                 if self.on_update is not None:
                     result = self.on_update(node, list(queues))
                     if inspect.isawaitable(result):
-                        asyncio.ensure_future(result)
+                        detach(result)
 
     # -- resolution ------------------------------------------------------------------------------
     async def resolve(self) -> None:
@@ -98,7 +100,7 @@ class TagQueryManager:
             self._apply(key, body.get("queues") or [])
 
     # -- following -------------------------------------------------------------------------------
-    async def start(self) -> TagQueryManager:
+    async def start(self) -> Self:
         """Resolve every node, then follow changes (event stream, or the watch fallback)."""
         self._stopping = False
         await self.resolve()

@@ -53,7 +53,7 @@ class WebSocketClient:
         self,
         url: str,
         *,
-        on_message: Callable[[dict], Awaitable[None]] | None = None,
+        on_message: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         token: str | None = None,
         max_retries: int = 5,
         max_total_time: float | None = None,
@@ -71,12 +71,12 @@ class WebSocketClient:
         self.sentinel_weights: dict[str, float] = {}
         self.last_event_id: str | None = None
         self.connects = 0
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stop_event = asyncio.Event()
         self._ws: Any = None
 
     # -- frames ----------------------------------------------------------------------------------
-    async def _handle(self, data: dict) -> None:
+    async def _handle(self, data: dict[str, Any]) -> None:
         event = data.get("type") or data.get("event")
         payload = data.get("data", data)
         if not isinstance(payload, dict):
@@ -182,7 +182,7 @@ class WebSocketClient:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-            except Exception as exc:  # noqa: BLE001 - stopping must not raise what the listener hit
+            except Exception as exc:  # stopping must not raise what the listener hit
                 log.debug("WebSocketClient: listener ended with %r", exc)
             finally:
                 self._task = None

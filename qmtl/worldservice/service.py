@@ -35,8 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, ControlBus
-from qmtl.common import http
-from qmtl.common import correlation
+from qmtl.common import correlation, http
 from qmtl.common.config import Config, ConfigError, WorldServiceConfig
 from qmtl.common.errors import (
     BadRequest,
@@ -77,7 +76,8 @@ def _decode_cursor(cursor: str) -> str:
     try:
         return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise BadRequest(f"invalid cursor {cursor!r}: pass the next_cursor of a previous page", ext={"errors": [{"parameter": "cursor", "message": "invalid cursor"}]}) from None
+        raise BadRequest(f"invalid cursor {cursor!r}: pass the next_cursor of a previous page",
+                         ext={"errors": [{"parameter": "cursor", "message": "invalid cursor"}]}) from None
 
 
 def _ts_param(value: str | datetime, name: str) -> datetime:

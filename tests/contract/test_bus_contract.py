@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from qmtl.bus import (  # noqa: E402
+from qmtl.bus import (
     CONTROL_TOPICS,
     TOPIC_ACTIVATION,
     TOPIC_POLICY,

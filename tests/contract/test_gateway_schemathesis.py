@@ -28,8 +28,6 @@ import pytest
 import requests
 import schemathesis
 import uvicorn
-
-from qmtl.cli import quiet_server
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import (
@@ -41,6 +39,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from qmtl.bus.inproc import InProcessBus
+from qmtl.cli import quiet_server
 from qmtl.common.config import load_config
 from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.nodeid import compute_node_id
@@ -75,7 +74,7 @@ def backends(tmp_path_factory):
     ws.start()
     dm_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QMTL")}
-    log = open(root / "dagmanager.log", "ab")
+    log = open(root / "dagmanager.log", "ab")  # noqa: SIM115 - the child process writes to it
     dm = subprocess.Popen([QMTL, "dagmanager", "--port", str(dm_port), "--data-dir", str(root / "dm")],
                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

@@ -19,7 +19,7 @@ import json
 import shutil
 import tokenize
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -82,8 +82,8 @@ def test_module_constants_are_the_specs():
     fresh = c.derive()
     for name, enum in c._CONTRACT.enums.items():
         assert [m.value for m in enum] == [m.value for m in fresh.enums[name]]
-    assert c.MODES == tuple(c.schema_enum("decision_envelope.schema.json", "/properties/effective_mode"))
-    assert c.STRATEGY_STATES == tuple(json.loads((SPECS_DIR / "schemas/strategy_status.schema.json").read_text())["properties"]["status"]["enum"])
+    assert tuple(c.schema_enum("decision_envelope.schema.json", "/properties/effective_mode")) == c.MODES
+    assert tuple(json.loads((SPECS_DIR / "schemas/strategy_status.schema.json").read_text())["properties"]["status"]["enum"]) == c.STRATEGY_STATES
     channels = yaml.safe_load((SPECS_DIR / "asyncapi.yaml").read_text())["channels"]
     assert set(c.CONTROL_TOPICS) == {ch["bindings"]["kafka"]["topic"] for ch in channels.values() if "kafka" in (ch.get("bindings") or {})}
 
@@ -171,7 +171,7 @@ def test_fast_path_routes_follow_the_spec(tmp_path):
     assert decide.match("/worlds/w-1/decision") == {"world_id": "w-1"} and decide.match("/worlds/w-1/decide") is None
 
     class Ingest:
-        submitted: list[dict] = []
+        submitted: ClassVar[list[dict]] = []
 
         async def submit(self, body, subject):
             self.submitted.append(body)
@@ -194,7 +194,7 @@ def test_fast_path_routes_follow_the_spec(tmp_path):
         assert inner.paths == ["/strategies"] and len(Ctx.ingest.submitted) == 1
 
     class Proxy:
-        asked: list[tuple] = []
+        asked: ClassVar[list[tuple]] = []
 
         def fast_decide(self, world_id, query, headers):
             self.asked.append((world_id, query))

@@ -18,8 +18,6 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
-
-BASE_URL = f"http://{asgi.HOST}"
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -34,6 +32,8 @@ from qmtl.contracts.events import event_validators
 from qmtl.contracts.loader import load_openapi
 from qmtl.store.sql import Database, sqlite_url
 from qmtl.worldservice.app import create_app
+
+BASE_URL = f"http://{asgi.HOST}"
 
 WORLD = "ws-contract"
 POLICY = """
@@ -76,7 +76,8 @@ def client(ws_app):
         ok(c.post("/worlds", json={"world_id": WORLD, "name": "Contract world"}), 201)
         ok(c.post(f"/worlds/{WORLD}/policies", json={"yaml": POLICY, "set_default": True}), 201)
         ok(c.put(f"/worlds/{WORLD}/observations", json={"data_end": "2030-01-01T00:00:00Z", "samples": 50, "metrics": {"sharpe": 2}}), 200)
-        ok(c.post(f"/worlds/{WORLD}/apply", json={"run_id": "seed-1", "plan": {"activate": ["s-1", {"strategy_id": "s-2", "side": "long", "weight": 0.5}]}}), 200)
+        ok(c.post(f"/worlds/{WORLD}/apply", json={"run_id": "seed-1",
+                                                  "plan": {"activate": ["s-1", {"strategy_id": "s-2", "side": "long", "weight": 0.5}]}}), 200)
         yield c
 
 

@@ -44,7 +44,8 @@ def service_env(service: str, pg: tuple[str, str], bootstrap: str, **settings: o
 
 
 @contextlib.contextmanager
-def processes(tmp_path: Path, service: str, n: int, env: Mapping[str, str], *, hooked: Mapping[int, Mapping[str, str]] | None = None) -> Iterator[list[WorldServiceProcess]]:
+def processes(tmp_path: Path, service: str, n: int, env: Mapping[str, str], *,
+              hooked: Mapping[int, Mapping[str, str]] | None = None) -> Iterator[list[WorldServiceProcess]]:
     """``n`` processes of ``service`` (each its own data dir and free port), started one
     after the other, killed (SIGKILL) at the end. ``hooked[i]``: process i runs the CLI
     through tests/helpers/ws_hooked.py with that extra environment."""
@@ -99,7 +100,7 @@ class Recorder:
         self._task: asyncio.Task | None = None
         self._sub = None
 
-    async def __aenter__(self) -> "Recorder":
+    async def __aenter__(self) -> Recorder:
         await self.bus.start()
         self._sub = await self.bus.subscribe(self.topics, consumer_id=f"rec-{uuid.uuid4().hex[:8]}", from_beginning=True)
 

@@ -10,8 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import httpx
 
@@ -48,7 +48,7 @@ class WorldServiceProcess(LogFile):
         if self.running:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child process writes to it
         self.proc = subprocess.Popen(
             [*self.argv, self.service, "--port", str(self.port), "--data-dir", str(self.data_dir)],
             cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -106,7 +106,7 @@ class Env:
         while True:
             try:
                 msg = await asyncio.wait_for(self.sub.__anext__(), 0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return out
             out.append(msg)
 
@@ -172,7 +172,7 @@ async def test_diff_creates_then_reuses_queues_named_by_the_rule(env: Env):
     assert r.status_code == 200
     catalog = r.json()
     assert catalog["total"] == 2
-    assert {q["topic"]: q["references"] for q in catalog["queues"]} == {t: 2 for t in first["new_queues"]}
+    assert {q["topic"]: q["references"] for q in catalog["queues"]} == dict.fromkeys(first["new_queues"], 2)
     q_b = next(q for q in catalog["queues"] if q["node_id"] == b["node_id"])
     assert q_b["tags"] == ["btc", "price"] and q_b["interval"] == 60 and q_b["ttl_seconds"] == TTL
 

@@ -52,7 +52,7 @@ async def describe(bootstrap: str, topics: list[str]) -> dict[str, int]:
         await admin.close()
 
 
-async def test_topic_admin_falls_back_to_broker_auto_creation_once(kafka_bootstrap, caplog):  # noqa: F811
+async def test_topic_admin_falls_back_to_broker_auto_creation_once(kafka_bootstrap, caplog):
     caplog.set_level(logging.WARNING, logger="qmtl.dagmanager.topics")
     admin = KafkaTopicAdmin(kafka_bootstrap, request_timeout_ms=5000)
     await admin.start()
@@ -72,7 +72,7 @@ async def test_topic_admin_falls_back_to_broker_auto_creation_once(kafka_bootstr
         await admin.close()
 
 
-async def test_diff_creates_its_topics_on_kafka_and_queue_updated_goes_over_a_kafka_bus(kafka_bootstrap, tmp_path):  # noqa: F811
+async def test_diff_creates_its_topics_on_kafka_and_queue_updated_goes_over_a_kafka_bus(kafka_bootstrap, tmp_path):
     cfg = Config()
     cfg.controlbus.kind = "kafka"
     cfg.controlbus.bootstrap_servers = kafka_bootstrap
@@ -93,7 +93,7 @@ async def test_diff_creates_its_topics_on_kafka_and_queue_updated_goes_over_a_ka
                 assert r.status_code == 200, r.text
                 new = r.json()["new_queues"]
                 assert len(new) == 2
-                assert await describe(kafka_bootstrap, new) == {t: 4 for t in new}  # they exist on the cluster
+                assert await describe(kafka_bootstrap, new) == dict.fromkeys(new, 4)  # they exist on the cluster
                 health = (await client.get("/health")).json()
                 assert health["topic_admin"] == "kafka-auto-create"
 

@@ -287,7 +287,8 @@ async def test_dag_event_callback_legacy_and_envelopes(make_gw):
     assert snaps[1]["data"]["items"][0]["queues"] == ["q0"]
     changed_at = (datetime.now(UTC) - timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
     async with httpx.AsyncClient(base_url=gw.url, headers=gw.service_headers) as c:
-        r = await c.post("/callbacks/dag-event", json={"event": "queue_update", "data": {"tags": ["btc"], "interval": 60, "queues": ["q0", "q1"], "match_mode": "any"}})
+        r = await c.post("/callbacks/dag-event", json={"event": "queue_update",
+                                                       "data": {"tags": ["btc"], "interval": 60, "queues": ["q0", "q1"], "match_mode": "any"}})
         assert r.json() == {"accepted": True, "duplicate": False}
         r = await c.post("/callbacks/dag-event", json={"event": "queue_update", "data": {"tags": ["btc"], "interval": 60, "queues": ["q1", "q0"]}})
         assert r.json() == {"accepted": True, "duplicate": True}  # same set

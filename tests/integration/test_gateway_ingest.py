@@ -199,7 +199,7 @@ async def test_same_node_in_two_strategies_shares_one_queue(redis_kv, pg_schema)
 async def test_twenty_concurrent_submissions_sharing_nodes_create_no_duplicate_queue(redis_kv, pg_schema):
     async with ingest_stack(redis_kv, pg_schema, workers=6) as s:
         shared = [node("Compute", f"sh{i}", tags=["btc", f"f{i}"]) for i in range(5)]
-        dags = [shared + [node("Compute", f"u{i}", inputs=[n["node_id"] for n in shared])] for i in range(20)]
+        dags = [[*shared, node("Compute", f"u{i}", inputs=[n["node_id"] for n in shared])] for i in range(20)]
         rs = await asyncio.gather(*(s.submit(d) for d in dags))
         assert [r.status_code for r in rs] == [202] * 20
         sts = await s.wait_all([r.json()["strategy_id"] for r in rs])

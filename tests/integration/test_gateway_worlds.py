@@ -42,10 +42,9 @@ async def gw(ws, tmp_path):
     the components the worlds proxy needs (auth, worlds, status)."""
     ws.start()  # a test of this module may have stopped it
     app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus())
-    async with serve(app) as url:
-        async with client(url) as c:
-            c.app = app  # type: ignore[attr-defined]
-            yield c
+    async with serve(app) as url, client(url) as c:
+        c.app = app  # type: ignore[attr-defined]
+        yield c
 
 
 def wid(prefix: str = "w") -> str:

@@ -15,7 +15,14 @@ from starlette.routing import Route
 from qmtl.bus.inproc import InProcessBus
 from qmtl.gateway.app import create_app
 from tests.helpers.server import serve
-from tests.helpers.wsproc import SERVICE_TOKEN, WORLDS_COMPONENTS, JwtIssuer, WorldServiceProcess, client, gateway_config
+from tests.helpers.wsproc import (
+    SERVICE_TOKEN,
+    WORLDS_COMPONENTS,
+    JwtIssuer,
+    WorldServiceProcess,
+    client,
+    gateway_config,
+)
 from tests.integration.test_gateway_worlds import audit, is_problem
 
 OWNER_ALL = {"*": ["owner"]}
@@ -150,7 +157,7 @@ async def test_development_mode_allows_anonymous_callers_and_says_so(ws, tmp_pat
 
 def test_jwt_mode_without_keys_refuses_to_start(tmp_path):
     cfg = gateway_config(tmp_path, "http://127.0.0.1:9", auth={"mode": "jwt", "issuer": "x"})
-    with pytest.raises(ValueError, match="public_keys nor auth.jwks_url"):
+    with pytest.raises(ValueError, match=r"public_keys nor auth\.jwks_url"):
         create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
 
 

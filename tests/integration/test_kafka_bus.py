@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from qmtl.bus import (  # noqa: E402
+from qmtl.bus import (
     CONTROL_TOPICS,
     TOPIC_ACTIVATION,
     TOPIC_QUEUES,
@@ -23,7 +23,7 @@ from qmtl.bus import (  # noqa: E402
     BusUnavailable,
     queue_key,
 )
-from qmtl.bus.kafka import KafkaBus  # noqa: E402
+from qmtl.bus.kafka import KafkaBus
 from tests.helpers.bus import WAIT, take, wait_until
 from tests.helpers.events import numbered_activation, numbered_queue_update
 
@@ -34,13 +34,13 @@ TOPIC_AUTHORIZATION_FAILED = 29
 
 
 def new_bus(bootstrap: str, validator, prefix: str, **kw) -> KafkaBus:
-    options = dict(
-        validator=validator,
-        topic_prefix=prefix,
-        request_timeout_ms=1000,
-        publish_timeout_ms=2000,
-        reconnect_backoff=(0.05, 0.3),
-    )
+    options = {
+        "validator": validator,
+        "topic_prefix": prefix,
+        "request_timeout_ms": 1000,
+        "publish_timeout_ms": 2000,
+        "reconnect_backoff": (0.05, 0.3),
+    }
     options.update(kw)
     return KafkaBus(bootstrap, **options)
 

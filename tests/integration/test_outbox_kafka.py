@@ -7,6 +7,7 @@ returns every event is published, in order per key (world; (tags, interval))."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
@@ -96,7 +97,7 @@ async def test_writes_answer_while_kafka_is_down_and_events_follow_in_order(fres
                 assert first_occurrences(rec.of(TOPIC_ACTIVATION, w), "weight") == [0.1, 0.2, 0.3, 0.4, 0.5]
             for t in TAGS:  # per (tags, interval): each announced set contains the previous one
                 sets = [set(m.value["queues"]) for m in rec.of(TOPIC_QUEUES, queue_key([t], 60))]
-                assert all(a < b for a, b in zip(sets, sets[1:]) if a != b), sets
+                assert all(a < b for a, b in itertools.pairwise(sets) if a != b), sets
                 final = (await dmc.get("/queues/by_tag", params={"tags": t, "interval": 60})).json()["queues"]
                 assert sets[-1] == set(final) and len(final) == CHAIN
 

@@ -115,9 +115,8 @@ async def running(target, *, rbac: str = "dev", bus: ControlBus | None = None, t
     db = Database(url, schema=schema)
     app = create_app(cfg, bus=bus, db=db)
     try:
-        async with serve(app) as base:
-            async with httpx.AsyncClient(base_url=base, timeout=20, headers=headers or {}) as client:
-                yield Env(client, app, bus, sub)
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=20, headers=headers or {}) as client:
+            yield Env(client, app, bus, sub)
     finally:
         await sub.close()
         await db.close()
@@ -645,7 +644,8 @@ async def test_events_validated_in_order_per_world_with_correlation_ids(db_targe
             ("e2", "POST", "/worlds/e2/apply", {"run_id": "a", "plan": {"activate": ["y"]}}),
             ("e1", "PUT", "/worlds/e1/activation", {"strategy_id": "x", "side": "long", "active": False}),
             ("e2", "POST", "/worlds/e2/policies", {"yaml": "{}", "set_default": True}),
-            ("e1", "POST", "/worlds/e1/apply", {"run_id": "b", "plan": {"activate": [{"strategy_id": "x", "side": "long", "weight": 0.7}], "deactivate": ["z"]}}),
+            ("e1", "POST", "/worlds/e1/apply", {"run_id": "b", "plan": {"activate": [{"strategy_id": "x", "side": "long", "weight": 0.7}],
+                                                                "deactivate": ["z"]}}),
             ("e2", "PUT", "/worlds/e2", {"circuit_breaker": True}),
             ("e1", "DELETE", "/worlds/e1", None),
         ]

@@ -34,7 +34,7 @@ async def fresh_database():
     name = "qmtl_sdk_" + uuid.uuid4().hex[:12]
     try:
         conn = await asyncpg.connect(_admin_dsn(), timeout=5)
-    except Exception as exc:  # noqa: BLE001 - environment failure: fail loudly, never skip
+    except Exception as exc:  # environment failure: fail loudly, never skip
         pytest.fail(f"PostgreSQL is required at {POSTGRES_URL}: {exc!r}")
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
@@ -57,7 +57,7 @@ async def clean_redis():
     kv = aioredis.Redis.from_url(url)
     try:
         await kv.ping()
-    except Exception as exc:  # noqa: BLE001 - environment failure: fail loudly, never skip
+    except Exception as exc:  # environment failure: fail loudly, never skip
         pytest.fail(f"Redis is required at {url}: {exc!r}")
 
     async def wipe():

@@ -47,7 +47,8 @@ async def test_gateway_restart_mid_stream(tmp_path):
                 assert expected[("s0", "long")] == (True, 1.0) and expected[("s1", "long")] == (False, 0.0)
 
                 await wait_until(lambda: stream.status == "live", 30, what="the stream to come back")
-                local = lambda: {k: (e["active"], float(e["weight"])) for k, e in stream.state.activation["restart"].items()}
+                def local():
+                    return {k: (e["active"], float(e["weight"])) for k, e in stream.state.activation["restart"].items()}
                 await wait_until(lambda: local() == expected, 10, what="the client to converge on WorldService's state")
                 assert stream.state.activation_hash("restart") == truth["state_hash"]
                 assert stream.last_event_id.split(".")[0] != epoch_before  # a new Gateway process

@@ -67,7 +67,7 @@ async def _database(action: str, name: str) -> None:
 
     try:
         conn = await asyncpg.connect(POSTGRES_URL.replace("postgresql://", "postgres://"), timeout=5)
-    except Exception as exc:  # noqa: BLE001 - environment failure: fail loudly, never skip
+    except Exception as exc:  # environment failure: fail loudly, never skip
         pytest.fail(f"PostgreSQL is required at {POSTGRES_URL}: {exc!r}")
     try:
         if action == "create":

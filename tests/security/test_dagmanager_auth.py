@@ -19,8 +19,8 @@ import pytest
 
 from tests.conftest import POSTGRES_URL
 from tests.helpers.server import free_port
-from tests.security.secauth_stack import _database
 from tests.sdk.live import QMTL, ROOT
+from tests.security.secauth_stack import _database
 
 NODE = {"node_id": "b450dbfe8dd41fd8645f46c82ec21b387c4602cab2972dfdd2deaad9d75fabb8", "node_type": "Compute",
         "code_hash": "abc", "config_hash": "def", "schema_hash": "123", "interval": 60, "period": 20,

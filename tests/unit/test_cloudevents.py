@@ -1,12 +1,12 @@
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from qmtl.common.cloudevents import encode, is_cloudevent, make_event
 
-T0 = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
 
 
 def test_required_attributes():
@@ -35,12 +35,12 @@ def test_time_is_utc_with_z():
     assert make_event("t", 1, source="s", time=datetime(2024, 1, 1, 2, 0, tzinfo=plus2))["time"] == (
         "2024-01-01T00:00:00.000000Z"
     )
-    assert make_event("t", 1, source="s", time=datetime(2024, 1, 1))["time"] == "2024-01-01T00:00:00.000000Z"
-    before = datetime.now(timezone.utc)
+    assert make_event("t", 1, source="s", time=datetime(2024, 1, 1))["time"] == "2024-01-01T00:00:00.000000Z"  # noqa: DTZ001 - a naive time is read as UTC
+    before = datetime.now(UTC)
     stamp = make_event("t", 1, source="s")["time"]
     assert stamp.endswith("Z")
     parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    assert before - timedelta(seconds=1) <= parsed <= datetime.now(timezone.utc)
+    assert before - timedelta(seconds=1) <= parsed <= datetime.now(UTC)
 
 
 def test_subject_and_extensions():

@@ -4,6 +4,7 @@ lengthened by 2 on a clash."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_candidates_step_by_two_through_the_code_hash_then_the_node_id():
     names = list(candidates("a", "T", CODE, "v1", node_id=NODE))
     hashes = [n.split("_")[2] for n in names]
     assert [len(h) for h in hashes[:4]] == [6, 8, 10, 12]
-    assert all(b.startswith(a) for a, b in zip(hashes, hashes[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(hashes))
     assert hashes[-1] == (CODE + NODE + hashlib.sha256(NODE.encode()).hexdigest())[: len(hashes[-1])]
     assert len(hashes[-1]) > len(CODE + NODE)  # every character can be used before giving up
     assert len(set(names)) == len(names)

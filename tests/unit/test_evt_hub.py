@@ -56,7 +56,7 @@ def test_scope_of_descriptor_and_legacy_subscribers():
 
 
 def test_publish_serialises_once_and_numbers_frames():
-    h, m, reg = hub()
+    h, _m, reg = hub()
     subs = [evt(world=None, topics=["queues"]) for _ in range(3)]
     for s in subs:
         h.attach(s)
@@ -70,13 +70,13 @@ def test_publish_serialises_once_and_numbers_frames():
 
 
 def test_overflow_drops_only_the_slow_subscriber():
-    h, m, reg = hub(queue_size=4)
+    h, _m, reg = hub(queue_size=4)
     fast, slow = evt(world=None, topics=["queues"], queue_size=4), evt(world=None, topics=["queues"], queue_size=4)
     h.attach(fast)
     h.attach(slow)
     dropped = []
     h._on_drop = dropped.append
-    for i in range(6):
+    for _i in range(6):
         h.publish("queue_update", DATA, (KIND_QUEUES, None, KEY, None))
         fast.buffer.items.clear()  # the fast one keeps up
     assert dropped == [slow] and slow.dropped and not fast.dropped
@@ -86,10 +86,11 @@ def test_overflow_drops_only_the_slow_subscriber():
 
 
 def test_resume_from_the_ring_or_snapshot():
-    h, m, reg = hub(replay_size=5)
+    h, _m, _reg = hub(replay_size=5)
     for i in range(3):
         h.publish("activation_updated", {"n": i}, (KIND_ACTIVATION, "w1" if i != 1 else "w2", None, None))
-    snap = lambda sub, head: [f"snapshot@{head}"]
+    def snap(sub, head):
+        return [f"snapshot@{head}"]
     s = evt(topics=["activation"])
     assert h.attach(s, last_event_id=f"{h.epoch}.1", snapshot=snap) == "resumed"
     assert [json.loads(t)["data"]["n"] for t in s.buffer.items] == [2]  # frame 2 was another world's
@@ -108,7 +109,7 @@ def test_resume_from_the_ring_or_snapshot():
 
 
 def test_heartbeat_frames_valid_and_counted():
-    h, m, reg = hub()
+    h, _m, _reg = hub()
     s = evt(topics=["activation"])
     h.attach(s)
     h.heartbeat()

@@ -24,7 +24,7 @@ def act(sid, etag, ts, *, world="w", **fields):
 
 def t(sec: float) -> str:
     whole = int(sec)
-    return f"2026-11-26T12:00:{whole:02d}.{int(round((sec - whole) * 1e6)):06d}Z"
+    return f"2026-11-26T12:00:{whole:02d}.{round((sec - whole) * 1e6):06d}Z"
 
 
 def test_activation_hash_is_worldservice_hash_of_every_entry():

@@ -7,8 +7,8 @@ from qmtl.common.nodeid import (
     compute_node_id,
     missing_fields,
     node_id_bytes,
-    sha256_node_id,
     sha3_node_id,
+    sha256_node_id,
     verify_node_ids,
 )
 

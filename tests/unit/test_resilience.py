@@ -292,8 +292,8 @@ async def test_cancelled_probe_releases_the_breaker(clock):
 
 
 def test_budgets():
-    assert WORLDSERVICE_BUDGET == Budget(0.3, 2)
-    assert DAGMANAGER_BUDGET == Budget(0.5, 1)
+    assert Budget(0.3, 2) == WORLDSERVICE_BUDGET
+    assert Budget(0.5, 1) == DAGMANAGER_BUDGET
     policy = WORLDSERVICE_BUDGET.retry_policy(jitter=False)
     assert (policy.timeout, policy.retries, len(list(policy.delays()))) == (0.3, 2, 2)
     with pytest.raises(ValueError):

@@ -123,7 +123,7 @@ async def test_public_operations_and_unknown_routes_pass():
 
 
 def test_trusted_networks_must_be_cidrs():
-    with pytest.raises(ValueError, match="gateway.callbacks.trusted_networks"):
+    with pytest.raises(ValueError, match=r"gateway\.callbacks\.trusted_networks"):
         parse_networks(["10.0.0.0/8", "not-a-network"], "gateway.callbacks.trusted_networks")
 
 
@@ -136,9 +136,9 @@ def test_bounded_label_folds_beyond_the_cap_and_frees_on_release():
 
 async def test_in_band_refresh_needs_the_same_subject_and_scope(tmp_path):
     from qmtl.common.config import load_config
+    from qmtl.gateway.events.component import EventsComponent
     from qmtl.gateway.events.hub import Subscriber
     from qmtl.gateway.events.tokens import Tokens
-    from qmtl.gateway.events.component import EventsComponent
 
     comp = EventsComponent.__new__(EventsComponent)  # only .tokens and .ctx are used by refresh
     comp.tokens = Tokens(signing_keys=[], data_dir=str(tmp_path), token_ttl=60, algorithm="ES256", issuer="http://gw")

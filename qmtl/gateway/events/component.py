@@ -209,7 +209,8 @@ class EventsComponent:
             outcome, h = self.state.apply_policy(event)
             if outcome == st.APPLIED and relay:
                 w = event["world_id"]
-                delivered = self.hub.publish("policy_updated", event, (KIND_POLICY, w, None, None), subject=w, extensions={"statehash": h, **tracing.frame_extensions()})
+                delivered = self.hub.publish("policy_updated", event, (KIND_POLICY, w, None, None), subject=w,
+                                             extensions={"statehash": h, **tracing.frame_extensions()})
         elif topic == TOPIC_QUEUES:
             key = st.normalise_queue_key(event["tags"], event["interval"], event.get("match_mode"))
             outcome, delivered = self._apply_queues(key, event["queues"], etag=event.get("etag"), ts=event.get("ts"), relay=relay)
@@ -232,7 +233,8 @@ class EventsComponent:
             if entry.etag:
                 data["etag"] = entry.etag
             delivered = self.hub.publish(
-                "queue_update", data, (KIND_QUEUES, None, key, None), subject=f"{st.bus_key_of(key)}/{mode}", extensions={"statehash": h, **tracing.frame_extensions()}
+                "queue_update", data, (KIND_QUEUES, None, key, None), subject=f"{st.bus_key_of(key)}/{mode}",
+                extensions={"statehash": h, **tracing.frame_extensions()}
             )
         return outcome, delivered
 

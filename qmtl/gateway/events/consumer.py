@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qmtl.common import tracing
 from qmtl.bus.base import CONTROL_TOPICS, BusMessage, ControlBus
+from qmtl.common import tracing
 from qmtl.common.resilience import Backoff
 
 from .metrics import EventMetrics
@@ -324,7 +324,7 @@ class ControlBusConsumer:
         if ends is None:
             return None
         now = time.time()
-        per_topic: dict[str, int] = {t: 0 for t in self.topics}
+        per_topic: dict[str, int] = dict.fromkeys(self.topics, 0)
         lags: dict[str, list[float]] = {t: [] for t in self.topics}
         for (topic, p), end in ends.items():
             if topic not in per_topic:

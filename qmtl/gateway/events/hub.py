@@ -137,7 +137,7 @@ class Subscriber:
 
     def wants(self, meta: Meta) -> bool:
         kind, world_id, qkey, strategy_id = meta
-        if kind == KIND_ACTIVATION or kind == KIND_POLICY:
+        if kind in (KIND_ACTIVATION, KIND_POLICY):
             if kind not in self.topics:
                 return False
             if self.world_id is not None:

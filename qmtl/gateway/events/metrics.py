@@ -41,8 +41,10 @@ class EventMetrics:
     def create(cls, registry: CollectorRegistry) -> EventMetrics:
         r = registry
         metrics = cls(
-            controlbus_lag_ms=Gauge("controlbus_lag_ms", "Time from publish on the ControlBus to apply at this Gateway (ms), last event per topic", ["topic"], registry=r),
-            consumer_offset_lag=Gauge("controlbus_consumer_offset_lag", "Messages on the ControlBus not yet applied by this Gateway, per topic", ["topic"], registry=r),
+            controlbus_lag_ms=Gauge("controlbus_lag_ms", "Time from publish on the ControlBus to apply at this Gateway (ms), last event per topic",
+                                    ["topic"], registry=r),
+            consumer_offset_lag=Gauge("controlbus_consumer_offset_lag", "Messages on the ControlBus not yet applied by this Gateway, per topic",
+                                      ["topic"], registry=r),
             partition_skew_seconds=Gauge(
                 "partition_skew_seconds",
                 "Per topic: spread (max - min) of the time lag across partitions; a partition with nothing unread has lag 0",
@@ -78,7 +80,9 @@ class EventMetrics:
                 "gateway_relay_seconds", "Time to apply, serialise and fan out one event", registry=r,
                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
             ),
-            sentinel_ratio=Gauge("gateway_sentinel_traffic_ratio", "Traffic weight (0-1) of each version sentinel (beyond gateway.metric_label_cap distinct ids: one series 'other')", ["sentinel_id"], registry=r),
+            sentinel_ratio=Gauge("gateway_sentinel_traffic_ratio",
+                                 "Traffic weight (0-1) of each version sentinel (beyond gateway.metric_label_cap distinct ids: one series 'other')",
+                                 ["sentinel_id"], registry=r),
             sentinel_skew_seconds=Histogram(
                 "sentinel_skew_seconds", "Time from a sentinel weight change (its ts) to its relay by this Gateway (seconds)",
                 registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),

@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmtl.bus.keys import queue_key
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 from qmtl.common.statehash import (
     activation_entry_digest,
     activation_hash_of_sum,
@@ -51,6 +50,7 @@ from qmtl.common.statehash import (
     canonical_json,
     policy_state_hash,
 )
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, MATCH_MODES, PolicyStatus
 
 __all__ = [
     "APPLIED",

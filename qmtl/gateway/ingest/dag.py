@@ -192,7 +192,7 @@ Fields = tuple[str, str, str, str]
 
 
 def _fields(node: Mapping[str, Any]) -> Fields:
-    return tuple(node[f] for f in NODE_ID_FIELDS)  # type: ignore[return-value]
+    return tuple(node[f] for f in NODE_ID_FIELDS)
 
 
 def precheck_ids(nodes: Sequence[Mapping[str, Any]]) -> tuple[bool, list[str]]:

@@ -10,7 +10,7 @@ instead of growing without limit.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 class FallbackQueue:
@@ -44,7 +44,7 @@ class FallbackQueue:
         return True
 
     def peek(self, n: int) -> list[str]:
-        out = []
+        out: list[str] = []
         for sid in self._items:
             if len(out) >= n:
                 break

@@ -22,7 +22,7 @@ class IngestMetrics:
     recoveries: Counter
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> "IngestMetrics":
+    def create(cls, registry: CollectorRegistry) -> IngestMetrics:
         return cls(
             lost_requests=Counter(
                 "lost_requests", "Accepted strategy submissions the Gateway could not keep (must stay 0)", registry=registry),

@@ -14,7 +14,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from qmtl.common.errors import BadGateway, BadRequest, ServiceUnavailable
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE
@@ -43,7 +44,7 @@ def effective_match_mode(match_mode: str | None, match: str | None) -> str:
 
 
 def unavailable(exc: BackendUnavailable) -> ServiceUnavailable:
-    return ServiceUnavailable(f"the DAG Manager cannot answer: {exc.reason}", retry_after=max(1, int(round(exc.retry_after or 1))))
+    return ServiceUnavailable(f"the DAG Manager cannot answer: {exc.reason}", retry_after=max(1, round(exc.retry_after or 1)))
 
 
 class QueueLookup:

@@ -55,13 +55,15 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from qmtl.common import correlation
 from qmtl.common.errors import BadGateway, Conflict, NotFound, ServiceError, ServiceUnavailable
+from qmtl.common.tasks import detach
 from qmtl.contracts.constants import StrategyState
 from qmtl.gateway.backends import BackendUnavailable
 from qmtl.gateway.ingest import dag as dagmod
@@ -249,7 +251,7 @@ class IngestService:
 
     def _retry_after(self) -> int:
         ra = self.ctx.dagmanager.breaker.retry_after() if not self._dm_up.is_set() else 0
-        return max(1, int(round(ra)) or self.retry_after)
+        return max(1, round(ra) or self.retry_after)
 
     async def _owner_if_reachable(self, chash: str) -> str | None:
         try:
@@ -412,7 +414,7 @@ class IngestService:
             record = record or await self.store.record(sid)
             if record is not None:
                 await self._transition(record, StrategyState.FAILED, {"error": f"internal error in the Gateway: {type(exc).__name__}: {exc}"})
-        except Exception:  # noqa: BLE001 - the original error is logged above; this one too
+        except Exception:  # the original error is logged above; this one too
             log.exception("ingest: could not record the failure of %s", sid)
 
     async def _process_batch(self, sids: list[str]) -> None:
@@ -664,7 +666,7 @@ class IngestService:
 
     async def _yield_to_ingest(self) -> None:
         deadline = time.monotonic() + self.ingest_yield_max
-        while self._rate.per_second() > self.burst_rate and time.monotonic() < deadline:
+        while self._rate.per_second() > self.burst_rate and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a rate, no event to wait on
             await asyncio.sleep(0.02)
 
     async def _transition(self, record: StrategyRecord, status: str, detail: dict | None = None) -> None:
@@ -698,7 +700,7 @@ class IngestService:
     def _park(self, sid: str) -> None:
         if not self.fallback.put(sid):
             # full: back on the Redis FIFO (workers wait while the DAG Manager is down)
-            asyncio.ensure_future(self._push_back(sid))
+            detach(self._push_back(sid))
 
     async def _push_back(self, sid: str) -> None:
         try:

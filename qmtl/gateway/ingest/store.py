@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -67,13 +67,13 @@ strategy_events = sa.Table(
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def iso(dt: datetime) -> str:
     if dt.tzinfo is None:  # SQLite hands back naive datetimes; they were written as UTC
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -112,7 +112,7 @@ class StrategyRecord:
         }
 
     @classmethod
-    def from_row(cls, row: Any) -> "StrategyRecord":
+    def from_row(cls, row: Any) -> StrategyRecord:
         m = row._mapping
         return cls(
             strategy_id=m["strategy_id"], content_hash=m["content_hash"], dag_json=m["dag"],
@@ -169,7 +169,7 @@ class IngestStore:
             # let in-flight writes finish (bounded), then stop
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
-                    while not self._queue.empty():
+                    while not self._queue.empty():  # noqa: ASYNC110 - asyncio.Queue has no 'became empty' event
                         await asyncio.sleep(0.01)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -239,7 +239,7 @@ class IngestStore:
                 batch.append(self._queue.get_nowait())
             try:
                 results = await self._commit(batch)
-            except Exception as exc:  # noqa: BLE001 - isolate: retry one by one so one bad op fails alone
+            except Exception as exc:  # isolate: retry one by one so one bad op fails alone
                 if len(batch) == 1:
                     _fail(batch[0], exc)
                     continue
@@ -247,7 +247,7 @@ class IngestStore:
                 for op in batch:
                     try:
                         res = await self._commit([op])
-                    except Exception as exc1:  # noqa: BLE001
+                    except Exception as exc1:
                         _fail(op, exc1)
                     else:
                         _resolve(op, res[0])
@@ -270,7 +270,7 @@ class IngestStore:
                     owners = {r["content_hash"]: r["strategy_id"] for r in rows}  # all new (the common case)
                 else:  # a duplicate, or a driver that does not count executemany rows: ask
                     res = await conn.execute(self._owners, {"hashes": list({r["content_hash"] for r in rows})})
-                    owners = {h: sid for h, sid in res}
+                    owners = {k: v for k, v in res}  # noqa: C416 - a CursorResult has keys(): dict(res) would read it as a mapping
                 for op in accepts:
                     rec: StrategyRecord = op.payload
                     if owners.get(rec.content_hash) == rec.strategy_id:
