@@ -79,7 +79,7 @@ def wait_http(port: int, path: str = "/health", timeout: float = 40.0) -> None:
 
 class Server:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = open(log, "ab")
+        self.log = open(log, "ab")  # noqa: SIM115 - held for the server process's lifetime, closed in stop()
         self.proc = subprocess.Popen(pinned(argv, SERVER_CORE), stdout=self.log, stderr=self.log, env=env, cwd=ROOT,
                                      start_new_session=True)
 

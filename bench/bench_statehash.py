@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qmtl.gateway.events.state import StateStore  # noqa: E402
-from tests.helpers.events import activation_updated  # noqa: E402
+from qmtl.gateway.events.state import StateStore
+from tests.helpers.events import activation_updated
 
 GOAL_US = 20.0
 SIZES = (10, 1_000, 10_000)

@@ -150,7 +150,7 @@ def isolation_problem(bus: ControlBus, service: str) -> str | None:
     one service started alone on it (``qmtl gw`` with ``controlbus.kind: inproc``) would
     otherwise look healthy while no event ever crosses."""
     local = bus.local_services
-    if not bus.in_process or local is None or ALL_SERVICES <= local:
+    if not bus.in_process or local is None or local >= ALL_SERVICES:
         return None
     return (f"controlbus.kind is 'inproc' but this process runs only {', '.join(sorted(local))}: {_ISOLATED[service]}. "
             "Set controlbus.kind: kafka (and bootstrap_servers) on every service, or run all three in one process "

@@ -44,8 +44,8 @@ from qmtl.contracts.connexion31 import (
     decorate_handlers_once,
 )
 from qmtl.contracts.limits import RequestLimits, bound_text
-from qmtl.contracts.server import ConnectionGuard
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
+from qmtl.contracts.server import ConnectionGuard
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,14 @@ from connexion.validators import (
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from qmtl.contracts.limits import DEFAULT_MAX_DEPTH, DEPTH_SCOPE_KEY, bound_text, json_depth_exceeds, short_repr, too_deep_problem
+from qmtl.contracts.limits import (
+    DEFAULT_MAX_DEPTH,
+    DEPTH_SCOPE_KEY,
+    bound_text,
+    json_depth_exceeds,
+    short_repr,
+    too_deep_problem,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -167,7 +167,6 @@ class RequestLimits:
             return
         length: int | None = None
         chunked = False
-        ctype = b""
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -176,8 +175,6 @@ class RequestLimits:
                     length = None
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"content-type":
-                ctype = value
         if not chunked and not length:  # HTTP/1.1: no Content-Length, no Transfer-Encoding → no body
             await self.app(scope, receive, send)
             return

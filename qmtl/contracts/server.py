@@ -31,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing as t
-from collections import Counter as Tally, OrderedDict
+from collections import Counter as Tally
+from collections import OrderedDict
 
 import httptools
 from prometheus_client import Counter, Gauge

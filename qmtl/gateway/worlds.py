@@ -222,7 +222,8 @@ class WorldsMetrics:
             registry=registry)
         self.live_guard_refusals = Counter("world_live_guard_refusals", "Calls refused by the live guard", ["operation"], registry=registry)
         self.cache_entries = Gauge("world_cache_entries", "Entries held by the worlds caches", ["cache"], registry=registry)
-        self.invalidations = Counter("world_cache_invalidations", "Worlds cache entries dropped because the world changed (a write through this Gateway or a consumed ControlBus event)", registry=registry)
+        self.invalidations = Counter("world_cache_invalidations", "Worlds cache entries dropped because the world changed "
+                                     "(a write through this Gateway or a consumed ControlBus event)", registry=registry)
         self._decide = [0, 0]  # hits, total
         self._activation = [0, 0]
         self._decide_by = {r: self.decide_requests.labels(r) for r in (HIT, MISS, REVALIDATED, SAFE)}

@@ -15,8 +15,8 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from tests.helpers.server import LogFile, free_port, wait_healthy
 from tests.helpers.wsproc import JwtIssuer
@@ -39,7 +39,7 @@ class ServiceProcess(LogFile):
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"{command}.log"
 
-    def start(self, timeout: float = 60.0) -> "ServiceProcess":
+    def start(self, timeout: float = 60.0) -> ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("QMTL")}
         env.update({"PYTHONUNBUFFERED": "1", **self.env})
@@ -93,14 +93,14 @@ class SecureStack:
         self.dagmanager: ServiceProcess | None = None
         self.gateways: list[ServiceProcess] = []
 
-    def start(self, gateways: int = 1) -> "SecureStack":
+    def start(self, gateways: int = 1) -> SecureStack:
         try:
             return self._start(gateways)
         except BaseException:
             self.stop()  # nothing started is left running
             raise
 
-    def _start(self, gateways: int) -> "SecureStack":
+    def _start(self, gateways: int) -> SecureStack:
         self.worldservice = ServiceProcess("worldservice", self.base / "ws", {
             "QMTL__WORLDSERVICE__RBAC": "enforce", "QMTL__WORLDSERVICE__SERVICE_TOKEN": self.service_token,
             **self.extra.get("worldservice", {})}).start()

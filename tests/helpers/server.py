@@ -15,7 +15,7 @@ from qmtl.cli import quiet_server
 class LogFile:
     """``log_text()`` / ``log_tail()`` of a subprocess whose output goes to ``self.log_path``."""
 
-    log_path: "object"
+    log_path: object
 
     def log_text(self) -> str:
         try:

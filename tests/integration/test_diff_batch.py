@@ -25,9 +25,8 @@ async def dm(tmp_path):
     bus = InProcessBus(validator=event_validators())
     await bus.start()
     app = create_app(Config(), bus=bus, db=Database(sqlite_url(tmp_path / "dm.db")), topic_admin=EmbeddedTopicAdmin(), gc_interval=0)
-    async with serve(app) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            yield client
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        yield client
     await bus.close()
 
 
@@ -133,11 +132,10 @@ async def test_a_batch_is_a_write_and_needs_the_service_token(tmp_path):
     app = create_app(cfg, bus=bus, db=Database(sqlite_url(tmp_path / "dm.db")), topic_admin=EmbeddedTopicAdmin(), gc_interval=0)
     body = {"diffs": [{"strategy_id": "s-auth", "dag": {"nodes": [node("Compute", "auth1")]}}]}
     try:
-        async with serve(app) as url:
-            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                r = await client.post("/diff/batch", json=body)
-                assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
-                r = await client.post("/diff/batch", json=body, headers={"X-QMTL-Service-Token": "dm-s3cret"})
-                assert r.status_code == 200 and r.json()["results"][0]["status"] == 200
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            r = await client.post("/diff/batch", json=body)
+            assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
+            r = await client.post("/diff/batch", json=body, headers={"X-QMTL-Service-Token": "dm-s3cret"})
+            assert r.status_code == 200 and r.json()["results"][0]["status"] == 200
     finally:
         await bus.close()

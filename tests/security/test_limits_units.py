@@ -72,7 +72,7 @@ def test_operation_table_prefers_literal_routes_and_reads_the_body_limits_from_t
 def test_limits_config_is_checked_and_overridable_per_service():
     cfg = load_config(environ={"QMTL__WORLDSERVICE__LIMITS__MAX_JSON_DEPTH": "10"})
     assert cfg.worldservice.limits.max_json_depth == 10 and cfg.gateway.limits.max_json_depth == 64
-    with pytest.raises(ConfigError, match="dagmanager.limits.body_timeout"):
+    with pytest.raises(ConfigError, match=r"dagmanager\.limits\.body_timeout"):
         load_config(environ={"QMTL__DAGMANAGER__LIMITS__BODY_TIMEOUT": "0"})
-    with pytest.raises(ConfigError, match="gateway.limits.max_connections"):
+    with pytest.raises(ConfigError, match=r"gateway\.limits\.max_connections"):
         load_config(environ={"QMTL__GATEWAY__LIMITS__MAX_CONNECTIONS": "0"})

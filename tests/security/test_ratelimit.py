@@ -125,9 +125,9 @@ def test_memory_buckets_refill_at_the_rate_and_never_exceed_the_burst():
 
 
 def test_rate_limit_config_is_checked():
-    with pytest.raises(Exception, match="rate_limit.mode"):
+    with pytest.raises(Exception, match=r"rate_limit\.mode"):
         load_config(environ={"QMTL__GATEWAY__RATE_LIMIT__MODE": "sometimes"})
-    with pytest.raises(Exception, match="rate_limit.read"):
+    with pytest.raises(Exception, match=r"rate_limit\.read"):
         load_config(environ={"QMTL__GATEWAY__RATE_LIMIT__READ__RATE": "0"})
     cfg = load_config(environ={})
     assert cfg.gateway.rate_limit.mode == "auto"  # enforced in JWT mode, disabled in development mode

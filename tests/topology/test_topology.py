@@ -47,7 +47,7 @@ async def redis_prefix():
 
 
 @pytest.fixture
-def topology(tmp_path, fresh_kafka_cluster, fresh_database, redis_prefix):  # noqa: F811
+def topology(tmp_path, fresh_kafka_cluster, fresh_database, redis_prefix):
     topo = Topology(tmp_path, replicas=2, bootstrap=fresh_kafka_cluster.bootstrap_servers, database_url=fresh_database,
                     redis_url=REDIS_URL, kv_prefix=redis_prefix)
     try:
@@ -72,7 +72,7 @@ class Load:
         self.world_id = world_id
         self.accepted: dict[str, int] = {}  # strategy_id -> Gateway index that acknowledged it
         self.refused = 0  # submissions no Gateway acknowledged (none is counted as accepted)
-        self.decides = {i: 0 for i in range(len(urls))}
+        self.decides = dict.fromkeys(range(len(urls)), 0)
         self._n = itertools.count()
         self._tasks: list[asyncio.Task] = []
 
@@ -181,7 +181,7 @@ async def test_two_of_every_service_no_stale_decide_nothing_lost_through_kill_9(
             # Work goes on meanwhile: an apply (one more strategy active) and submissions.
             sid = f"strat-{victim}-{uuid.uuid4().hex[:6]}"
             live = admin[1]  # g2 is up in every round
-            await retry(lambda: live.apply(w, {"activate": [sid]}, consent_live=True), f"apply while {victim} is down")
+            await retry(lambda live=live, sid=sid: live.apply(w, {"activate": [sid]}, consent_live=True), f"apply while {victim} is down")
             activated.append(sid)
             await _more_submissions(load, 3)
             topology.start(victim)  # rejoins: ready (consumer caught up, dependencies answer)
@@ -236,7 +236,7 @@ async def settled(http: list[httpx.AsyncClient], world_id: str, version: int, *,
     return all(v == version for v in await policy_versions(http, world_id, cached=cached))
 
 
-async def test_an_apply_cut_by_kill_9_is_not_left_half_done(tmp_path, fresh_kafka_cluster, fresh_database):  # noqa: F811
+async def test_an_apply_cut_by_kill_9_is_not_left_half_done(tmp_path, fresh_kafka_cluster, fresh_database):
     """Two WorldServices on one database: the one running an apply is killed while the world
     is frozen; the other one, while the first stays down, leaves the world unfrozen with the
     activation set either before or after the plan (never a mix), and the same run_id applied

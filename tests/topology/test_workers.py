@@ -8,10 +8,8 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 
 import httpx
-import pytest
 
 from tests.conftest import REDIS_URL
 from tests.helpers.gateway_events import connect, recv
@@ -45,7 +43,7 @@ def _status(url: str) -> dict | None:
         return None
 
 
-async def test_a_token_issued_by_one_worker_is_accepted_by_every_other(tmp_path, kafka_bootstrap, fresh_database, redis_prefix):  # noqa: F811
+async def test_a_token_issued_by_one_worker_is_accepted_by_every_other(tmp_path, kafka_bootstrap, fresh_database, redis_prefix):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "gw.log"
@@ -54,8 +52,9 @@ async def test_a_token_issued_by_one_worker_is_accepted_by_every_other(tmp_path,
         "QMTL__CONTROLBUS__FETCH_MAX_WAIT_MS": "5", "QMTL__GATEWAY__KV_URL": REDIS_URL,
         "QMTL__GATEWAY__KV_PREFIX": f'"{redis_prefix}"', "QMTL__GATEWAY__DATABASE_URL": fresh_database,
     })
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([QMTL, "gw", "--workers", "2", "--port", str(port), "--data-dir", str(tmp_path / "d")],
+    with open(log, "wb") as out:  # noqa: ASYNC230 - test setup before any request is in flight
+        # the server under test, started before any request is in flight
+        proc = subprocess.Popen([QMTL, "gw", "--workers", "2", "--port", str(port), "--data-dir", str(tmp_path / "d")],  # noqa: ASYNC220
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         consumers: dict[str, dict] = {}
@@ -66,7 +65,7 @@ async def test_a_token_issued_by_one_worker_is_accepted_by_every_other(tmp_path,
             s = _status(url)
             if s is not None and "consumer_id" in s["controlbus"]:
                 consumers[s["controlbus"]["consumer_id"]] = s
-            time.sleep(0.05)
+            time.sleep(0.05)  # noqa: ASYNC251 - polling a server in other processes; nothing else runs on this loop
         # Two replicas: distinct consumer identities, one key ring from the shared database.
         rings = {s["signing_keys"]["signer"] for s in consumers.values()}
         assert len(rings) == 1 and all(s["signing_keys"]["source"] == "database" and s["signing_keys"]["shared"]

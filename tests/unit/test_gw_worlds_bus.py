@@ -14,9 +14,8 @@ from qmtl.common.config import load_config
 from qmtl.contracts.events import event_validators
 from qmtl.gateway.app import create_app
 from qmtl.gateway.worlds import WorldLRU, WorldsProxy
-from tests.unit.test_gw_worlds import ENVELOPE, NOBODY, Ctx, Upstream
-
 from tests.helpers.bus import wait_until
+from tests.unit.test_gw_worlds import ENVELOPE, NOBODY, Ctx, Upstream
 
 
 def versioned(version: int, etag: str, world: str = "w1") -> dict:

@@ -20,6 +20,7 @@ Rows whose key stopped verifying more than ``PURGE_AFTER`` seconds ago are delet
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -72,7 +73,7 @@ def schedule_ring(rows: list[KeyRow], *, now: float, token_ttl: float, clock: Ca
     signer = active[-1]
     retired: list[tuple[SigningKey, float]] = []
     changes: list[float] = [r.signs_from for r in staged]
-    for older, newer in zip(active, active[1:]):
+    for older, newer in itertools.pairwise(active):
         drop_at = newer.signs_from + token_ttl + LEEWAY
         retired.append((older.key, drop_at))
         if drop_at > now:
@@ -185,7 +186,7 @@ class DatabaseKeyStore:
     async def _purge(self) -> None:
         ordered = sorted(self.rows, key=lambda r: (r.signs_from, r.key.kid))
         now = self._clock()
-        dead = [older.key.kid for older, newer in zip(ordered, ordered[1:])
+        dead = [older.key.kid for older, newer in itertools.pairwise(ordered)
                 if newer.signs_from <= now and newer.signs_from + self.token_ttl + LEEWAY + PURGE_AFTER < now]
         if dead:
             async with self.db.begin() as conn:

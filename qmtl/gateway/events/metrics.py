@@ -72,8 +72,10 @@ class EventMetrics:
                 "ws_aborted_connections", "Connections dropped at the socket because a close frame (4008/1001) could not be "
                 "sent within the close grace (a peer that does not read)", ["route"], registry=r,
             ),
-            ws_rejected=Counter("ws_rejected", "WebSocket connections refused, by reason (close 1008, 1013, or 4029; total_cap and subject_cap are the connection caps)", ["route", "reason"], registry=r),
-            ws_connections=Counter("ws_connections", "WebSocket subscriptions opened, by how the stream started (snapshot, resumed, live)", ["route", "start"], registry=r),
+            ws_rejected=Counter("ws_rejected", "WebSocket connections refused, by reason (close 1008, 1013, or 4029; "
+                                "total_cap and subject_cap are the connection caps)", ["route", "reason"], registry=r),
+            ws_connections=Counter("ws_connections", "WebSocket subscriptions opened, by how the stream started (snapshot, resumed, live)",
+                                   ["route", "start"], registry=r),
             event_fanout=Counter("event_fanout", "Frames handed to subscribers (one per subscriber per event)", ["topic"], registry=r),
             events_relayed=Counter("gateway_events_relayed", "Events relayed to the WebSocket streams (once per event)", ["type"], registry=r),
             relay_seconds=Histogram(

@@ -517,7 +517,7 @@ class IngestService:
             async with self._diff_slots:
                 try:
                     answers = await self._diff_batch([records[i] for i in group])
-                except Exception as exc:  # noqa: BLE001 - as in one()
+                except Exception as exc:
                     log.exception("ingest: batch diff failed unexpectedly")
                     answers = [("refused", f"internal error in the Gateway: {type(exc).__name__}: {exc}")] * len(group)
             if answers is None:  # the batch as a whole was refused: one by one, so each gets its own answer
