@@ -38,6 +38,7 @@ from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
 from qmtl.common.logs import AccessLog, RouteTemplates
 from qmtl.common.tracing import instrument_asgi
+from qmtl.contracts import docs
 from qmtl.contracts.connexion31 import (
     VALIDATOR_MAP,
     allow_openapi31,
@@ -324,7 +325,8 @@ def build_app(
     app = AsyncApp(
         f"qmtl.{service}",
         lifespan=lifespan,
-        swagger_ui_options=SwaggerUIOptions(swagger_ui=True, swagger_ui_path="/docs"),
+        # the bundled spec, Swagger UI 5 and the AsyncAPI page are served by qmtl.contracts.docs
+        swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
         middlewares=_middlewares(spec.bundled, security or {}, anonymous),
     )
     app.add_api(
@@ -345,7 +347,7 @@ def build_app(
     app.add_error_handler(UnicodeDecodeError, _unicode_error)
     app.add_error_handler(Exception, _unexpected)
     routes = RouteTemplates(spec.bundled.get("paths") or {})
-    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, spec.bundled), ws_routes,
+    dispatcher = Dispatcher(docs.mount(DeprecationHeaders.wrap(app, spec.bundled), spec), ws_routes,
                             access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log))
     dispatcher.spec = spec  # type: ignore[attr-defined]
     dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
