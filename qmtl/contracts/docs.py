@@ -33,7 +33,7 @@ import html
 import json
 import mimetypes
 import typing as t
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -87,7 +87,7 @@ def _body(body: bytes, content_type: str, cache: str = "no-cache", extra: tuple[
     return _Body(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', cache, extra)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _asset(name: str) -> _Body | None:
     path = ASSETS_DIR / name
     if "/" in name or name.startswith(".") or not path.is_file():
@@ -148,10 +148,10 @@ class DocsRoutes:
     def _page(self, path: str, root: str) -> _Body:
         pages = self._pages.get(root)
         if pages is None:
-            headers = lambda evaluates: ((b"content-security-policy", _CSP.format(eval=" 'unsafe-eval'" if evaluates else "").encode()),  # noqa: E731
+            headers = lambda evaluates: ((b"content-security-policy", _CSP.format(eval=" 'unsafe-eval'" if evaluates else "").encode()),
                                          (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
             pages = {}
-            url = lambda name: html.escape(f"{root}{STATIC_PREFIX}{name}?v={self.versions[name]}")  # noqa: E731
+            url = lambda name: html.escape(f"{root}{STATIC_PREFIX}{name}?v={self.versions[name]}")
             for page, (kind, root_id, css, bundle, init, document) in _UIS.items():
                 text = _PAGE.format(title=html.escape(self.title), kind=kind, root_id=root_id, icon=url("favicon-32x32.png"),
                                     css=url(css), bundle=url(bundle), init=url(init), spec_url=html.escape(root + document))
