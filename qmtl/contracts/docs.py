@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qmtl.common.http import if_none_match
 from qmtl.contracts.loader import OpenAPISpec, bundled_asyncapi
 
 ASSETS_DIR = Path(__file__).resolve().parent / "docs_assets"
@@ -70,8 +71,8 @@ _PAGE = """<!doctype html>
 </html>
 """
 _UIS = {  # page path -> (what it documents, root element id, stylesheet, bundle, initializer, document path)
-    "/docs": ("API", "swagger-ui", "swagger-ui.css", "swagger-ui-bundle.js", "qmtl-swagger-init.js", "/openapi.json"),
-    "/asyncapi": ("event", "asyncapi", "asyncapi.css", "asyncapi-standalone.js", "qmtl-asyncapi-init.js", "/asyncapi.json"),
+    DOCS_PATH: ("API", "swagger-ui", "swagger-ui.css", "swagger-ui-bundle.js", "qmtl-swagger-init.js", "/openapi.json"),
+    ASYNCAPI_PATH: ("event", "asyncapi", "asyncapi.css", "asyncapi-standalone.js", "qmtl-asyncapi-init.js", "/asyncapi.json"),
 }
 
 
@@ -88,15 +89,21 @@ def _body(body: bytes, content_type: str, cache: str = "no-cache", extra: tuple[
 
 
 @cache
+def _asset_names() -> frozenset[str]:
+    return frozenset(p.name for p in ASSETS_DIR.iterdir() if p.is_file()) if ASSETS_DIR.is_dir() else frozenset()
+
+
 def _asset(name: str) -> _Body | None:
-    path = ASSETS_DIR / name
-    if "/" in name or name.startswith(".") or not path.is_file():
-        return None
+    return _load_asset(name) if name in _asset_names() else None  # a request's name never grows the cache
+
+
+@cache
+def _load_asset(name: str) -> _Body:
     ctype = mimetypes.guess_type(name)[0] or "text/plain"
     if ctype.startswith("text/") or ctype.endswith("javascript"):
         ctype += "; charset=utf-8"
     # Pages reference assets with ?v=<hash>: a changed file is a new URL, so caching forever is safe.
-    return _body(path.read_bytes(), ctype, "public, max-age=31536000, immutable")
+    return _body((ASSETS_DIR / name).read_bytes(), ctype, "public, max-age=31536000, immutable")
 
 
 def _version(name: str) -> str:
@@ -107,9 +114,11 @@ def _version(name: str) -> str:
     return asset.etag.strip('"')[:12]
 
 
-def _served_openapi(spec: OpenAPISpec) -> dict:
+def _served_openapi(spec: OpenAPISpec, root: str = "") -> dict:
+    """The bundled spec with the serving service first among ``servers`` (``root`` = the ASGI root_path)."""
+    here = {**SERVED_SERVER, "url": root or "/"}
     doc = dict(spec.bundled)
-    doc["servers"] = [SERVED_SERVER, *[s for s in spec.bundled.get("servers", []) if s != SERVED_SERVER]]
+    doc["servers"] = [here, *spec.bundled.get("servers", [])]
     return doc
 
 
@@ -129,48 +138,50 @@ class DocsRoutes:
 
     def __init__(self, app: ASGIApp, spec: OpenAPISpec) -> None:
         self.app = app
+        self.spec = spec
         self.title = str(spec.bundled.get("info", {}).get("title", spec.service))
-        openapi = _served_openapi(spec)
         asyncapi = bundled_asyncapi()
-        self.documents = {
-            "/openapi.json": _body(_json(openapi), "application/json", extra=self.CORS),
-            "/openapi.yaml": _body(_yaml(openapi), "application/yaml; charset=utf-8", extra=self.CORS),
+        self.asyncapi = {
             "/asyncapi.json": _body(_json(asyncapi), "application/json", extra=self.CORS),
             "/asyncapi.yaml": _body(_yaml(asyncapi), "application/yaml; charset=utf-8", extra=self.CORS),
         }
         self.versions = {name: _version(name) for ui in _UIS.values() for name in ui[2:5]}
         self.versions["favicon-32x32.png"] = _version("favicon-32x32.png")
-        self._pages: dict[str, dict[str, _Body]] = {}
+        self._sites: dict[str, dict[str, _Body]] = {}
+        self._site("")  # built at startup; another root_path (from the server's config) on first use
 
-    def paths(self) -> set[str]:
-        return {*self.documents, DOCS_PATH, DOCS_PATH + "/", ASYNCAPI_PATH, ASYNCAPI_PATH + "/"}
+    def _site(self, root: str) -> dict[str, _Body]:
+        """Documents and pages as served under ``root``: their links and the spec's own server."""
+        site = self._sites.get(root)
+        if site is not None:
+            return site
+        openapi = _served_openapi(self.spec, root)
+        site = {
+            "/openapi.json": _body(_json(openapi), "application/json", extra=self.CORS),
+            "/openapi.yaml": _body(_yaml(openapi), "application/yaml; charset=utf-8", extra=self.CORS),
+            **self.asyncapi,
+        }
 
-    def _page(self, path: str, root: str) -> _Body:
-        pages = self._pages.get(root)
-        if pages is None:
-            headers = lambda evaluates: ((b"content-security-policy", _CSP.format(eval=" 'unsafe-eval'" if evaluates else "").encode()),
-                                         (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
-            pages = {}
-            url = lambda name: html.escape(f"{root}{STATIC_PREFIX}{name}?v={self.versions[name]}")
-            for page, (kind, root_id, css, bundle, init, document) in _UIS.items():
-                text = _PAGE.format(title=html.escape(self.title), kind=kind, root_id=root_id, icon=url("favicon-32x32.png"),
-                                    css=url(css), bundle=url(bundle), init=url(init), spec_url=html.escape(root + document))
-                pages[page] = _body(text.encode(), "text/html; charset=utf-8", extra=headers(page == ASYNCAPI_PATH))
-            if len(self._pages) < 16:  # root_path comes from the server config; bound it anyway
-                self._pages[root] = pages
-        return pages[path.rstrip("/")]
+        def url(name: str) -> str:
+            return html.escape(f"{root}{STATIC_PREFIX}{name}?v={self.versions[name]}")
+
+        for page, (kind, root_id, css, bundle, init, document) in _UIS.items():
+            text = _PAGE.format(title=html.escape(self.title), kind=kind, root_id=root_id, icon=url("favicon-32x32.png"),
+                                css=url(css), bundle=url(bundle), init=url(init), spec_url=html.escape(root + document))
+            csp = _CSP.format(eval=" 'unsafe-eval'" if page == ASYNCAPI_PATH else "").encode()
+            site[page] = site[page + "/"] = _body(text.encode(), "text/html; charset=utf-8", extra=(
+                (b"content-security-policy", csp), (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")))
+        if len(self._sites) < 8:  # root_path comes from the server's config, not from callers; bound it anyway
+            self._sites[root] = site
+        return site
 
     def _lookup(self, path: str, root: str) -> _Body | None:
-        if path in self.documents:
-            return self.documents[path]
-        if path.rstrip("/") in (DOCS_PATH, ASYNCAPI_PATH):
-            return self._page(path, root)
         if path.startswith(STATIC_PREFIX):
             return _asset(path[len(STATIC_PREFIX):])
-        return None
+        return self._site(root).get(path)
 
     def _ours(self, path: str) -> bool:
-        return path in self.documents or path.rstrip("/") in (DOCS_PATH, ASYNCAPI_PATH) or path.startswith(STATIC_PREFIX)
+        return path in self._sites[""] or path.startswith(STATIC_PREFIX)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,7 +204,7 @@ class DocsRoutes:
             await _problem(send, 404, "Not Found", f"{path}: no such documentation file")
             return
         headers = [(b"etag", found.etag.encode()), (b"cache-control", found.cache.encode()), *found.extra]
-        if _matches(scope, found.etag):
+        if if_none_match(_header(scope, b"if-none-match"), found.etag):
             await send({"type": "http.response.start", "status": 304, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -202,12 +213,11 @@ class DocsRoutes:
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else found.body})
 
 
-def _matches(scope: Scope, etag: str) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"if-none-match":
-            tags = {v.strip().removeprefix("W/") for v in value.decode("latin-1").split(",")}
-            return etag in tags or "*" in tags
-    return False
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 async def _problem(send: Send, status: int, title: str, detail: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
