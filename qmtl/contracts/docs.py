@@ -4,9 +4,9 @@ Every service (Gateway, WorldService, DAG Manager) answers, in front of its Conn
 
 * ``GET /openapi.json`` and ``/openapi.yaml`` — its bundled OpenAPI 3.1 document
   (:attr:`OpenAPISpec.bundled`: shared schemas under ``components/schemas``, referenced by
-  ``$ref``, never inlined), with one server entry prepended: ``{"url": "/"}`` (relative to
-  where the document is served, so Swagger UI's "try it out" and generators reach the service
-  that served it); the spec's own ``servers`` follow.
+  ``$ref``, never inlined), with one server entry prepended: ``{"url": "/"}`` (or the ASGI
+  ``root_path`` the service is mounted under), so Swagger UI's "try it out" and generated
+  clients reach the service that served it; the spec's own ``servers`` follow.
 * ``GET /asyncapi.json`` and ``/asyncapi.yaml`` — the AsyncAPI 3.0 document of the ControlBus
   and the event stream, bundled the same way (:func:`bundled_asyncapi`).
 * ``GET /docs`` — Swagger UI 5 (reads OpenAPI 3.1) on ``/openapi.json``, "try it out" included.
