@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TOOLS  := tools/node_modules/.installed
 
-.PHONY: up test bench check-specs clean
+.PHONY: up test tools bench check-specs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +15,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# npm tools of the contract tests (TypeScript client, docs UI sources), pinned by
+# tools/package-lock.json; Debian's chromium + node/npm when missing.
+$(TOOLS): tools/package.json tools/package-lock.json
+	scripts/ensure-test-tools.sh
+	cd tools && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(TOOLS)
+
+tools: $(TOOLS)
+
 up: $(STAMP)
 	$(BIN)/qmtl up $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy qmtl/sdk qmtl/common
 	scripts/ensure-services.sh
+	scripts/ensure-test-tools.sh
 	$(BIN)/qmtl check-specs
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

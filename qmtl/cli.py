@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from qmtl import __version__
 from qmtl.common.config import Config, ConfigError, load_config
 from qmtl.common.logs import FORMATS, setup_logging
 
@@ -52,6 +53,7 @@ def _gateway_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmtl", description="QMTL control plane")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start Gateway, WorldService and DAG Manager in one process (embedded defaults)")

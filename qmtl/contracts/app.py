@@ -38,6 +38,7 @@ from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
 from qmtl.common.logs import AccessLog, RouteTemplates
 from qmtl.common.tracing import instrument_asgi
+from qmtl.contracts import docs
 from qmtl.contracts.connexion31 import (
     VALIDATOR_MAP,
     allow_openapi31,
@@ -336,7 +337,8 @@ def build_app(
     app = AsyncApp(
         f"qmtl.{service}",
         lifespan=lifespan,
-        swagger_ui_options=SwaggerUIOptions(swagger_ui=True, swagger_ui_path="/docs"),
+        # the bundled spec, Swagger UI 5 and the AsyncAPI page are served by qmtl.contracts.docs
+        swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
         middlewares=_middlewares(spec.bundled, security or {}, anonymous),
     )
     app.add_api(
@@ -362,7 +364,7 @@ def build_app(
         limits = LimitsConfig()
     doc = spec.bundled
     routes = RouteTemplates(doc.get("paths") or {})
-    dispatcher = Dispatcher(DeprecationHeaders.wrap(app, doc), ws_routes,
+    dispatcher = Dispatcher(docs.mount(DeprecationHeaders.wrap(app, doc), spec), ws_routes,
                             access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
                             limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes))
     dispatcher.spec = spec  # type: ignore[attr-defined]

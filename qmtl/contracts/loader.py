@@ -27,7 +27,18 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
+
+def find_specs_dir() -> Path:
+    """``specs/`` of the checkout when running from one (the source of truth), else the copy an
+    installed wheel carries as package data (``qmtl/_specs``, copied there by ``setup.py``)."""
+    here = Path(__file__).resolve()
+    checkout = here.parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "specs" / "openapi.yaml").is_file():
+        return checkout / "specs"
+    return here.parents[1] / "_specs"
+
+
+SPECS_DIR = find_specs_dir()
 SCHEMAS_DIR = SPECS_DIR / "schemas"
 SCHEMA_BASE = "https://qmtl.dev/schemas/"
 
@@ -287,6 +298,15 @@ def load_asyncapi(specs_dir: Path = SPECS_DIR) -> dict:
         if key not in doc:
             raise SpecError(f"{path}: missing top-level {key!r}")
     return doc
+
+
+@cache
+def bundled_asyncapi(specs_dir: Path = SPECS_DIR) -> dict:
+    """The AsyncAPI document made self-contained like the OpenAPI ones: every schema file a
+    payload references becomes ``components/schemas/<Title>`` and the refs point there (what
+    ``/asyncapi.json`` serves and a browser renderer can read without fetching files)."""
+    return bundle_openapi(load_asyncapi(specs_dir), load_schema_files(specs_dir / "schemas"),
+                          str(specs_dir / ASYNCAPI_FILE))
 
 
 def load_all(specs_dir: Path = SPECS_DIR) -> dict[str, Any]:

@@ -6,31 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, wait_healthy
 
 QMTL = str(Path(sys.executable).with_name("qmtl"))
-
-
-def _wait_ready(urls, proc, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    pending = set(urls)
-    while pending and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"qmtl up exited early with {proc.returncode}:\n{out}")
-        for url in list(pending):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    pending.discard(url)
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    assert not pending, f"not answering: {pending}"
 
 
 def test_qmtl_up_serves_all_three_and_stops_on_ctrl_c(tmp_path):
@@ -43,13 +25,18 @@ def test_qmtl_up_serves_all_three_and_stops_on_ctrl_c(tmp_path):
     )
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        _wait_ready(urls, proc)
+        wait_healthy(urls, proc)
         health = [httpx.get(u + "/health", timeout=2).json() for u in urls]
         assert [h["status"] for h in health] == ["ok", "ok", "ok"]
-        # Each serves its own spec and Swagger UI.
+        # Each serves its own bundled spec (JSON and YAML), Swagger UI, the AsyncAPI document and page
+        # (what they render in a browser: tests/e2e/test_docs_browser.py).
         titles = [httpx.get(u + "/openapi.json", timeout=2).json()["info"]["title"] for u in urls]
         assert titles[0] == "QMTL Gateway" and "WorldService" in titles[1] and "DAG Manager" in titles[2]
-        assert httpx.get(urls[0] + "/docs/", timeout=2).status_code == 200
+        for u in urls:
+            for path, ctype in (("/openapi.yaml", "application/yaml"), ("/docs", "text/html"), ("/asyncapi", "text/html"),
+                                ("/asyncapi.json", "application/json"), ("/asyncapi.yaml", "application/yaml")):
+                r = httpx.get(u + path, timeout=2)
+                assert r.status_code == 200 and r.headers["content-type"].startswith(ctype), (u, path, r.status_code)
         # The Gateway reaches WorldService through the worlds proxy.
         r = httpx.get(urls[0] + "/worlds", timeout=5)
         assert r.status_code == 200, r.text

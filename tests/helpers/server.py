@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator
 
+import httpx
 import uvicorn
 
 from qmtl.cli import quiet_server
@@ -75,3 +78,22 @@ async def serve(app, *, port: int | None = None, host: str = "127.0.0.1") -> Asy
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
+
+
+def wait_healthy(urls, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until every URL answers ``GET /health`` with 200; fail with the output of ``proc``
+    (a ``qmtl`` subprocess started with stdout=PIPE) if it exits first."""
+    deadline = time.monotonic() + timeout
+    pending = set(urls)
+    while pending and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"qmtl exited early with {proc.returncode}:\n{out}")
+        for url in list(pending):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    pending.discard(url)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    assert not pending, f"not answering: {pending}"
