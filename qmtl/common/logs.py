@@ -25,7 +25,8 @@ import typing as t
 
 from qmtl.common import correlation
 
-__all__ = ["AccessLog", "FORMATS", "JsonFormatter", "TraceContextFilter", "setup_logging", "working_on"]
+__all__ = ["FORMATS", "AccessLog", "JsonFormatter", "TraceContextFilter", "label_task", "setup_logging", "working_on",
+           "working_on_batch"]
 
 FORMATS = ("text", "json")
 
@@ -117,6 +118,26 @@ def working_on(label: str) -> t.Iterator[None]:
     if correlation.correlation_id.get() is not None:
         yield
         return
+    token = correlation.correlation_id.set(label)
+    try:
+        yield
+    finally:
+        correlation.correlation_id.reset(token)
+
+
+def label_task(label: str) -> None:
+    """Name the work of the current background task (a worker, a publisher, a consumer) as its
+    log lines' correlation id. A task runs in a copy of the context it was created in, so this
+    stays with the task; call it first thing in the task's coroutine."""
+    if correlation.correlation_id.get() is None:
+        correlation.correlation_id.set(label)
+
+
+@contextlib.contextmanager
+def working_on_batch(kind: str, ids: t.Sequence[str]) -> t.Iterator[None]:
+    """Within the block, log lines carry ``<kind>:<first id>`` (``+N`` more) as their
+    correlation id: a background task's batch names what it works on."""
+    label = f"{kind}:{ids[0]}" + (f"+{len(ids) - 1}" if len(ids) > 1 else "") if ids else kind
     token = correlation.correlation_id.set(label)
     try:
         yield

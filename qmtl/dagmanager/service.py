@@ -62,7 +62,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from qmtl.bus.base import ControlBus
-from qmtl.common import correlation
+from qmtl.common import correlation, logs
 from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceError, ServiceUnavailable, Unprocessable
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
 from qmtl.contracts.events import event_validators
@@ -923,6 +923,7 @@ class DagManagerService:
     async def gc_loop(self, interval: float) -> None:
         """Run GC every ``interval`` seconds until cancelled, once per interval across every
         replica on the database (the ``gc`` lease); a failed pass is logged."""
+        logs.label_task("dagmanager-gc")
         while True:
             await asyncio.sleep(interval)
             try:

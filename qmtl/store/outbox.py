@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from qmtl.bus.base import ControlBus, InvalidEvent
-from qmtl.common import correlation, tracing
+from qmtl.common import correlation, logs, tracing
 from qmtl.common.resilience import Backoff
 from qmtl.store.sql import Database
 
@@ -246,6 +246,7 @@ class Outbox:
                 await task
 
     async def _run(self) -> None:
+        logs.label_task(f"outbox:{self.name}")
         backoff = Backoff(*self.backoff)
         failures = 0
         stats_at = float("-inf")

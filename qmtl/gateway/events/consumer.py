@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qmtl.bus.base import CONTROL_TOPICS, BusMessage, ControlBus
-from qmtl.common import tracing
+from qmtl.common import logs, tracing
 from qmtl.common.resilience import Backoff
 
 from .metrics import EventMetrics
@@ -117,6 +117,7 @@ class ControlBusConsumer:
 
     # -- the loop ------------------------------------------------------------------------
     async def _run(self) -> None:
+        logs.label_task(f"controlbus:{self.consumer_id}")
         backoff = Backoff(0.1, 5.0)
         while not self._stopping:
             try:

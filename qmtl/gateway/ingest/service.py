@@ -61,7 +61,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from qmtl.common import correlation
+from qmtl.common import correlation, logs
 from qmtl.common.errors import BadGateway, Conflict, NotFound, ServiceError, ServiceUnavailable
 from qmtl.common.tasks import detach
 from qmtl.contracts.constants import StrategyState
@@ -373,6 +373,7 @@ class IngestService:
 
     # -- workers --------------------------------------------------------------------------------
     async def _worker(self, n: int) -> None:
+        logs.label_task(f"ingest-worker-{n}")
         backoff = 0.05
         while not self._stopping:
             await self._dm_up.wait()
@@ -397,7 +398,8 @@ class IngestService:
                 continue
             self._inflight.update(sids)
             try:
-                await self._process_batch(sids)
+                with logs.working_on_batch("strategy", sids):
+                    await self._process_batch(sids)
             except TRANSIENT as exc:
                 log.warning("ingest worker %d: strategies %s interrupted by a store error (%r); they are retried", n, sids, exc)
                 await asyncio.sleep(0.5)
