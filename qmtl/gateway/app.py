@@ -71,6 +71,9 @@ class GatewayContext:
             component = module.build(self)
             self.components[name] = component
             setattr(self, name, component)
+        if "events" in self.components and "ingest" in self.components:
+            # /queues/watch follows the event relay (SPEC §5), through an explicit interface
+            self.components["ingest"].queues.feed = self.components["events"].queue_feed
 
     def __getattr__(self, name: str) -> Any:
         if name in COMPONENTS:
