@@ -70,6 +70,8 @@ async def test_a_node_without_config_hash_stays_refused_with_a_400_naming_it(up)
             assert "missing config_hash" in problem["errors"][0]["message"] and "config_hash" in problem["detail"]
 
 
+@pytest.mark.redis
+@pytest.mark.postgres
 async def test_the_fast_path_and_the_contract_path_both_apply_the_default(redis_kv, pg_schema):
     """Valid submissions skip the contract stack (SubmitFastPath); the stack serves the rest.
     Both end in the same ingest: the default is applied on either."""
