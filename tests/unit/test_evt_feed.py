@@ -23,20 +23,26 @@ def _feed():
     return store, feed
 
 
-async def test_followers_wake_on_applied_sets_and_coalesce():
+async def test_followers_get_every_applied_set_in_order():
     store, feed = _feed()
     key = feed.key(["b", "a", "a"], 60, None)
     assert key == (("a", "b"), 60, "any")
     f = feed.follow(key)
     other = feed.follow(feed.key(["z"], 60, "any"))
-    assert not await f.wait(0.01)  # nothing yet
+    assert await f.wait(0.01) == []  # nothing yet
     assert feed.offer(key, ["q1"], etag=None, asked_at=time.time()) == st.APPLIED
     assert feed.offer(key, ["q1", "q2"], etag=None, asked_at=time.time()) == st.APPLIED
-    assert await f.wait(0.01) and not await f.wait(0.01)  # two changes, one wake-up: the latest set is what counts
+    # both changes, in order, even the one the next replaced at once (as /ws relays both)
+    assert await f.wait(0.01) == [{"queues": ["q1"]}, {"queues": ["q1", "q2"]}]
+    assert await f.wait(0.01) == []
     assert feed.current(key) == {"queues": ["q1", "q2"]}
-    assert not await other.wait(0.01)  # another key is not woken
+    assert await other.wait(0.01) == []  # another key is not woken
     assert feed.offer(key, ["q2", "q1"], etag=None, asked_at=time.time()) == st.DUPLICATE
-    assert not await f.wait(0.01)
+    assert await f.wait(0.01) == []
+    for i in range(f.backlog + 10):  # a reader far behind keeps the latest sets, never blocks the relay
+        feed.offer(key, [f"x{i}"], etag=None, asked_at=time.time())
+    got = await f.wait(0)
+    assert len(got) == f.backlog and got[-1] == {"queues": [f"x{f.backlog + 9}"]}
     f.close()
     other.close()
     assert feed.followers() == 0 and feed.current(feed.key(["z"], 60, "any")) is None

@@ -5,9 +5,10 @@ events state (from the ControlBus, ``/callbacks/dag-event`` or a DAG Manager loo
 legacy watch stream reads the same state through this feed, so both show the same event at
 the same time (SPEC §5: "/queues/watch is fed by the same relay (plus reconcile)").
 
-* ``follow(key)`` → a :class:`Follower` whose ``wait(timeout)`` returns when the key's set
-  was applied anew (level-triggered and coalescing: a slow reader sees the latest set, never
-  a backlog, and never slows the relay);
+* ``follow(key)`` → a :class:`Follower` whose ``wait(timeout)`` returns the sets applied for
+  the key since the last call, in order — every change ``/ws`` relays, also one that a newer
+  set replaced a moment later. A reader that falls more than ``Follower.backlog`` sets
+  behind loses the oldest (it still ends on the current set); it never slows the relay;
 * ``current(key)`` → ``{"queues": [...], "etag"?}`` as the relay holds it, or None;
 * ``offer(key, queues, etag=..., asked_at=...)`` → the reconcile: a DAG Manager answer that
   was asked for at ``asked_at`` (epoch seconds) enters the relay like any other queue set —
@@ -21,6 +22,7 @@ is applied; the Gateway's composition root hands the feed to the ingest's queue 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,25 +36,32 @@ QueueKey = tuple  # (sorted unique tags, interval, match_mode)
 class Follower:
     """One reader of one key; ``close()`` (or ``with``) when done."""
 
-    __slots__ = ("_changed", "_feed", "key")
+    backlog = 256  # sets kept for a reader that has not caught up (the oldest go first)
+
+    __slots__ = ("_changed", "_feed", "_pending", "key")
 
     def __init__(self, feed: QueueFeed, key: QueueKey) -> None:
         self._feed = feed
         self.key = key
+        self._pending: deque[dict] = deque(maxlen=self.backlog)
         self._changed = asyncio.Event()
 
-    def _notify(self) -> None:
+    def _notify(self, item: dict) -> None:
+        self._pending.append(item)
         self._changed.set()
 
-    async def wait(self, timeout: float | None) -> bool:
-        """True when the key's set was applied since the last call; False on timeout."""
-        if not self._changed.is_set():
+    async def wait(self, timeout: float | None) -> list[dict]:
+        """The sets (``{"queues", "etag"?}``) applied since the last call, oldest first;
+        ``[]`` when none was applied within ``timeout`` seconds."""
+        if not self._pending:
+            self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout)
             except TimeoutError:
-                return False
-        self._changed.clear()
-        return True
+                return []
+        out = list(self._pending)
+        self._pending.clear()
+        return out
 
     def close(self) -> None:
         self._feed._drop(self)
@@ -101,8 +110,10 @@ class QueueFeed:
         """Called by the events component after it applied a new set for ``key``."""
         group = self._followers.get(key)
         if group:
-            for f in group:
-                f._notify()
+            item = self.current(key)
+            if item is not None:
+                for f in group:
+                    f._notify(item)
 
     def current(self, key: QueueKey) -> dict | None:
         entry = self._store.queues.get(key)

@@ -53,7 +53,7 @@ def unavailable(exc: BackendUnavailable) -> ServiceUnavailable:
 
 
 class Following(Protocol):
-    async def wait(self, timeout: float | None) -> bool: ...
+    async def wait(self, timeout: float | None) -> list[dict]: ...  # sets applied since the last call, in order
 
     def close(self) -> None: ...
 
@@ -169,12 +169,14 @@ class QueueLookup:
         loop = asyncio.get_running_loop()
         try:
             feed.offer(key, first["queues"], etag=first.get("etag"), asked_at=asked)
+            await follower.wait(0)  # the first line is the current set: changes before it are in it
             current = feed.current(key) or first
             yield _line(current)
             last = sorted(current["queues"])
             next_poll = loop.time() + poll_interval
             while True:
-                if not await follower.wait(max(0.0, next_poll - loop.time())):
+                changes = await follower.wait(max(0.0, next_poll - loop.time()))
+                if not changes:  # the reconcile is due
                     next_poll = loop.time() + poll_interval
                     asked = feed.now()
                     try:
@@ -183,10 +185,11 @@ class QueueLookup:
                         log.info("queues/watch: DAG Manager did not answer (%s); following the relay", exc)
                         continue
                     feed.offer(key, answer["queues"], etag=answer.get("etag"), asked_at=asked)
-                now = feed.current(key)
-                if now is not None and sorted(now["queues"]) != last:
-                    last = sorted(now["queues"])
-                    yield _line(now)
+                    continue  # what it changed arrives through the follower, in order
+                for now in changes:  # every set the relay applied, as /ws relayed it
+                    if sorted(now["queues"]) != last:
+                        last = sorted(now["queues"])
+                        yield _line(now)
         finally:
             follower.close()
 
