@@ -63,7 +63,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from qmtl.bus.base import ControlBus
 from qmtl.common import correlation
 from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceError, ServiceUnavailable, Unprocessable
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType, operation
 from qmtl.contracts.defaults import defaults_filler
 from qmtl.contracts.events import event_validators
 from qmtl.store.outbox import Outbox, OutboxMetrics
@@ -84,7 +84,8 @@ from .tagindex import (
 )
 from .topics import TopicAdmin
 
-DAG_SCHEMA = "dag.schema.json"  # the diff body's `dag` (specs/dagmanager.yaml); its `default`s are applied
+# The diff's request body schema (its `dag` is dag.schema.json): the `default`s it declares are applied.
+DIFF_REQUEST_SCHEMA = operation("dagmanager", "diff").request_schema
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ class DagManagerService:
         version: str | None = None,
     ) -> DiffResult:
         started = time.perf_counter()
-        defaults_filler(DAG_SCHEMA)(dag)  # e.g. a TagQueryNode without match_mode is `any` (tag_query_node.schema.json)
+        defaults_filler(DIFF_REQUEST_SCHEMA)({"dag": dag})  # e.g. a TagQueryNode without match_mode is `any`
         plan = _plan(strategy_id, dag, run_type=run_type, asset=asset, version=version)
         try:
             with database_errors({"dag": dag}):

@@ -86,6 +86,7 @@ async def test_the_fast_path_and_the_contract_path_both_apply_the_default(redis_
         fast = app.http_app
         r = await s.client.post("/strategies", content=submission_bytes(DAG_TEXT, CRC_ALL), headers=JSON)
         assert r.status_code == 202 and fast.served == 1, r.text
+        assert (await s.wait_status(r.json()["strategy_id"]))["status"] == "completed"  # its queue exists before the next diff
         app.http_app = fast.app  # the contract stack alone
         try:
             r2 = await s.client.post("/strategies", content=submission_bytes(second, crc2 & 0xFFFFFFFF), headers=JSON)
