@@ -70,10 +70,13 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory) -> Iterator[QmtlUp]:
-    """One embedded ``qmtl up`` per test module (a fresh data directory each)."""
+    """One embedded ``qmtl up`` per test module (a fresh data directory each). The tests post
+    the era DAG Manager's callbacks, which carry no credential: as an operator would for such a
+    DAG Manager, the Gateway trusts its network (here the loopback address) for callbacks."""
     data = tmp_path_factory.mktemp("compat") / "data"
     stack = QmtlUp(data)
-    stack.extra_env = {"QMTL__DAGMANAGER__GATEWAY_CALLBACK_URL": stack.url}
+    stack.extra_env = {"QMTL__DAGMANAGER__GATEWAY_CALLBACK_URL": stack.url,
+                       "QMTL__GATEWAY__CALLBACKS__TRUSTED_NETWORKS": '["127.0.0.1/32"]'}
     stack.start()
     try:
         yield stack
