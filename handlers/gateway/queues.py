@@ -21,10 +21,8 @@ async def watch_queues(ctx, tags, interval, match_mode=None, match=None):
     ``x-qmtl-deprecation`` (added to every response, errors included, by the app builder)."""
     await caller(ctx, request)
     tag_list, mode = parse_tags(tags), effective_match_mode(match_mode, match)
-    lookup = ctx.ingest.queues
-    try:
-        first = await lookup.by_tag(tag_list, interval, mode)  # before streaming: a 503 is still a status code
+    try:  # the first lookup happens before streaming: a 503 is still a status code
+        stream = await ctx.ingest.queues.open_watch(tag_list, interval, mode, poll_interval=ctx.ingest.watch_poll_interval)
     except BackendUnavailable as exc:
         raise unavailable(exc) from exc
-    stream = lookup.watch(tag_list, interval, mode, poll_interval=ctx.ingest.watch_poll_interval, first=first)
     return StreamingResponse(stream, status_code=200, media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})

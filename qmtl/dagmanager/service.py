@@ -64,7 +64,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from qmtl.bus.base import ControlBus
 from qmtl.common import correlation, logs
 from qmtl.common.errors import BadRequest, Conflict, NotFound, ServiceError, ServiceUnavailable, Unprocessable
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType
+from qmtl.contracts.constants import DEFAULT_MATCH_MODE, RunType, operation
+from qmtl.contracts.defaults import defaults_filler
 from qmtl.contracts.events import event_validators
 from qmtl.store.outbox import Outbox, OutboxMetrics
 from qmtl.store.sql import Database
@@ -83,6 +84,9 @@ from .tagindex import (
     register_watches,
 )
 from .topics import TopicAdmin
+
+# The diff's request body schema (its `dag` is dag.schema.json): the `default`s it declares are applied.
+DIFF_REQUEST_SCHEMA = operation("dagmanager", "diff").request_schema
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +333,7 @@ class DagManagerService:
         version: str | None = None,
     ) -> DiffResult:
         started = time.perf_counter()
+        defaults_filler(DIFF_REQUEST_SCHEMA)({"dag": dag})  # e.g. a TagQueryNode without match_mode is `any`
         plan = _plan(strategy_id, dag, run_type=run_type, asset=asset, version=version)
         try:
             with database_errors({"dag": dag}):
@@ -1105,7 +1110,7 @@ def _plan(strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None, ass
             continue
         if ntype == TAG_QUERY_NODE:
             try:
-                key = TagKey.of(node.get("tags") or (), node.get("interval") or 0, node.get("match_mode") or DEFAULT_MATCH_MODE)
+                key = TagKey.of(node.get("tags") or (), node.get("interval") or 0, node.get("match_mode"))
             except (TypeError, ValueError) as exc:
                 errors.append({"pointer": f"/dag/nodes/{i}", "message": str(exc)})
                 continue

@@ -77,6 +77,9 @@ class GatewayContext:
             # Caches follow the bus: every PolicyUpdated / ActivationUpdated this replica
             # consumes drops the world's cached decide and activation entries.
             events.on_world_change(worlds.world_changed)
+        if events is not None and "ingest" in self.components:
+            # /queues/watch follows the event relay (SPEC §5), through an explicit interface
+            self.components["ingest"].queues.feed = events.queue_feed
 
     def __getattr__(self, name: str) -> Any:
         if name in COMPONENTS:

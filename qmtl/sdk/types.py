@@ -42,6 +42,7 @@ __all__ = [
     "Side",
     "StateHash",
     "StrategyAck",
+    "StrategyMetrics",
     "StrategyStatus",
     "StreamDescriptor",
     "TOPIC_VALUES",
@@ -244,6 +245,20 @@ class EvaluationResult(TypedDict):
     deactivate: list[PlanEntry]
     reasons: dict[str, str]
     scores: dict[str, float]
+    topk: list[str]
+    promote: list[str]
+    demote: list[str]
+    notes: str
+
+
+class StrategyMetrics(TypedDict):
+    """``strategy_metrics.schema.json``: One strategy's data as a world's policy judges it: its metrics, and the samples and data end the policy's sample and data-currency checks need."""
+
+    strategy_id: str
+    metrics: dict[str, float]
+    samples: NotRequired[int]
+    data_end: NotRequired[str]
+    sides: NotRequired[list[Side]]
 
 
 class Observation(TypedDict):
@@ -252,6 +267,7 @@ class Observation(TypedDict):
     data_end: str
     samples: int
     metrics: dict[str, float]
+    strategies: NotRequired[list[StrategyMetrics]]
 
 
 class DecisionState(TypedDict):

@@ -1,8 +1,11 @@
 """``qmtl.sdk.ws_client.WebSocketClient``: the existing client of the Gateway's WebSocket,
 kept with its constructor and behaviour so code written against it keeps working.
 
-* ``WebSocketClient(url, *, on_message=None, token=None, max_retries=5, max_total_time=None)``;
-  ``await start()`` listens in the background, ``await stop()`` ends it.
+* ``WebSocketClient(url, *, on_message=None, token=None, max_retries=5, max_total_time=None,
+  base_delay=0.5, backoff_factor=2.0, max_delay=8.0)`` — the keyword arguments of the
+  Aug-2025 client (``max_retries=None`` retries without limit); ``await start()`` listens in
+  the background, ``await stop()`` ends it. ``on_message`` may also be set after
+  construction (``TagQueryManager`` does).
 * A URL without a path gets ``/ws`` (the legacy route); ``http(s)://`` becomes ``ws(s)://``.
 * ``token`` is sent as ``Authorization: Bearer <token>`` (a caller JWT, or the token of a
   ``POST /events/subscribe`` descriptor).
@@ -13,7 +16,8 @@ kept with its constructor and behaviour so code written against it keeps working
   frames: ``sentinel_weights[sentinel_id] = weight``; ``queue_topics`` maps a queue key
   ``"<sorted tags joined by ','>|<interval>|<match_mode>"`` to its queue list (and, for the
   older ``queue_created`` frames, a queue id to its topic).
-* A lost connection is retried with exponential backoff (0.5 s doubling up to 8 s, jittered)
+* A lost connection is retried with exponential backoff (``base_delay`` times ``backoff_factor``
+  per failure up to ``max_delay``, jittered)
   until ``max_retries`` consecutive attempts have failed or ``max_total_time`` seconds have
   passed since the first failure; a connection that opens resets the count. The Gateway's
   ``/ws`` accepts ``?last_event_id=``: the client passes the id of the last frame it saw, so
@@ -55,10 +59,11 @@ class WebSocketClient:
         *,
         on_message: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         token: str | None = None,
-        max_retries: int = 5,
+        max_retries: int | None = 5,
         max_total_time: float | None = None,
         base_delay: float = 0.5,
         max_delay: float = 8.0,
+        backoff_factor: float = 2.0,
     ) -> None:
         self.url = _normalise_url(url)
         self.on_message = on_message
@@ -67,6 +72,7 @@ class WebSocketClient:
         self.max_total_time = max_total_time
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self.backoff_factor = backoff_factor
         self.queue_topics: dict[str, Any] = {}
         self.sentinel_weights: dict[str, float] = {}
         self.last_event_id: str | None = None
@@ -152,13 +158,13 @@ class WebSocketClient:
                 failures += 1
             if first_failure is None:
                 first_failure = loop.time()
-            if failures > self.max_retries:
+            if self.max_retries is not None and failures > self.max_retries:
                 log.warning("WebSocketClient: giving up on %s after %d failed attempts", self.url, failures)
                 break
             if self.max_total_time is not None and loop.time() - first_failure > self.max_total_time:
                 log.warning("WebSocketClient: giving up on %s after %.1fs", self.url, loop.time() - first_failure)
                 break
-            cap = min(self.max_delay, self.base_delay * 2 ** max(0, failures - 1))
+            cap = min(self.max_delay, self.base_delay * self.backoff_factor ** max(0, failures - 1))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), random.uniform(cap / 2, cap))
 

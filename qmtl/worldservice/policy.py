@@ -410,6 +410,10 @@ class PlanResult:
     deactivate: list[dict]
     reasons: dict[str, str]
     scores: dict[str, float]
+    topk: list[str] = field(default_factory=list)  # selected ids, best score first (ties by id)
+    promote: list[str] = field(default_factory=list)  # selected, with no active side before
+    demote: list[str] = field(default_factory=list)  # had an active side, switched off entirely
+    kept: list[str] = field(default_factory=list)  # active, not evaluated: left as they are
 
 
 def make_plan(
@@ -472,7 +476,11 @@ def make_plan(
             active, _w = current.get((s.strategy_id, side), (False, 0.0))
             if active:
                 deactivate.append({"strategy_id": s.strategy_id, "side": side, "weight": 0.0})
-    return PlanResult(activate, deactivate, reasons, scores)
+    topk = [s.strategy_id for s, _j in selected]
+    was_active = {sid for (sid, _side), (active, _w) in current.items() if active}
+    promote = [sid for sid in topk if sid not in was_active]
+    demote = sorted({s.strategy_id for s, _j in judged if s.strategy_id in was_active and s.strategy_id not in selected_ids})
+    return PlanResult(activate, deactivate, reasons, scores, topk, promote, demote, kept)
 
 
 def expand_plan_entries(entries: Iterable[Any]) -> list[tuple[str, str, float]]:

@@ -574,12 +574,30 @@ class WorldService(ApplyOperations):
                 await conn.execute(d.insert().values(**values))
             else:
                 await conn.execute(d.update().where(d.c.world_id == world_id).values(**values))
+            await self._record_strategy_observations(conn, world_id, body.get("strategies") or [], now)
             out = self._decision_state_out(values)
             await self._audit(
                 conn, world_id, actor, "observation.recorded", dict(body),
                 {"passed": judgement.passed, "mode": new_state.mode, "previous_mode": state.mode, "reasons": reasons},
             )
         return out
+
+    async def _record_strategy_observations(self, conn: Any, world_id: str, strategies: list[Mapping[str, Any]], now: datetime) -> None:
+        """Keep each strategy's latest data (what an evaluate without ``strategies`` judges)."""
+        _unique_strategy_ids(strategies, "/strategies")
+        so = store.strategy_observations
+        for i, s in enumerate(strategies):
+            values = {
+                "metrics": {k: float(v) for k, v in s["metrics"].items()},
+                "samples": s.get("samples"),
+                "data_end": _ts_body(s["data_end"], f"/strategies/{i}/data_end") if s.get("data_end") else None,
+                "sides": list(s["sides"]) if s.get("sides") else None,
+                "recorded_at": now,
+            }
+            where = (so.c.world_id == world_id) & (so.c.strategy_id == s["strategy_id"])
+            res = await conn.execute(so.update().where(where).values(**values))
+            if not res.rowcount:
+                await conn.execute(so.insert().values(world_id=world_id, strategy_id=s["strategy_id"], **values))
 
     async def get_decision_state(self, actor: Identity, world_id: str) -> dict:
         actor.require(world_id, READER, "reading the decision state")
@@ -721,17 +739,16 @@ class WorldService(ApplyOperations):
     # ------------------------------------------------------------------ evaluate
 
     async def evaluate(self, actor: Identity, world_id: str, body: Mapping[str, Any]) -> dict:
-        """A plan under the default policy and the current activation; changes nothing (audited)."""
+        """A plan under the default policy and the current activation; changes nothing (audited).
+
+        Without ``strategies`` in the body (the documented Aug-2025 form ``{"as_of": ...}``),
+        the strategies judged are those known from observations: each one's latest metrics
+        recorded with ``PUT /worlds/{id}/observations`` (``strategies``)."""
         actor.require(world_id, READER, "evaluating a world")
         views.require_storable_text(body)
-        strategies = body["strategies"]
-        ids = [s["strategy_id"] for s in strategies]
-        dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
-        if dupes:
-            raise Unprocessable(
-                f"strategy ids must be unique; repeated: {', '.join(dupes)}",
-                ext={"errors": [{"pointer": f"/strategies/{ids.index(d)}/strategy_id", "message": f"{d!r} is repeated"} for d in dupes]},
-            )
+        supplied = body.get("strategies")
+        if supplied is not None:
+            _unique_strategy_ids(supplied, "/strategies")
         when = _ts_body(body["as_of"], "/as_of") if body.get("as_of") else self.now()
         async with self.db.connect() as conn:
             world = await self._world(conn, world_id)
@@ -740,18 +757,43 @@ class WorldService(ApplyOperations):
             if policy is None:
                 raise Conflict(f"world {world_id!r} has no default policy to evaluate with")
             entries = await self._entries(conn, world_id)
+            if supplied is None:
+                so = store.strategy_observations
+                rows = (await conn.execute(
+                    sa.select(so).where(so.c.world_id == world_id).order_by(so.c.strategy_id))).mappings().all()
         current = {(e["strategy_id"], e["side"]): (e["active"], e["weight"]) for e in entries}
-        inputs = [
-            pol.StrategyInput(
-                strategy_id=s["strategy_id"],
-                metrics={k: float(v) for k, v in s["metrics"].items()},
-                samples=s.get("samples"),
-                data_end=_ts_body(s["data_end"], f"/strategies/{i}/data_end") if s.get("data_end") else None,
-                sides=tuple(s.get("sides") or pol.SIDES),
-            )
-            for i, s in enumerate(strategies)
-        ]
+        if supplied is not None:
+            source = "from the request"
+            inputs = [
+                pol.StrategyInput(
+                    strategy_id=s["strategy_id"],
+                    metrics={k: float(v) for k, v in s["metrics"].items()},
+                    samples=s.get("samples"),
+                    data_end=_ts_body(s["data_end"], f"/strategies/{i}/data_end") if s.get("data_end") else None,
+                    sides=tuple(s.get("sides") or pol.SIDES),
+                )
+                for i, s in enumerate(supplied)
+            ]
+        else:
+            source = "known from observations"
+            inputs = [
+                pol.StrategyInput(
+                    strategy_id=r["strategy_id"],
+                    metrics={k: float(v) for k, v in (r["metrics"] or {}).items()},
+                    samples=int(r["samples"]) if r["samples"] is not None else None,
+                    data_end=utc(r["data_end"]),
+                    sides=tuple(r["sides"] or pol.SIDES),
+                )
+                for r in rows
+            ]
         plan = pol.make_plan(policy, inputs, current, when)
+        rejected = len(inputs) - len(plan.topk)
+        notes = (
+            f"policy v{version} at {views.iso(when)}: {len(inputs)} strateg{'y' if len(inputs) == 1 else 'ies'} judged "
+            f"({source}); {len(plan.topk)} selected, {rejected} rejected, {len(plan.kept)} kept (active, not judged)"
+        )
+        if supplied is None and not inputs:
+            notes += "; no strategy observations are recorded for this world (PUT /worlds/{id}/observations with strategies)"
         out = {
             "world_id": world_id,
             "policy_version": version,
@@ -760,12 +802,17 @@ class WorldService(ApplyOperations):
             "deactivate": plan.deactivate,
             "reasons": plan.reasons,
             "scores": {k: v for k, v in plan.scores.items() if math.isfinite(v)},
+            "topk": plan.topk,
+            "promote": plan.promote,
+            "demote": plan.demote,
+            "notes": notes,
         }
         async with self.db.begin() as conn:
             await self._audit(
                 conn, world_id, actor, "plan.evaluated",
-                {"strategies": len(strategies), "as_of": out["as_of"]},
-                {"policy_version": version, "activate": plan.activate, "deactivate": plan.deactivate, "reasons": plan.reasons},
+                {"strategies": len(inputs), "source": "request" if supplied is not None else "observations", "as_of": out["as_of"]},
+                {"policy_version": version, "activate": plan.activate, "deactivate": plan.deactivate, "reasons": plan.reasons,
+                 "topk": plan.topk},
             )
         return out
 
@@ -819,6 +866,17 @@ class WorldService(ApplyOperations):
             "outbox_pending": outbox["pending"],
             "outbox_oldest_age_seconds": outbox["oldest_age_seconds"],
         }
+
+
+def _unique_strategy_ids(strategies: list[Mapping[str, Any]], pointer: str) -> None:
+    """422 naming every strategy id that appears more than once."""
+    ids = [s["strategy_id"] for s in strategies]
+    dupes = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    if dupes:
+        raise Unprocessable(
+            f"strategy ids must be unique; repeated: {', '.join(dupes)}",
+            ext={"errors": [{"pointer": f"{pointer}/{ids.index(d)}/strategy_id", "message": f"{d!r} is repeated"} for d in dupes]},
+        )
 
 
 __all__ = ["ApplyHook", "ServiceError", "WorldService"]

@@ -7,6 +7,8 @@
   (``apply_owner``, ``apply_lease_until``).
 * ``ws_policies`` — policy versions (YAML text, checksum, status).
 * ``ws_decisions`` — each world's hysteresis state and latest observation.
+* ``ws_strategy_observations`` — per world and strategy: the latest metrics recorded with an
+  observation (``strategies``), what an evaluate without ``strategies`` judges.
 * ``ws_activations`` — per world, strategy and side: active, weight, etag, run_id, ts.
 * ``ws_apply_runs`` — every apply by (world, run_id): status, plan checksum, the
   activation snapshot taken before the switch (for rollback) and the stored result
@@ -85,6 +87,18 @@ decisions = sa.Table(
     sa.Column("data_end", TS, nullable=False),
     sa.Column("samples", sa.BigInteger, nullable=False),
     sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("recorded_at", TS, nullable=False),
+)
+
+strategy_observations = sa.Table(
+    "ws_strategy_observations",
+    metadata,
+    sa.Column("world_id", sa.String(63), primary_key=True),
+    sa.Column("strategy_id", sa.String(200), primary_key=True),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("samples", sa.BigInteger, nullable=True),
+    sa.Column("data_end", TS, nullable=True),
+    sa.Column("sides", sa.JSON, nullable=True),
     sa.Column("recorded_at", TS, nullable=False),
 )
 

@@ -407,9 +407,9 @@ async def test_a_bad_dag_gets_422_with_error_paths(env: Env):
     assert problem["correlation_id"] == r.headers["x-correlation-id"]
 
     tq = tag_query("tq", ("a",))
-    del tq["match_mode"]
+    tq["match_mode"] = "some"
     r = await env.client.post("/diff", json={"strategy_id": "s1", "dag": {"nodes": [tq]}})
-    assert r.status_code == 422 and any(e["pointer"] == "/dag/nodes/0" and "match_mode" in e["message"] for e in r.json()["errors"])
+    assert r.status_code == 422 and any(e["pointer"] == "/dag/nodes/0/match_mode" for e in r.json()["errors"]), r.text
 
     r = await env.client.post("/diff", json={"strategy_id": "s1", "dag": {"nodes": [node("x", interval="60")]}})
     assert r.status_code == 422 and r.json()["errors"][0]["pointer"] == "/dag/nodes/0/interval"
@@ -425,6 +425,16 @@ async def test_a_bad_dag_gets_422_with_error_paths(env: Env):
     r = await env.client.post("/diff", content=b"x", headers={"content-type": "text/plain"})
     assert r.status_code == 415
     assert await env.count("SELECT count(*) FROM dm_queues") == 0  # nothing was half-written
+
+
+async def test_a_tag_query_node_without_match_mode_is_any(env: Env):
+    """The Aug-2025 SDK never sent match_mode: the schema's default (`any`) applies (issue 12)."""
+    await env.diff("s0", [node("p", tags=("a",))])
+    tq = tag_query("tq", ("a", "b"))
+    del tq["match_mode"]
+    r = await env.client.post("/diff", json={"strategy_id": "s1", "dag": {"nodes": [tq]}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["tag_queries"][tq["node_id"]]) == 1  # `any`: the queue tagged only "a" matches
 
 
 async def test_health_and_metrics(env: Env):

@@ -383,6 +383,8 @@ async def test_evaluate_is_read_only_and_its_plan_can_be_applied(db_target):
         assert "max_active 2 reached" in plan["reasons"]["a"]
         assert "insufficient samples" in plan["reasons"]["few"] and "data stale" in plan["reasons"]["stale"]
         assert plan["scores"]["b"] == 3.0
+        assert plan["topk"] == ["b", "c"] and plan["promote"] == ["b", "c"] and plan["demote"] == ["old"]
+        assert plan["notes"].startswith("policy v1") and "6 strategies judged (from the request)" in plan["notes"]
         # read-only: nothing changed, nothing published
         assert (await env.call("GET", "/worlds/ew/activations")).json() == before
         assert await env.events() == []
@@ -399,6 +401,45 @@ async def test_evaluate_is_read_only_and_its_plan_can_be_applied(db_target):
 
         await make_world(env, "nopolicy", policy=None)
         await env.call("POST", "/worlds/nopolicy/evaluate", 409, json={"strategies": []})
+
+
+async def test_evaluate_without_strategies_judges_the_strategies_known_from_observations(db_target):
+    """The documented Aug-2025 body is just {"as_of": ...}: the strategies judged are the ones
+    whose latest metrics were recorded with an observation (`strategies`)."""
+    async with running(db_target) as env:
+        await make_world(env, "ow")
+        await env.call("POST", "/worlds/ow/apply", json={"run_id": "seed", "plan": {"activate": ["s9", "s3"]}})
+        empty = (await env.call("POST", "/worlds/ow/evaluate", json={"as_of": "2099-01-01T00:10:00Z"})).json()
+        assert empty["topk"] == [] and empty["activate"] == [] and empty["deactivate"] == []
+        assert "no strategy observations" in empty["notes"] and empty["reasons"] == {"s3": "kept: active and not evaluated",
+                                                                                    "s9": "kept: active and not evaluated"}
+        world_obs = {"data_end": "2099-01-01T00:00:00Z", "samples": 50, "metrics": GOOD}
+        strategies = [
+            {"strategy_id": "s1", "samples": 50, "data_end": "2099-01-01T00:00:00Z", "metrics": {"sharpe": 3.0, "max_drawdown": 0.1}},
+            {"strategy_id": "s2", "samples": 50, "data_end": "2099-01-01T00:00:00Z", "metrics": {"sharpe": 2.0, "max_drawdown": 0.1}},
+            {"strategy_id": "s9", "samples": 50, "data_end": "2099-01-01T00:00:00Z", "metrics": BAD},
+        ]
+        state = (await env.call("PUT", "/worlds/ow/observations", json={**world_obs, "strategies": strategies})).json()
+        assert state["consecutive_passes"] == 1  # the world's own observation counts as before
+        # a later observation replaces a strategy's metrics; strategies it does not name stay known
+        await env.call("PUT", "/worlds/ow/observations", json={**world_obs, "strategies": [
+            {"strategy_id": "s2", "samples": 50, "data_end": "2099-01-01T00:00:00Z", "metrics": {"sharpe": 2.5, "max_drawdown": 0.1}}]})
+        await env.call("PUT", "/worlds/ow/observations", 422, json={**world_obs, "strategies": [strategies[0], strategies[0]]})
+        await env.events()
+        before = (await env.call("GET", "/worlds/ow/activations")).json()
+        plan = (await env.call("POST", "/worlds/ow/evaluate", json={"as_of": "2099-01-01T00:10:00Z"})).json()
+        # max_active 2, and s3 (active, no observation) keeps its slot: one slot left for s1/s2/s9
+        assert plan["topk"] == ["s1"] and plan["promote"] == ["s1"] and plan["demote"] == ["s9"]
+        assert plan["scores"]["s2"] == 2.5 and "max_active 2 reached" in plan["reasons"]["s2"]
+        assert plan["reasons"]["s3"] == "kept: active and not evaluated"
+        assert {(e["strategy_id"], e["side"]) for e in plan["deactivate"]} == {("s9", "long"), ("s9", "short")}
+        assert "3 strategies judged (known from observations)" in plan["notes"]
+        assert (await env.call("GET", "/worlds/ow/activations")).json() == before and await env.events() == []
+        audit = (await env.call("GET", "/worlds/ow/audit", params={"limit": 1})).json()["records"][0]
+        assert audit["event"] == "plan.evaluated" and audit["request"]["source"] == "observations"
+        # caller-supplied strategies still win over the known ones
+        supplied = (await env.call("POST", "/worlds/ow/evaluate", json={"strategies": [strategies[1]]})).json()
+        assert "1 strategy judged (from the request)" in supplied["notes"] and "s9" not in supplied["scores"]
 
 
 async def test_apply_two_phase_idempotent_single_flight(db_target):

@@ -14,6 +14,7 @@ API used by the rest of the Gateway:
   PolicyUpdated / ActivationUpdated applied (from the bus, a rebuild, a seed or a callback),
   whatever its outcome (a duplicate of a state seeded from WorldService still means the
   world changed recently); the worlds proxy drops its cached entries of the world.
+* ``queue_feed`` — the relay's queue sets per key for ``GET /queues/watch`` (:mod:`.feed`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from qmtl.contracts.events import event_validators, schema_validator
 
 from . import state as st
 from .consumer import ControlBusConsumer
+from .feed import QueueFeed
 from .hub import (
     KIND_ACTIVATION,
     KIND_INGEST,
@@ -105,6 +107,7 @@ class EventsComponent:
             algorithm=cfg.algorithm, issuer=self.public_url, store=self._key_store(ctx),
         )
         self.state = st.StateStore(max_skew=ctx.config.gateway.callbacks.max_clock_skew)
+        self.queue_feed = QueueFeed(self.state, self._reconcile_queues, time.time)
         self.hub = Hub(
             self.metrics, source=f"qmtl.gateway/{self.instance_id}", queue_size=cfg.client_queue_size,
             replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval,
@@ -226,6 +229,8 @@ class EventsComponent:
     def _apply_queues(self, key: tuple, queues: Iterable[str], *, etag: str | None, ts: Any, relay: bool) -> tuple[str, int]:
         outcome, h = self.state.apply_queues(key, queues, etag=etag, ts=ts)
         delivered = 0
+        if outcome == st.APPLIED:
+            self.queue_feed.applied(key)
         if outcome == st.APPLIED and relay:
             tags, interval, mode = key
             entry = self.state.queues[key]
@@ -244,6 +249,12 @@ class EventsComponent:
         outcome, delivered = self._apply_queues(key, data["queues"], etag=data.get("etag"), ts=data.get("ts"), relay=True)
         self.metrics.controlbus_events.labels(TOPIC_QUEUES, outcome, source).inc()
         return outcome, delivered
+
+    def _reconcile_queues(self, key: tuple, queues: Iterable[str], *, etag: str | None, ts: Any) -> str:
+        """A DAG Manager answer offered by a ``/queues/watch`` reconcile (see :mod:`.feed`)."""
+        outcome, _delivered = self._apply_queues(key, queues, etag=etag, ts=ts, relay=True)
+        self.metrics.controlbus_events.labels(TOPIC_QUEUES, outcome, "reconcile").inc()
+        return outcome
 
     def apply_sentinel_weight(self, data: Mapping[str, Any], *, source: str = "callback") -> tuple[str, int]:
         """``{sentinel_id | version, weight, ts?}`` → gauge, ``sentinel_weight`` frame, skew."""

@@ -16,6 +16,10 @@ sent to the DAG Manager (SPEC §2):
    ``config_hash``, ``schema_hash`` (SHA-256; SHA3-256 where the SHA-256 digest is known
    for a different node) → 400 listing every offending node.
 
+Then :func:`apply_defaults` fills in what the schema declares as ``default`` (a TagQueryNode
+without ``match_mode`` is ``any``: ``tag_query_node.schema.json``), before the content hash,
+the stored DAG and the diff see it. No NodeID field has a default, so ids are unaffected.
+
 Pure functions: no I/O here except what the caller passes in (the collision lookups).
 """
 
@@ -36,7 +40,7 @@ from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.errors import BadRequest, Unprocessable
 from qmtl.common.nodeid import NODE_ID_FIELDS, missing_fields, sha3_node_id, sha256_node_id, verify_node_ids
 from qmtl.contracts.connexion31 import pointer
-from qmtl.contracts.constants import DEFAULT_MATCH_MODE
+from qmtl.contracts.defaults import defaults_filler
 from qmtl.contracts.events import schema_validator
 from qmtl.contracts.loader import load_schema_files, schema_registry
 
@@ -49,6 +53,7 @@ _MAX_ERRORS = 50
 __all__ = [
     "DAG_POINTER",
     "SENTINEL_TYPE",
+    "apply_defaults",
     "TAG_QUERY_TYPE",
     "canonical_json",
     "check_crc",
@@ -187,6 +192,12 @@ def validate_dag(dag: Any) -> None:
         )
 
 
+def apply_defaults(dag: Any) -> Any:
+    """Fill the schema's ``default`` values into a DAG that passed :func:`validate_dag` (in place)."""
+    defaults_filler(DAG_SCHEMA_FILE)(dag)
+    return dag
+
+
 # -- 4. NodeIDs ------------------------------------------------------------------------------
 Fields = tuple[str, str, str, str]
 
@@ -296,9 +307,9 @@ def insert_sentinel(dag: Mapping[str, Any], strategy_id: str, version: str | Non
 
 
 def tag_queries(dag: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], int, str]]:
-    """TagQueryNode id → (tags, interval, match_mode)."""
+    """TagQueryNode id → (tags, interval, match_mode) of a DAG after :func:`apply_defaults`."""
     out: dict[str, tuple[tuple[str, ...], int, str]] = {}
     for node in dag["nodes"]:
         if node.get("node_type") == TAG_QUERY_TYPE:
-            out[node["node_id"]] = (tuple(node["tags"]), int(node["interval"]), node.get("match_mode") or DEFAULT_MATCH_MODE)
+            out[node["node_id"]] = (tuple(node["tags"]), int(node["interval"]), node["match_mode"])
     return out

@@ -2,6 +2,12 @@
 
 Used by ``GET /queues/by_tag``, the legacy ``GET /queues/watch`` stream, and the
 ``queue_map`` of a ``POST /strategies`` ack (the queues matching each TagQueryNode).
+
+``/queues/watch`` follows the event relay (the queue sets ``/ws`` relays) through a
+:class:`RelayedQueueSets` feed, so a QueueUpdated from the ControlBus or from
+``/callbacks/dag-event`` shows on both at once; the periodic DAG Manager lookup stays as
+its reconcile, and its answers enter the relay (see ``qmtl.gateway.events.feed``). Without
+a feed (a Gateway built without its events component) the watch polls alone.
 Identical lookups in flight at the same time share one DAG Manager call (single flight).
 The routes always ask the DAG Manager; only the ``queue_map`` of an ack may reuse an answer
 up to ``ack_ttl`` (1 s) old — dropped as soon as a diff through this Gateway creates queues —
@@ -14,8 +20,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, Protocol
 
 from qmtl.common.errors import BadGateway, BadRequest, ServiceUnavailable
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE
@@ -47,9 +53,30 @@ def unavailable(exc: BackendUnavailable) -> ServiceUnavailable:
     return ServiceUnavailable(f"the DAG Manager cannot answer: {exc.reason}", retry_after=max(1, round(exc.retry_after or 1)))
 
 
+class Following(Protocol):
+    async def wait(self, timeout: float | None) -> list[dict]: ...  # sets applied since the last call, in order
+
+    def close(self) -> None: ...
+
+
+class RelayedQueueSets(Protocol):
+    """What the watch stream needs from the event relay (``qmtl.gateway.events.feed.QueueFeed``)."""
+
+    def key(self, tags: Iterable[str], interval: Any, match_mode: Any) -> Key: ...
+
+    def now(self) -> float: ...
+
+    def follow(self, key: Key) -> Following: ...
+
+    def current(self, key: Key) -> dict | None: ...
+
+    def offer(self, key: Key, queues: Iterable[str], *, etag: str | None, asked_at: float) -> str: ...
+
+
 class QueueLookup:
-    def __init__(self, backend: Backend, *, ack_ttl: float = 1.0) -> None:
+    def __init__(self, backend: Backend, *, ack_ttl: float = 1.0, feed: RelayedQueueSets | None = None) -> None:
         self.backend = backend
+        self.feed = feed  # set by the Gateway's composition root when the events component exists
         self._inflight: dict[Key, asyncio.Future] = {}
         self.calls = 0
         # answers reused for the queue_map of acks only (never for /queues/by_tag): at most
@@ -112,14 +139,63 @@ class QueueLookup:
         """A diff created queues: cached answers may be missing them."""
         self._ack_cache.clear()
 
-    async def watch(self, tags: Sequence[str], interval: int, match_mode: str, *, poll_interval: float,
-                    first: dict | None = None) -> AsyncIterator[bytes]:
-        """NDJSON lines: the current list first, then one line each time the set changes.
+    async def open_watch(self, tags: Sequence[str], interval: int, match_mode: str, *,
+                         poll_interval: float) -> AsyncIterator[bytes]:
+        """The NDJSON lines of ``/queues/watch``: the current list first, then one line each
+        time the set changes. Raises (before any line) what :meth:`by_tag` raises, so the
+        route can still answer with a status code.
 
-        Changes are found by asking the DAG Manager every ``poll_interval`` seconds (each ask
-        on its budget; a failed ask keeps the last list and tries again next time).
-        """
-        current = first if first is not None else await self.by_tag(tags, interval, match_mode)
+        With a feed, the lines follow the event relay: a change shows as soon as the relay
+        applies it, and the DAG Manager is asked every ``poll_interval`` seconds as the
+        reconcile (its answer enters the relay; an event newer than the question stays).
+        Without one, changes are found by that poll alone."""
+        feed = self.feed
+        follower = None
+        if feed is not None:
+            key = feed.key(tags, interval, match_mode)
+            follower = feed.follow(key)  # before the first lookup: no change can slip between
+        try:
+            asked = feed.now() if feed is not None else 0.0
+            first = await self.by_tag(tags, interval, match_mode)
+        except BaseException:
+            if follower is not None:
+                follower.close()
+            raise
+        if feed is None or follower is None:
+            return self._poll_lines(tags, interval, match_mode, poll_interval, first)
+        return self._relay_lines(feed, key, follower, tags, interval, match_mode, poll_interval, first, asked)
+
+    async def _relay_lines(self, feed: RelayedQueueSets, key: Key, follower: Following, tags: Sequence[str], interval: int,
+                           match_mode: str, poll_interval: float, first: dict, asked: float) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        try:
+            feed.offer(key, first["queues"], etag=first.get("etag"), asked_at=asked)
+            await follower.wait(0)  # the first line is the current set: changes before it are in it
+            current = feed.current(key) or first
+            yield _line(current)
+            last = sorted(current["queues"])
+            next_poll = loop.time() + poll_interval
+            while True:
+                changes = await follower.wait(max(0.0, next_poll - loop.time()))
+                if not changes:  # the reconcile is due
+                    next_poll = loop.time() + poll_interval
+                    asked = feed.now()
+                    try:
+                        answer = await self.by_tag(tags, interval, match_mode)
+                    except (BackendUnavailable, BadGateway, BadRequest) as exc:
+                        log.info("queues/watch: DAG Manager did not answer (%s); following the relay", exc)
+                        continue
+                    feed.offer(key, answer["queues"], etag=answer.get("etag"), asked_at=asked)
+                    continue  # what it changed arrives through the follower, in order
+                for now in changes:  # every set the relay applied, as /ws relayed it
+                    if sorted(now["queues"]) != last:
+                        last = sorted(now["queues"])
+                        yield _line(now)
+        finally:
+            follower.close()
+
+    async def _poll_lines(self, tags: Sequence[str], interval: int, match_mode: str, poll_interval: float,
+                          current: dict) -> AsyncIterator[bytes]:
         yield _line(current)
         last = sorted(current["queues"])
         while True:

@@ -194,6 +194,7 @@ class IngestService:
         if not ok:  # nothing reaches the DAG Manager's diff before the ids are verified
             known = await self._collision_lookups(claims) if claims else {}
             dagmod.verify_ids(dag["nodes"], known)
+        dagmod.apply_defaults(dag)  # e.g. a TagQueryNode without match_mode is `any` (the schema's default)
         chash = dagmod.content_hash(dag)
 
         refusal = self._refusal()
