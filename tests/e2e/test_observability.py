@@ -16,7 +16,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract.test_metrics_reference import reference_names
-from tests.helpers.server import free_port, wait_healthy
+from tests.helpers.server import free_port, wait_all_healthy
 
 QMTL = str(Path(sys.executable).with_name("qmtl"))
 # Warnings a fresh embedded start gives on purpose: permissive development modes are announced.
@@ -36,7 +36,7 @@ def test_qmtl_up_json_logs_access_lines_and_metrics_from_start(tmp_path):
         )
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        wait_healthy(urls, proc)
+        wait_all_healthy(urls, proc)
         # every series of the reference is served from the first scrape
         allowed = reference_names()
         for url, service in zip(urls, ("gateway", "worldservice", "dagmanager")):

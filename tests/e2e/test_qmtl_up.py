@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers.server import free_port, wait_healthy
+from tests.helpers.server import free_port, wait_all_healthy
 
 QMTL = str(Path(sys.executable).with_name("qmtl"))
 
@@ -25,7 +25,7 @@ def test_qmtl_up_serves_all_three_and_stops_on_ctrl_c(tmp_path):
     )
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        wait_healthy(urls, proc)
+        wait_all_healthy(urls, proc)
         health = [httpx.get(u + "/health", timeout=2).json() for u in urls]
         assert [h["status"] for h in health] == ["ok", "ok", "ok"]
         # Each serves its own bundled spec (JSON and YAML), Swagger UI, the AsyncAPI document and page

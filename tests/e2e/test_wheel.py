@@ -26,7 +26,7 @@ import yaml
 
 import qmtl
 from qmtl.contracts.loader import ASYNCAPI_FILE, OPENAPI_FILES, SPECS_DIR
-from tests.helpers.server import free_port, wait_healthy
+from tests.helpers.server import free_port, wait_all_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "qmtl", "handlers", "specs"]
@@ -89,7 +89,7 @@ def test_wheel_carries_specs_and_docs_and_runs_from_the_fresh_venv(installed, tm
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        wait_healthy(urls, proc, timeout=90)
+        wait_all_healthy(urls, proc, timeout=90)
         for url in urls:
             assert httpx.get(url + "/health", timeout=5).json()["status"] == "ok"
             assert httpx.get(url + "/openapi.json", timeout=5).json()["info"]["version"] == qmtl.__version__

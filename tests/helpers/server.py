@@ -80,7 +80,7 @@ async def serve(app, *, port: int | None = None, host: str = "127.0.0.1") -> Asy
             await asyncio.wait_for(task, 10)
 
 
-def wait_healthy(urls, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_all_healthy(urls, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Wait until every URL answers ``GET /health`` with 200; fail with the output of ``proc``
     (a ``qmtl`` subprocess started with stdout=PIPE) if it exits first."""
     deadline = time.monotonic() + timeout
