@@ -768,7 +768,7 @@ async def test_state_survives_a_restart_and_unpublished_events_follow(db_target)
     await bus.start()
     sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="late")
     async with running(db_target, bus=bus) as env:
-        late = [await asyncio.wait_for(sub.__anext__(), 5) for _ in range(2)]
+        late = [await asyncio.wait_for(sub.__anext__(), 20) for _ in range(2)]  # liveness bound
         await env.service.outbox.flush()  # the publisher's batch (and its delete) is done
         assert (await env.call("GET", "/health")).json()["outbox_pending"] == 0
         assert [(m.value["side"], m.value["active"], m.value["run_id"]) for m in late] == [("long", False, "r2"), ("short", False, "r2")]
