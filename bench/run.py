@@ -2,7 +2,7 @@
 
     make bench                       # all of them
     make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest, statehash, ops, flood,
-                                     # slowloris, outage, tracing, labels, replicas)
+                                     # slowloris, outage, tracing, labels, replicas, watch)
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
 noisy; absolute figures drift). They run one at a time so they do not slow each other.
@@ -30,6 +30,7 @@ BENCHES = {
     "tracing": ["bench_tracing.py"],
     "labels": ["bench_label_series.py"],
     "replicas": ["bench_replicas.py"],
+    "watch": ["bench_watch.py"],
 }
 
 
