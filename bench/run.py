@@ -6,11 +6,13 @@
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
 noisy; absolute figures drift). They run one at a time so they do not slow each other.
+It ends with every goal line the benchmarks printed (met / MISSED) and a count.
 Exit status: 1 when any benchmark failed (e.g. lost submissions, non-200 answers).
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -40,19 +42,43 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHES)}", file=sys.stderr)
         return 2
-    failed = []
+    failed: list[str] = []
+    verdicts: list[tuple[str, str]] = []
     for name in names:
         cmd = [sys.executable, str(HERE / BENCHES[name][0]), *BENCHES[name][1:]]
         print(f"\n=== {name}: {' '.join(Path(c).name if i == 1 else c for i, c in enumerate(cmd))}", flush=True)
         started = time.monotonic()
-        rc = subprocess.call(cmd, cwd=HERE.parent)
+        rc = _run(cmd, name, verdicts)
         print(f"=== {name}: exit {rc} in {time.monotonic() - started:.1f} s", flush=True)
         if rc != 0:
             failed.append(name)
+    if verdicts:
+        print("\n=== goals (each line as its benchmark printed it)")
+        for name, text in verdicts:
+            print(f"  {name:<10} {text}")
+        missed = sum(1 for _, text in verdicts if VERDICT_MISSED.search(text))
+        print(f"=== {len(verdicts) - missed} met, {missed} missed")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+# a benchmark states each goal on one line, ending in its verdict ("met", "[met]", "[ok]",
+# "MISSED", "[MISSED]"); the summary gathers those lines so `make bench` ends with every goal
+VERDICT = re.compile(r"\b(met|MISSED)\b|\[(ok|met|MISSED)\]")
+VERDICT_MISSED = re.compile(r"\bMISSED\b")
+
+
+def _run(cmd: list[str], name: str, verdicts: list[tuple[str, str]]) -> int:
+    with subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if VERDICT.search(line):
+                verdicts.append((name, " ".join(line.split())))
+        return proc.wait()
 
 
 if __name__ == "__main__":
