@@ -25,7 +25,7 @@ def test_defaults_are_the_old_keyword_defaults():
     o = StreamOptions()
     assert {k: getattr(o, k) for k in OLD_DEFAULTS} == OLD_DEFAULTS
     assert o.refusal_grace == 0.3
-    assert LEGACY_KEYWORDS == set(OLD_DEFAULTS)
+    assert set(OLD_DEFAULTS) == LEGACY_KEYWORDS
 
 
 def test_frozen_and_replace_validates_again():
