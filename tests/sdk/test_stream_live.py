@@ -141,6 +141,26 @@ async def test_fallback_url_when_the_stream_url_fails(client, proxies):
         assert {e.data["strategy_id"] for e in got.of("activation_updated")} >= {"f1", "f2"}
 
 
+async def test_back_to_the_stream_url_after_primary_retry_interval(client, proxies):
+    live = proxies
+    w = await new_world(client, live)
+    got = Collector()
+    async with EventStream(client, world_id=w, topics=["activation"], on_event=got,
+                           options=StreamOptions(reconcile_after=30, reconnect_max=0.5,
+                                                 primary_retry_interval=1.0)) as stream:
+        await stream.wait_synced(10)
+        live.stream_proxy.close()
+        await wait_until(lambda: stream.route == "fallback", 10, what="fallback route")
+        live.stream_proxy.open()
+        await apply(client, w, activate=["p1"])
+        await wait_until(lambda: stream.route == "stream", 10, what="back on stream_url")
+        await apply(client, w, activate=["p2"], deactivate=["p1"])
+        truth = await client.list_activations(w)
+        await wait_until(lambda: local_view(stream, w) == truth_view(truth), 10, what="convergence on stream_url")
+        assert stream.stats.fallback_connects >= 1 and 1000 not in stream.stats.refusals
+        assert {e.data["strategy_id"] for e in got.of("activation_updated")} >= {"p1", "p2"}
+
+
 async def test_http_reconcile_while_the_stream_stays_down(client, proxies):
     live = proxies
     w = await new_world(client, live)
