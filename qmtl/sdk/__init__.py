@@ -6,7 +6,8 @@
 * :class:`Node`, :class:`TagQueryNode`, :class:`Dag` — build a DAG whose NodeIDs and CRC32
   the Gateway verifies (the same functions it uses).
 * :class:`EventStream` — the descriptor event stream: snapshot, ordered de-duplicated
-  deltas, state-hash checks, token refresh, reconnect/resume/fallback, HTTP reconcile.
+  deltas, state-hash checks, token refresh, reconnect/resume/fallback, HTTP reconcile;
+  tuned with one :class:`StreamOptions` (package :mod:`qmtl.sdk.stream`).
 * :class:`TagQueryManager` — resolves TagQueryNodes and follows their queue sets.
 * :class:`ActivationGate` — ``is_active(world, strategy, side)``: false unless known fresh.
 * :class:`WebSocketClient` — the legacy ``/ws`` client (``qmtl.sdk.ws_client``).
@@ -34,7 +35,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .state import StreamState
-from .stream import EventStream, StreamEvent, StreamStats
+from .stream import EventStream, StreamEvent, StreamOptions, StreamStats
 from .tagquery import TagQueryManager
 from .ws_client import WebSocketClient
 
@@ -58,6 +59,7 @@ __all__ = [
     "ResponseValidationError",
     "StreamError",
     "StreamEvent",
+    "StreamOptions",
     "StreamState",
     "StreamStats",
     "TagQueryManager",

@@ -40,7 +40,7 @@ from .client import GatewayClient
 from .dag import Dag, TagQueryNode
 from .errors import ProblemError, QmtlError
 from .state import QueueKey, normalise_queue_key
-from .stream import EventStream, StreamEvent
+from .stream import EventStream, StreamEvent, StreamOptions
 from .ws_client import WebSocketClient
 
 __all__ = ["TagQueryManager"]
@@ -62,7 +62,7 @@ class TagQueryManager:
         on_update: UpdateCallback | None = None,
         reconcile_interval: float = 5.0,
         upgrade_interval: float = 30.0,
-        stream_options: dict[str, Any] | None = None,
+        stream_options: StreamOptions | dict[str, Any] | None = None,
         gateway_url: str | None = None,
     ) -> None:
         if client is None and gateway_url is not None:
@@ -80,7 +80,9 @@ class TagQueryManager:
         self.on_update = on_update
         self.reconcile_interval = reconcile_interval
         self.upgrade_interval = upgrade_interval
-        self.stream_options = dict(stream_options or {})
+        # the tuning of the stream it makes (a dict of EventStream keywords still works)
+        self.stream_options: StreamOptions | dict[str, Any] = (
+            stream_options if isinstance(stream_options, StreamOptions) else dict(stream_options or {}))
         self.nodes: dict[QueueKey, list[TagQueryNode]] = {}
         self.mode: str | None = None  # stream | watch
         self._tasks: list[asyncio.Task[None]] = []
@@ -179,9 +181,10 @@ class TagQueryManager:
             await self.stream.add_queue_keys(self.keys)
             self.stream.add_listener(self._on_event)
             return True
+        opts = self.stream_options
         stream = EventStream(
             self._gateway(), topics=["queues"], queue_keys=self.keys, world_id=None, strategy_id=self.strategy_id,
-            on_event=self._on_event, **self.stream_options,
+            on_event=self._on_event, **({"options": opts} if isinstance(opts, StreamOptions) else opts),
         )
         try:
             # a descriptor must be had now; the stream handles every later outage itself

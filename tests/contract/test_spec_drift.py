@@ -443,7 +443,7 @@ def test_no_enum_is_restated_as_a_literal_collection():
     enums = {name: {m.value for m in e} for name, e in c._CONTRACT.enums.items()}
     allowed = {
         ("qmtl/sdk/client.py", frozenset({"completed", "failed"})): "the SDK's default terminal states to wait for",
-        ("qmtl/sdk/stream.py", frozenset({"activation", "policy"})): "the SDK's world-scoped topics (it loads no specs)",
+        ("qmtl/sdk/stream/subscription.py", frozenset({"activation", "policy"})): "the SDK's world-scoped topics (it loads no specs)",
     }
     found = []
     for path in code_files():

@@ -15,6 +15,7 @@ from qmtl.sdk import (
     EventStream,
     GatewayClient,
     Node,
+    StreamOptions,
     TagQueryManager,
     TagQueryNode,
 )
@@ -90,7 +91,7 @@ async def test_sdk_on_redis_postgresql_and_kafka(tmp_path, kafka_bootstrap, fres
             tq = TagQueryNode([tag], interval=60)
             consumer = Dag([Node("Compute", code="consume", interval=60, period=1, inputs=[tq])], name=f"consumer-{w}")
             async with EventStream(client, world_id=w, topics=["activation", "policy", "queues"],
-                                   queue_keys=[tq.query_key], reconnect_max=0.5) as stream:
+                                   queue_keys=[tq.query_key], options=StreamOptions(reconnect_max=0.5)) as stream:
                 await stream.wait_synced(30)
                 manager = TagQueryManager(client, stream=stream)
                 manager.register(consumer)

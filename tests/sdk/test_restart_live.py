@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from qmtl.sdk import ActivationGate, EventStream, GatewayClient, StreamEvent
+from qmtl.sdk import ActivationGate, EventStream, GatewayClient, StreamEvent, StreamOptions
 from tests.sdk.conftest import embedded_env
 from tests.sdk.live import QmtlUp, wait_until
 
@@ -26,7 +26,7 @@ async def test_gateway_restart_mid_stream(tmp_path):
             await client.create_world("restart", "restart test")
             await client.apply("restart", {"activate": ["s0", "s1"]}, consent_live=True)
             stream = EventStream(client, world_id="restart", topics=["activation", "policy"], on_event=events.append,
-                                 reconnect_max=0.5, reconcile_after=1.0, reconcile_interval=0.5)
+                                 options=StreamOptions(reconnect_max=0.5, reconcile_after=1.0, reconcile_interval=0.5))
             gate = ActivationGate(client, stream=stream, max_age=2.0)
             await stream.start()
             try:

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from qmtl.sdk import ActivationGate, EventStream, GatewayClient, StreamEvent
+from qmtl.sdk import ActivationGate, EventStream, GatewayClient, StreamEvent, StreamOptions
 from tests.sdk.live import wait_until
 
 
@@ -78,7 +78,7 @@ async def test_snapshot_then_ordered_deltas_with_verified_hashes(client, live):
         # the same frames again (a replay after a reconnect): dropped, nothing emitted
         before = len(got.events)
         for e in deltas[-3:]:
-            await stream._on_text(json.dumps(e.frame), "stream")
+            await stream.sync.on_text(json.dumps(e.frame), "stream")
         assert len(got.events) == before and stream.stats.duplicates >= 3
 
 
@@ -86,7 +86,8 @@ async def test_token_refreshed_before_expiry_and_resume_after_an_outage(client, 
     live = proxies
     w = await new_world(client, live)
     got = Collector()
-    stream = EventStream(client, world_id=w, topics=["activation"], on_event=got, reconcile_after=30)
+    stream = EventStream(client, world_id=w, topics=["activation"], on_event=got,
+                         options=StreamOptions(reconcile_after=30))
     await stream.start()
     try:
         await stream.wait_synced(10)
@@ -127,8 +128,8 @@ async def test_fallback_url_when_the_stream_url_fails(client, proxies):
     live = proxies
     w = await new_world(client, live)
     got = Collector()
-    async with EventStream(client, world_id=w, topics=["activation"], on_event=got, reconcile_after=30,
-                           reconnect_max=0.5) as stream:
+    async with EventStream(client, world_id=w, topics=["activation"], on_event=got,
+                           options=StreamOptions(reconcile_after=30, reconnect_max=0.5)) as stream:
         await stream.wait_synced(10)
         live.stream_proxy.close()  # stream_url refuses from now on; fallback_url works
         await apply(client, w, activate=["f1"])
@@ -140,13 +141,33 @@ async def test_fallback_url_when_the_stream_url_fails(client, proxies):
         assert {e.data["strategy_id"] for e in got.of("activation_updated")} >= {"f1", "f2"}
 
 
+async def test_back_to_the_stream_url_after_primary_retry_interval(client, proxies):
+    live = proxies
+    w = await new_world(client, live)
+    got = Collector()
+    async with EventStream(client, world_id=w, topics=["activation"], on_event=got,
+                           options=StreamOptions(reconcile_after=30, reconnect_max=0.5,
+                                                 primary_retry_interval=1.0)) as stream:
+        await stream.wait_synced(10)
+        live.stream_proxy.close()
+        await wait_until(lambda: stream.route == "fallback", 10, what="fallback route")
+        live.stream_proxy.open()
+        await apply(client, w, activate=["p1"])
+        await wait_until(lambda: stream.route == "stream", 10, what="back on stream_url")
+        await apply(client, w, activate=["p2"], deactivate=["p1"])
+        truth = await client.list_activations(w)
+        await wait_until(lambda: local_view(stream, w) == truth_view(truth), 10, what="convergence on stream_url")
+        assert stream.stats.fallback_connects >= 1 and 1000 not in stream.stats.refusals
+        assert {e.data["strategy_id"] for e in got.of("activation_updated")} >= {"p1", "p2"}
+
+
 async def test_http_reconcile_while_the_stream_stays_down(client, proxies):
     live = proxies
     w = await new_world(client, live)
     await apply(client, w, activate=["r1"])
     got = Collector()
-    async with EventStream(client, world_id=w, topics=["activation"], on_event=got, reconcile_after=1.0,
-                           reconcile_interval=0.5, reconnect_max=0.5) as stream:
+    async with EventStream(client, world_id=w, topics=["activation"], on_event=got,
+                           options=StreamOptions(reconcile_after=1.0, reconcile_interval=0.5, reconnect_max=0.5)) as stream:
         await stream.wait_synced(10)
         gate = ActivationGate(client, stream=stream, max_age=5)
         assert gate.is_active(w, "r1", "long") and not gate.is_active(w, "r2", "long")

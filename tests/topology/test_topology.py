@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from qmtl.common.config import WorldServiceConfig
-from qmtl.sdk import Dag, EventStream, GatewayClient, Node
+from qmtl.sdk import Dag, EventStream, GatewayClient, Node, StreamOptions
 from qmtl.sdk.errors import Conflict, ProblemError, QmtlError
 from tests.conftest import REDIS_URL
 from tests.sdk.live import wait_until
@@ -163,7 +163,8 @@ async def test_two_of_every_service_no_stale_decide_nothing_lost_through_kill_9(
         await wait_until(lambda: settled(load.http, w, 1, cached=True), 30, what="policy v1 cached on both Gateways")
 
         for client in admin:  # one /ws/evt subscriber per Gateway, falling back to the other one
-            stream = EventStream(client, world_id=w, topics=["activation", "policy"], reconnect_max=0.5, fallback_after=1)
+            stream = EventStream(client, world_id=w, topics=["activation", "policy"],
+                                 options=StreamOptions(reconnect_max=0.5, fallback_after=1))
             await stream.__aenter__()
             streams.append(stream)
         for s in streams:
