@@ -88,7 +88,7 @@ class DagManagerTap:
 
 
 class RelayRecorder:
-    """Stands in for (or wraps) the events component to record relayed frames."""
+    """Wraps the ingest's relay (the events part, or none) to record relayed frames."""
 
     def __init__(self, inner: Any = None) -> None:
         self.inner = inner
@@ -99,19 +99,6 @@ class RelayRecorder:
         if self.inner is not None:
             return self.inner.relay_local(type_, data, key=key, world_id=world_id)
         return None
-
-    async def start(self) -> None:
-        if self.inner is not None:
-            await self.inner.start()
-
-    async def stop(self) -> None:
-        if self.inner is not None:
-            await self.inner.stop()
-
-    def __getattr__(self, name: str) -> Any:
-        if self.inner is None:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 def fast_timings(ingest: Any) -> None:
@@ -133,7 +120,7 @@ class Gateway:
 
     @property
     def ingest(self) -> Any:
-        return self.app.ctx.ingest
+        return self.app.service.ingest
 
 
 @dataclass
@@ -188,13 +175,13 @@ class Stack:
             cfg.gateway.workers = workers
         app = gateway_app(cfg, bus=self.bus, kv=kv if kv is not None else self.kv, kv_prefix=self.prefix,
                           db=Database(self.pg_url, schema=self.gw_schema))
-        fast_timings(app.ctx.ingest)
+        ingest = app.service.ingest
+        fast_timings(ingest)
         if tune is not None:
-            tune(app.ctx.ingest)
+            tune(ingest)
         relay = None
-        if record_relay:
-            relay = RelayRecorder(app.ctx.components.get("events"))
-            app.ctx.components["events"] = relay
+        if record_relay:  # records what the ingest relays, and passes it on to the events part
+            relay = ingest.relay = RelayRecorder(ingest.relay)
         stack = contextlib.AsyncExitStack()
         url = await stack.enter_async_context(serve(app))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=10))

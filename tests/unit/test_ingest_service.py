@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ from qmtl.common.config import Config
 from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.nodeid import compute_node_id
 from qmtl.gateway.backends import Backend
-from qmtl.gateway.ingest.service import IngestService
+from qmtl.gateway.ingest import FallbackQueue, IngestMetrics, IngestService, QueueLookup
 from qmtl.store import Database, make_kv, sqlite_url
 
 
@@ -79,17 +78,20 @@ async def svc(tmp_path):
     cfg.gateway.workers = 1
     backend = Backend("dagmanager", "http://dm", timeout=0.5, retries=1,
                       client=httpx.AsyncClient(base_url="http://dm", transport=httpx.MockTransport(fake)))
-    ctx = SimpleNamespace(config=cfg, registry=CollectorRegistry(), db=Database(sqlite_url(tmp_path / "gw.db")),
-                          kv=make_kv("memory://"), kv_prefix="u:", dagmanager=backend, components={})
-    service = IngestService(ctx)
+    registry, db, kv = CollectorRegistry(), Database(sqlite_url(tmp_path / "gw.db")), make_kv("memory://")
+    metrics = IngestMetrics.create(registry)
+    service = IngestService(cfg.gateway, db=db, kv=kv, kv_prefix="u:", dagmanager=backend, metrics=metrics,
+                            fallback=FallbackQueue(cfg.gateway.fallback_queue_size, on_change=metrics.fallback_size.set),
+                            queues=QueueLookup(backend))
+    service.registry = registry  # read by sample() below
     service.pop_timeout = 0.05
     service.reconcile_interval = 0.05
     service.fake = fake
     yield service
     await service.stop()
     await backend.close()
-    await ctx.db.close()
-    await ctx.kv.aclose()
+    await db.close()
+    await kv.aclose()
 
 
 async def wait_terminal(svc, sid, timeout=5.0):
@@ -103,7 +105,7 @@ async def wait_terminal(svc, sid, timeout=5.0):
 
 
 def sample(svc, name, labels=None):
-    return svc.ctx.registry.get_sample_value(name, labels or {}) or 0
+    return svc.registry.get_sample_value(name, labels or {}) or 0
 
 
 async def test_refused_diff_fails_the_strategy_with_the_reason(svc):
@@ -154,7 +156,7 @@ async def test_a_lock_held_elsewhere_means_this_copy_is_dropped(svc):
 
 async def test_a_failing_relay_does_not_stop_the_fsm(svc):
     rec = Recorder(fail=True)
-    svc.ctx.components["events"] = rec
+    svc.relay = rec
     await svc.start()
     ack, _ = await svc.submit(body([node("d")]))
     st = await wait_terminal(svc, ack["strategy_id"])
@@ -192,7 +194,7 @@ async def test_dry_run_and_meta_reach_the_diff(svc):
             seen.update(json.loads(request.content))
         return original(request)
 
-    svc.ctx.dagmanager.client = httpx.AsyncClient(base_url="http://dm", transport=httpx.MockTransport(spy))
+    svc.dagmanager.client = httpx.AsyncClient(base_url="http://dm", transport=httpx.MockTransport(spy))
     await svc.start()
     b = body([node("e")])
     b["meta"] = {"asset": "btc", "version": "v3"}

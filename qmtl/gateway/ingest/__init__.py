@@ -10,17 +10,16 @@ queue lookups of SPEC §3 (``GET /queues/by_tag``, ``GET /queues/watch``).
 * :mod:`.fastpath`  – valid ``POST /strategies`` answered in front of the contract stack (same answers)
 * :mod:`.metrics`   – ``lost_requests_total``, ``gateway_e2e_latency_ms``, FSM and queue metrics
 
-``build(ctx)`` is the Gateway component factory (``ctx.ingest``).
+The Gateway's factory (:func:`qmtl.gateway.app.create_service`) builds the service with its
+collaborators: the fallback queue and metrics it shares with the status part, the queue
+lookup fed by the event relay, the degradation level and the relay.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from qmtl.gateway.ingest.fallback import FallbackQueue
+from qmtl.gateway.ingest.metrics import IngestMetrics
+from qmtl.gateway.ingest.queues import QueueLookup
 from qmtl.gateway.ingest.service import IngestService
 
-__all__ = ["IngestService", "build"]
-
-
-def build(ctx: Any) -> IngestService:
-    return IngestService(ctx)
+__all__ = ["FallbackQueue", "IngestMetrics", "IngestService", "QueueLookup"]

@@ -3,7 +3,7 @@
 ``submit`` (``POST /strategies``) runs the checks of :mod:`.dag` in order, then:
 
 * **admission** – refused with 503 + ``Retry-After`` when the degradation level is MINIMAL or
-  STATIC (``ctx.status``, when that component is in the build), or when the DAG Manager is
+  STATIC (``degradation``: the status part's level, when that part is in the build), or when the DAG Manager is
   down and the local fallback queue is full. A duplicate is still answered 409 then.
 * **persist before ack** – the submission (DAG with its VersionSentinel, meta, run type,
   world, content hash) and its ``queued`` event are committed to the database (group
@@ -55,8 +55,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
@@ -65,13 +65,17 @@ from qmtl.common import correlation, logs
 from qmtl.common.errors import BadGateway, Conflict, NotFound, ServiceError, ServiceUnavailable
 from qmtl.common.tasks import detach
 from qmtl.contracts.constants import StrategyState
-from qmtl.gateway.backends import BackendUnavailable
+from qmtl.gateway.backends import Backend, BackendUnavailable
 from qmtl.gateway.ingest import dag as dagmod
 from qmtl.gateway.ingest.fallback import FallbackQueue
 from qmtl.gateway.ingest.metrics import IngestMetrics
 from qmtl.gateway.ingest.queues import QueueLookup
 from qmtl.gateway.ingest.redisq import TERMINAL, RedisIngest
 from qmtl.gateway.ingest.store import IngestStore, StrategyRecord, iso
+from qmtl.store import Database
+
+if TYPE_CHECKING:
+    from qmtl.common.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +89,31 @@ def new_strategy_id() -> str:
     return "s-" + uuid.uuid4().hex[:20]
 
 
+class Relay(Protocol):
+    """Where FSM frames go (the events component's ``relay_local``)."""
+
+    def relay_local(self, type: str, data: dict, *, key: str, world_id: str | None = None) -> Any: ...
+
+
 class IngestService:
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        g = ctx.config.gateway
+    """``metrics`` and ``fallback`` come from the Gateway's factory (the status part reads the
+    fallback queue's size too); ``degradation`` is the status part's level and ``relay`` the
+    events part, each None in a build without that part."""
+
+    def __init__(self, settings: GatewayConfig, *, db: Database, kv: Any, kv_prefix: str, dagmanager: Backend,
+                 metrics: IngestMetrics, fallback: FallbackQueue, queues: QueueLookup,
+                 degradation: Callable[[], str] | None = None, relay: Relay | None = None) -> None:
+        g = settings
+        self.dagmanager = dagmanager
+        self.degradation = degradation
+        self.relay = relay
         self.insert_sentinel = bool(g.insert_sentinel)
         self.workers = max(0, int(g.workers))
-        self.metrics = IngestMetrics.create(ctx.registry)
-        self.store = IngestStore(ctx.db)
-        self.redis = RedisIngest(ctx.kv, ctx.kv_prefix)
-        self.fallback = FallbackQueue(max(1, int(g.fallback_queue_size)), on_change=self.metrics.fallback_size.set)
-        self.queues = QueueLookup(ctx.dagmanager)
+        self.metrics = metrics
+        self.store = IngestStore(db)
+        self.redis = RedisIngest(kv, kv_prefix)
+        self.fallback = fallback
+        self.queues = queues
         # timings (seconds); tests shorten them
         self.pop_timeout = 1.0
         self.reconcile_interval = 1.0
@@ -241,9 +259,8 @@ class IngestService:
         return ack, {"Location": f"/strategies/{sid}/status"}
 
     def _refusal(self) -> str | None:
-        status = self.ctx.components.get("status")
-        if status is not None:
-            level = status.level()
+        if self.degradation is not None:
+            level = self.degradation()
             if level in ("MINIMAL", "STATIC"):
                 return f"degradation level {level}"
         if self.fallback.full() and not self._dm_up.is_set():
@@ -251,7 +268,7 @@ class IngestService:
         return None
 
     def _retry_after(self) -> int:
-        ra = self.ctx.dagmanager.breaker.retry_after() if not self._dm_up.is_set() else 0
+        ra = self.dagmanager.breaker.retry_after() if not self._dm_up.is_set() else 0
         return max(1, round(ra) or self.retry_after)
 
     async def _owner_if_reachable(self, chash: str) -> str | None:
@@ -273,7 +290,7 @@ class IngestService:
 
         async def one(digest: str) -> tuple[str, tuple[str, str, str, str] | None]:
             try:
-                resp = await self.ctx.dagmanager.request("GET", f"/nodes/{digest}")
+                resp = await self.dagmanager.request("GET", f"/nodes/{digest}")
             except BackendUnavailable as exc:
                 raise ServiceUnavailable(f"cannot verify a claimed NodeID collision: the DAG Manager is unavailable ({exc.reason})",
                                          retry_after=self._retry_after()) from exc
@@ -293,7 +310,7 @@ class IngestService:
         if not queries:
             return {}
         out: dict[str, list[str]] = {nid: [] for nid in queries}
-        if not self._dm_up.is_set() or self.ctx.dagmanager.breaker.state == "open":
+        if not self._dm_up.is_set() or self.dagmanager.breaker.state == "open":
             return out  # filled in later by the queue_map frame / status
 
         async def one(nid: str, q: tuple[tuple[str, ...], int, str]) -> None:
@@ -459,7 +476,7 @@ class IngestService:
         if unknown:
             records.update(await self.store.records(unknown))
         active: list[StrategyRecord] = []
-        breaker = self.ctx.dagmanager.breaker
+        breaker = self.dagmanager.breaker
         for sid, status in todo:
             record = records.get(sid)
             if record is None:
@@ -543,7 +560,7 @@ class IngestService:
 
     def _diff_timeout(self, nodes: int, diffs: int = 1) -> float:
         extra_ms = nodes * self.diff_budget_ms_per_node + (diffs - 1) * self.diff_budget_ms_per_diff
-        return self.ctx.dagmanager.policy.timeout + extra_ms / 1000.0
+        return self.dagmanager.policy.timeout + extra_ms / 1000.0
 
     async def _diff_batch(self, records: list[StrategyRecord]) -> list[tuple[str, Any]] | None:
         """One POST /diff/batch; None when the DAG Manager refused the request as a whole."""
@@ -551,7 +568,7 @@ class IngestService:
         nodes = sum(_node_count(r.dag_json) for r in records)
         started = time.perf_counter()
         try:
-            resp = await self.ctx.dagmanager.request("POST", "/diff/batch", content=content, headers={"Content-Type": "application/json"},
+            resp = await self.dagmanager.request("POST", "/diff/batch", content=content, headers={"Content-Type": "application/json"},
                                                      idempotent=True, timeout=self._diff_timeout(nodes, len(records)))
         except BackendUnavailable as exc:
             return [("unavailable", exc)] * len(records)
@@ -584,7 +601,7 @@ class IngestService:
         content = self._diff_body(record).encode()
         started = time.perf_counter()
         try:
-            resp = await self.ctx.dagmanager.request("POST", "/diff", content=content, headers={"Content-Type": "application/json"},
+            resp = await self.dagmanager.request("POST", "/diff", content=content, headers={"Content-Type": "application/json"},
                                                      idempotent=True,  # a diff is idempotent
                                                      timeout=self._diff_timeout(_node_count(record.dag_json)))
         except BackendUnavailable as exc:
@@ -689,11 +706,10 @@ class IngestService:
         return {}
 
     async def _relay(self, type_: str, data: dict, key: str, world_id: str | None) -> None:
-        events = self.ctx.components.get("events")
-        if events is None:
+        if self.relay is None:
             return
         try:
-            res = events.relay_local(type_, data, key=key, world_id=world_id)
+            res = self.relay.relay_local(type_, data, key=key, world_id=world_id)
             if inspect.isawaitable(res):
                 await res
         except Exception:  # the stream is a notification; the FSM must still advance
@@ -724,8 +740,8 @@ class IngestService:
         delay, cap = self.probe_backoff
         while not self._stopping:
             await asyncio.sleep(delay)
-            breaker = self.ctx.dagmanager.breaker
-            if breaker.state != "open" and await self.ctx.dagmanager.probe():
+            breaker = self.dagmanager.breaker
+            if breaker.state != "open" and await self.dagmanager.probe():
                 break
             delay = min(delay * 2, cap)
         log.warning("ingest: DAG Manager answers again; flushing %d strategies from the fallback queue", len(self.fallback))
