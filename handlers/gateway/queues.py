@@ -29,7 +29,7 @@ async def watch_queues(ctx: Gateway, tags, interval, match_mode=None, match=None
     await caller(ctx, request)
     tag_list, mode = parse_tags(tags), effective_match_mode(match_mode, match)
     try:  # the first lookup happens before streaming: a 503 is still a status code
-        stream = await ctx.ingest.queues.open_watch(tag_list, interval, mode, poll_interval=ctx.ingest.watch_poll_interval)
+        stream = await ctx.ingest.queues.open_watch(tag_list, interval, mode, poll_interval=ctx.ingest.tuning.watch_poll_interval)
     except BackendUnavailable as exc:
         raise unavailable(exc) from exc
     return StreamingResponse(stream, status_code=200, media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})

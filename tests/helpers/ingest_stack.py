@@ -102,12 +102,13 @@ class RelayRecorder:
 
 
 def fast_timings(ingest: Any) -> None:
-    ingest.pop_timeout = 0.2
-    ingest.reconcile_interval = 0.1
-    ingest.janitor_interval = 0.2
-    ingest.sweep_interval = 1.0
-    ingest.probe_backoff = (0.05, 0.2)
-    ingest.watch_poll_interval = 0.1
+    t = ingest.tuning
+    t.pop_timeout = 0.2
+    t.reconcile_interval = 0.1
+    t.janitor_interval = 0.2
+    t.sweep_interval = 1.0
+    t.probe_backoff = (0.05, 0.2)
+    t.watch_poll_interval = 0.1
 
 
 @dataclass
@@ -181,7 +182,7 @@ class Stack:
             tune(ingest)
         relay = None
         if record_relay:  # records what the ingest relays, and passes it on to the events part
-            relay = ingest.relay = RelayRecorder(ingest.relay)
+            relay = ingest.fsm.relay = RelayRecorder(ingest.fsm.relay)
         stack = contextlib.AsyncExitStack()
         url = await stack.enter_async_context(serve(app))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=10))

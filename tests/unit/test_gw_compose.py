@@ -35,7 +35,7 @@ async def test_create_service_builds_every_part_typed_and_wires_them_explicitly(
         assert isinstance(gw.events, EventsComponent) and isinstance(gw.ingest, IngestService)
         assert isinstance(gw.status, StatusMonitor)
         # the collaborators each part was given, not looked up sideways
-        assert gw.ingest.relay is gw.events and gw.ingest.degradation == gw.status.level
+        assert gw.ingest.fsm.relay is gw.events and gw.ingest.admission.degradation == gw.status.level
         assert gw.status.fallback is gw.ingest.fallback and gw.status.events is gw.events
         assert gw.ingest.queues.feed is gw.events.queue_feed and gw.events.auth is gw.auth
         assert gw.ingest.dagmanager is gw.dagmanager and gw.status.worldservice is gw.worldservice

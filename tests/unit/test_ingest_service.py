@@ -84,8 +84,8 @@ async def svc(tmp_path):
                             fallback=FallbackQueue(cfg.gateway.fallback_queue_size, on_change=metrics.fallback_size.set),
                             queues=QueueLookup(backend))
     service.registry = registry  # read by sample() below
-    service.pop_timeout = 0.05
-    service.reconcile_interval = 0.05
+    service.tuning.pop_timeout = 0.05
+    service.tuning.reconcile_interval = 0.05
     service.fake = fake
     yield service
     await service.stop()
@@ -138,13 +138,13 @@ async def test_a_queued_id_without_a_record_is_counted_as_lost(svc):
 
 async def test_a_lock_held_elsewhere_means_this_copy_is_dropped(svc):
     await svc.start()
-    svc._dm_up.clear()  # keep the workers idle while staging
+    svc.link.up.clear()  # keep the workers idle while staging
     ack, _ = await svc.submit(body([node("c")]))
     sid = ack["strategy_id"]
     svc.fallback.remove([sid])
     await svc.redis.push(sid)
     token = await svc.redis.lock(sid)  # another replica holds it
-    svc._dm_up.set()
+    svc.link.up.set()
     deadline = time.monotonic() + 5
     while await svc.redis.queued_ids():
         assert time.monotonic() < deadline
@@ -156,7 +156,7 @@ async def test_a_lock_held_elsewhere_means_this_copy_is_dropped(svc):
 
 async def test_a_failing_relay_does_not_stop_the_fsm(svc):
     rec = Recorder(fail=True)
-    svc.relay = rec
+    svc.fsm.relay = rec
     await svc.start()
     ack, _ = await svc.submit(body([node("d")]))
     st = await wait_terminal(svc, ack["strategy_id"])
@@ -207,7 +207,7 @@ async def test_dry_run_and_meta_reach_the_diff(svc):
 
 async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, monkeypatch):
     await svc.start()
-    original = svc._run_batch
+    original = svc.workers._run_batch
     calls = {"n": 0}
 
     async def buggy(todo):
@@ -216,7 +216,7 @@ async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, 
             raise KeyError("boom")
         return await original(todo)
 
-    monkeypatch.setattr(svc, "_run_batch", buggy)
+    monkeypatch.setattr(svc.workers, "_run_batch", buggy)
     first, _ = await svc.submit(body([node("x1")]))
     st = await wait_terminal(svc, first["strategy_id"])
     assert st["status"] == "failed" and "KeyError" in st["error"]
@@ -225,12 +225,11 @@ async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, 
     assert await svc.redis.processing_ids() == []
 
 
-def test_rate_meter_counts_the_last_second(monkeypatch):
-    from qmtl.gateway.ingest import service as mod
+def test_rate_meter_counts_the_last_second():
+    from qmtl.gateway.ingest.state import RateMeter
 
     now = [100.0]
-    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
-    meter = mod._RateMeter()
+    meter = RateMeter(monotonic=lambda: now[0])
     for _ in range(50):
         meter.tick()
     now[0] += 0.5
