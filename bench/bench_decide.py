@@ -113,7 +113,7 @@ def role_gateway(args: argparse.Namespace) -> None:
     bus = InProcessBus(validator=event_validators())
     apps = [
         (ws_app(cfg, bus=bus), ws_port),
-        (gateway_app(cfg, bus=bus, components=("auth", "worlds", "status")), gw_port),
+        (gateway_app(cfg, bus=bus, parts=("auth", "worlds", "status")), gw_port),
     ]
     uvloop.run(_serve_forever(apps))
 

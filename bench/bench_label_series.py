@@ -25,9 +25,9 @@ from qmtl.gateway.app import create_app
 async def run(n: int) -> None:
     cfg = load_config(environ={}, overrides={"data_dir": tempfile.mkdtemp(), "gateway": {"service_token": "bench"}})
     bus = InProcessBus(validator=event_validators())
-    app = create_app(cfg, bus=bus, components=["auth", "events"])
+    app = create_app(cfg, bus=bus, parts=["auth", "events"])
     await bus.start()
-    await app.ctx.start()
+    await app.service.start()
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
             started = time.perf_counter()
@@ -40,7 +40,7 @@ async def run(n: int) -> None:
             refused = await c.post("/callbacks/dag-event", json={"event": "sentinel_weight", "data": {"sentinel_id": "x", "weight": 0.5}},
                                    headers={"Authorization": "Bearer any-caller-token"})
     finally:
-        await app.ctx.stop()
+        await app.service.stop()
     series = len(re.findall(r"^gateway_sentinel_traffic_ratio\{", text, re.M))
     print(f"{n} distinct sentinel ids → {series} gateway_sentinel_traffic_ratio series "
           f"(gateway.metric_label_cap {cfg.gateway.metric_label_cap} + 'other'); {n / elapsed:.0f} callbacks/s in-process; "

@@ -83,8 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("connexion").setLevel(logging.ERROR)
-    # The events component (and auth, which it uses) is what is measured.
-    gateway_app.COMPONENTS = ("auth", "events")
+    # The events part (and auth, which it uses) is what is measured.
 
     cluster = None
     bus_cfg: dict = {"kind": "inproc"}
@@ -106,8 +105,8 @@ async def serve(args: argparse.Namespace) -> None:
     # A publisher with its own connection, as WorldService would have (same bus in-process).
     pub_bus = gw_bus if args.bus == "inproc" else make_bus(bus_cfg, validator=validator)
     await pub_bus.start()
-    app = gateway_app.create_app(cfg, bus=gw_bus)
-    events = app.ctx.events
+    app = gateway_app.create_app(cfg, bus=gw_bus, parts=("auth", "events"))
+    events = app.service.events
     seq = 0
     lag_monitor = LoopLag()
     # Where the time goes: publish → applied by the Gateway's ControlBus consumer (the bus's
@@ -165,7 +164,7 @@ async def serve(args: argparse.Namespace) -> None:
         return JSONResponse({"ready": events.ready, "subscribers": len(events.hub.subscribers)})
 
     async def stats(_request: Request) -> JSONResponse:
-        reg = app.ctx.registry
+        reg = app.service.registry
         lat_ms = sorted(v / 1e6 for v in bus_lat)
         del bus_lat[:]
         return JSONResponse({

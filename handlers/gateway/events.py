@@ -10,24 +10,29 @@ Thin: authentication and scope checks here, everything else in ``ctx.events``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from connexion import request
 
 from qmtl.common.errors import BadRequest
 from qmtl.contracts.constants import StreamTopic
 from qmtl.gateway.auth import caller
 
+if TYPE_CHECKING:
+    from qmtl.gateway.service import Gateway
 
-async def subscribe(ctx, body):
+
+async def subscribe(ctx: Gateway, body):
     identity = await caller(ctx, request)
     return await ctx.events.describe(identity, body)
 
 
-async def get_jwks(ctx):
+async def get_jwks(ctx: Gateway):
     # Verifiers cache the JWKS; a staged key is published before it signs (see KeyRing).
     return ctx.events.tokens.jwks(), 200, {"Cache-Control": "public, max-age=60"}
 
 
-async def queues_state_hash(ctx, tags, interval, match_mode=None):
+async def queues_state_hash(ctx: Gateway, tags, interval, match_mode=None):
     await caller(ctx, request)
     try:
         h = await ctx.events.resolved_state_hash(StreamTopic.QUEUES, tags=tags, interval=interval, match_mode=match_mode)

@@ -10,6 +10,7 @@ which forwards the request's own method, path and query.
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from connexion import context
@@ -18,6 +19,9 @@ from connexion.lifecycle import ConnexionResponse
 from qmtl.contracts.constants import proxy_rules
 from qmtl.contracts.security import IDENTITY_KEY
 from qmtl.gateway.worlds import Incoming, Reply, Route
+
+if TYPE_CHECKING:
+    from qmtl.gateway.service import Gateway
 
 
 @cache
@@ -39,7 +43,7 @@ def _respond(reply: Reply) -> ConnexionResponse:
     return ConnexionResponse(status_code=reply.status, body=reply.body or b"", headers=headers)
 
 
-async def proxy(ctx, body=None, **params):
+async def proxy(ctx: Gateway, body=None, **params):
     """Any proxied operation without a handler of its own: forwarded as the caller sent it
     (path and query), with the rules of its ``x-qmtl-proxy``. The world it concerns is the
     path's ``world_id`` or, when creating one, the body's."""
@@ -53,13 +57,13 @@ async def proxy(ctx, body=None, **params):
 
 # -- the two cached reads ----------------------------------------------------------------
 
-async def decide(ctx, world_id, as_of=None):
+async def decide(ctx: Gateway, world_id, as_of=None):
     req = _incoming()
     raw_as_of = _raw_query_value(req.query, ctx.worlds.decide_key_param)  # the caller's text: part of the cache key
     return _respond(await ctx.worlds.decide(world_id, req, raw_as_of))
 
 
-async def get_activation(ctx, world_id, strategy_id, side):
+async def get_activation(ctx: Gateway, world_id, strategy_id, side):
     return _respond(await ctx.worlds.activation(world_id, _incoming(), strategy_id, side))
 
 

@@ -27,7 +27,7 @@ def registries(data_dir: str) -> dict[str, CollectorRegistry]:
     cfg = load_config(None, overrides={"data_dir": data_dir})
     bus = InProcessBus()
     return {
-        "gateway": gw_app(cfg, bus=bus).ctx.registry,
+        "gateway": gw_app(cfg, bus=bus).service.registry,
         "worldservice": ws_app(cfg, bus=bus).service.metrics.registry,
         "dagmanager": dm_app(cfg, bus=bus).ctx.metrics.registry,
     }

@@ -21,13 +21,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from qmtl.common.cache import LRU
 from qmtl.common.errors import Forbidden, ServiceUnavailable, Unauthorized
+
+if TYPE_CHECKING:
+    from qmtl.gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,12 @@ class Identity:
             "X-QMTL-Subject": self.subject,
             "X-QMTL-Claims": base64.urlsafe_b64encode(claims).decode().rstrip("="),
         }
+
+
+class Authenticates(Protocol):
+    """What the submit fast path and the rate limiter need of :class:`Authenticator`."""
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Identity: ...
 
 
 class _VerifiedTokens:
@@ -206,7 +215,7 @@ def _check_lifetime(claims: Mapping[str, Any], max_life: float) -> None:
         )
 
 
-def spec_security(ctx: Any) -> tuple[dict, Any]:
+def spec_security(ctx: Gateway) -> tuple[dict, Any]:
     """The verifiers of the Gateway spec's security schemes and its anonymous rule, for
     :func:`qmtl.contracts.app.build_app` (see :mod:`qmtl.contracts.security`):
 
@@ -234,14 +243,10 @@ def spec_security(ctx: Any) -> tuple[dict, Any]:
     return verifiers, anonymous
 
 
-async def caller(ctx: Any, request: Any) -> Identity:
+async def caller(ctx: Gateway, request: Any) -> Identity:
     """The identity the security middleware verified for this request (authenticating
     here only when the request did not pass through it)."""
     from qmtl.contracts.security import IDENTITY_KEY
 
     identity = request.scope.get(IDENTITY_KEY)
     return identity if identity is not None else await ctx.auth.authenticate(request.headers)
-
-
-def build(ctx: Any) -> Authenticator:
-    return Authenticator(ctx.config.gateway.auth)

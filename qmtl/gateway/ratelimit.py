@@ -32,12 +32,16 @@ import math
 import time
 import typing as t
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from qmtl.common.cache import LRU
 from qmtl.common.errors import ServiceError
 from qmtl.contracts.limits import OperationTable, send_problem
 from qmtl.contracts.security import IDENTITY_KEY as IDENTITY_SCOPE_KEY  # where the auth middleware leaves the caller
+
+if t.TYPE_CHECKING:
+    from qmtl.common.config import GatewayConfig
+    from qmtl.gateway.auth import Authenticates
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +133,12 @@ def _is_real_redis(kv: t.Any) -> bool:
 class RateLimiter:
     """ASGI middleware in front of the Gateway's HTTP stack (fast paths included)."""
 
-    def __init__(self, app: t.Any, ctx: t.Any, doc: dict) -> None:
+    def __init__(self, app: t.Any, settings: GatewayConfig, doc: dict, *, registry: CollectorRegistry, kv: t.Any,
+                 kv_prefix: str, auth: Authenticates | None) -> None:
         self.app = app
-        self.ctx = ctx
-        cfg = ctx.config.gateway.rate_limit
-        self.enabled = cfg.mode == "enforce" or (cfg.mode == "auto" and ctx.config.gateway.auth.mode == "jwt")
+        self.auth = auth  # None in a build without the auth part: every caller counts by address
+        cfg = settings.rate_limit
+        self.enabled = cfg.mode == "enforce" or (cfg.mode == "auto" and settings.auth.mode == "jwt")
         self.budgets = {name: (float(getattr(cfg, name).rate), float(getattr(cfg, name).burst)) for name in ("read", "write")}
         self.table = OperationTable(doc)
         self.classes: dict[tuple[str, str], str] = {}
@@ -145,15 +150,15 @@ class RateLimiter:
                 raise ValueError(f"{method} {route}: {RATE_CLASS_EXTENSION} {cls!r} has no budget in gateway.rate_limit")
             self.classes[(method, route)] = cls
         self.limited = Counter("gateway_rate_limited", "Requests refused with 429 by the rate limit, by class and caller kind "
-                               "(subject or address)", ["rate_class", "caller"], registry=ctx.registry)
+                               "(subject or address)", ["rate_class", "caller"], registry=registry)
         self.backend_errors = Counter("gateway_rate_limit_store_errors", "Rate-limit checks Redis could not answer "
-                                      "(this process's buckets stood in)", registry=ctx.registry)
+                                      "(this process's buckets stood in)", registry=registry)
         for cls in self.budgets:
             for caller in ("subject", "address"):
                 self.limited.labels(cls, caller)
         memory = MemoryBuckets(cfg.max_buckets)
-        if _is_real_redis(ctx.kv):
-            self.buckets: t.Any = RedisBuckets(ctx.kv, f"{ctx.kv_prefix}rl:", memory, self.backend_errors)
+        if _is_real_redis(kv):
+            self.buckets: t.Any = RedisBuckets(kv, f"{kv_prefix}rl:", memory, self.backend_errors)
             self.store = "redis"
         else:
             self.buckets = memory
@@ -161,7 +166,7 @@ class RateLimiter:
         if self.enabled:
             log.info("rate limit on (%s): read %g/s burst %g, write %g/s burst %g per subject (per address when anonymous)",
                      self.store, *self.budgets["read"], *self.budgets["write"])
-        elif ctx.config.gateway.auth.mode == "jwt":  # a production Gateway without limits: say so loudly
+        elif settings.auth.mode == "jwt":  # a production Gateway without limits: say so loudly
             log.warning("rate limit disabled (gateway.rate_limit.mode=%s) although callers are authenticated", cfg.mode)
         else:  # development mode, announced on its own
             log.info("rate limit disabled (gateway.rate_limit.mode=%s, development auth mode)", cfg.mode)
@@ -181,9 +186,9 @@ class RateLimiter:
                 if name == b"authorization":
                     auth = value.decode("latin-1")
                     break
-            if auth:
+            if auth and self.auth is not None:
                 try:
-                    identity = await self.ctx.auth.authenticate({"authorization": auth})
+                    identity = await self.auth.authenticate({"authorization": auth})
                 except ServiceError:
                     identity = None  # the handler answers 401; meanwhile it is counted by address
         if identity is not None and not getattr(identity, "anonymous_dev", False):

@@ -1,6 +1,6 @@
 """The Gateway's degradation level and dependency health (``GET /status``, SPEC §2, §4).
 
-Dependencies checked: ``redis`` (``ctx.kv``), ``database`` (``ctx.db``), ``dagmanager``
+Dependencies checked: ``redis`` (the KV store), ``database``, ``dagmanager``
 and ``worldservice`` (``Backend.probe()``: one short ``GET /health`` outside the retry
 budget, no effect on the breaker). Checks run concurrently, each bounded by
 ``PROBE_TIMEOUT``; their result is cached for ``gateway.status_cache_ttl`` seconds and
@@ -40,12 +40,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from qmtl.bus.base import isolation_problem
+from qmtl.bus.base import ControlBus, isolation_problem
 from qmtl.common.readiness import Check, evaluate
+from qmtl.gateway.backends import Backend
+from qmtl.store import Database
+
+if TYPE_CHECKING:
+    from qmtl.gateway.events.consumer import ControlBusConsumer
+    from qmtl.gateway.events.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +77,26 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class EventStreamView(Protocol):
+    """What the report reads of the events component: its ControlBus consumer and signing keys."""
+
+    @property
+    def consumer(self) -> ControlBusConsumer: ...
+
+    @property
+    def tokens(self) -> Tokens: ...
+
+
 class StatusMonitor:
-    def __init__(self, ctx: Any, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ctx = ctx
+    """``events`` and ``fallback`` (the ingest's local queue) are None in builds without those parts."""
+
+    def __init__(self, *, kv: Any, db: Database, bus: ControlBus, worldservice: Backend, dagmanager: Backend, ttl: float,
+                 events: EventStreamView | None = None, fallback: Sized | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kv, self.db, self.bus = kv, db, bus
+        self.worldservice, self.dagmanager = worldservice, dagmanager
+        self.events = events
+        self.fallback = fallback
         self.ttl = max(0.0, float(ttl))
         self._clock = clock
         self._deps: dict[str, dict] | None = None
@@ -97,12 +120,12 @@ class StatusMonitor:
 
     # -- checks ------------------------------------------------------------------------
     def _checks(self) -> dict[str, Callable[[], Awaitable[bool]]]:
-        ctx = self.ctx
+        kv = self.kv
         return {
-            "redis": lambda: _kv_ping(ctx.kv),
-            "database": ctx.db.ping,
-            "dagmanager": ctx.dagmanager.probe,
-            "worldservice": ctx.worldservice.probe,
+            "redis": lambda: _kv_ping(kv),
+            "database": self.db.ping,
+            "dagmanager": self.dagmanager.probe,
+            "worldservice": self.worldservice.probe,
         }
 
     async def _evaluate(self) -> dict[str, dict]:
@@ -155,7 +178,7 @@ class StatusMonitor:
         return self._level
 
     def breakers(self) -> dict[str, dict]:
-        return {"worldservice": self.ctx.worldservice.snapshot(), "dagmanager": self.ctx.dagmanager.snapshot()}
+        return {"worldservice": self.worldservice.snapshot(), "dagmanager": self.dagmanager.snapshot()}
 
     async def report(self) -> dict:
         deps, cached = await self._dependencies()
@@ -169,24 +192,21 @@ class StatusMonitor:
             "cached": cached,
             "controlbus": bus,
         }
-        fallback = self._fallback_queue_size()
-        if fallback is not None:
-            out["fallback_queue"] = fallback
-        events = self.ctx.components.get("events")
-        if events is not None:
-            out["signing_keys"] = events.tokens.describe()
+        if self.fallback is not None:
+            out["fallback_queue"] = len(self.fallback)
+        if self.events is not None:
+            out["signing_keys"] = self.events.tokens.describe()
         return out
 
     def controlbus(self) -> dict[str, Any]:
         """The ControlBus as this replica sees it (no I/O: the lag is the last measured)."""
-        bus = self.ctx.bus
+        bus = self.bus
         out: dict[str, Any] = {"kind": "inproc" if bus.in_process else "kafka"}
         problem = isolation_problem(bus, "gateway")
         if problem:
             out["problem"] = problem
-        events = self.ctx.components.get("events")
-        if events is not None:
-            consumer = events.consumer
+        if self.events is not None:
+            consumer = self.events.consumer
             out["consumer_id"] = consumer.consumer_id
             out["caught_up"] = consumer.ready.is_set()
             out["reconnects"] = consumer.stats["reconnects"]
@@ -197,7 +217,7 @@ class StatusMonitor:
     async def readiness(self) -> tuple[bool, dict]:
         """``GET /ready``: see ``specs/openapi.yaml``."""
         deps: dict[str, dict] = {}
-        events = self.ctx.components.get("events")
+        events = self.events
 
         async def dependencies() -> None:
             if not deps:
@@ -213,7 +233,7 @@ class StatusMonitor:
             return check
 
         async def controlbus() -> tuple[bool, str]:
-            bus = self.ctx.bus
+            bus = self.bus
             problem = isolation_problem(bus, "gateway")
             if problem:
                 return False, problem
@@ -245,21 +265,6 @@ class StatusMonitor:
             checks += [Check("signing_keys", keys), Check("signing_keys_shared", keys_shared, required=False)]
         return await evaluate("gateway", checks, timeout=PROBE_TIMEOUT * 3)
 
-    def _fallback_queue_size(self) -> int | None:
-        ingest = self.ctx.components.get("ingest")
-        size = getattr(ingest, "fallback_queue_size", None) if ingest is not None else None
-        if size is None:
-            return None
-        try:
-            value = size() if callable(size) else size
-            return max(0, int(value))
-        except Exception:
-            return None
-
 
 async def _kv_ping(kv: Any) -> bool:
     return bool(await kv.ping())
-
-
-def build(ctx: Any) -> StatusMonitor:
-    return StatusMonitor(ctx, ttl=ctx.config.gateway.status_cache_ttl)

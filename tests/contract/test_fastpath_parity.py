@@ -29,7 +29,7 @@ from qmtl.gateway.ingest.fastpath import SubmitFastPath
 from qmtl.gateway.worlds import DecideFastPath
 from tests.helpers.ingest_stack import ingest_stack, node, submission
 from tests.helpers.server import serve
-from tests.helpers.wsproc import WORLDS_COMPONENTS, client, gateway_config
+from tests.helpers.wsproc import WORLDS_PARTS, client, gateway_config
 from tests.integration import test_gateway_worlds as _worlds
 
 ws = _worlds.ws  # the module-scoped WorldService process fixture, shared with the worlds proxy tests
@@ -85,15 +85,15 @@ async def both(fast_client: httpx.AsyncClient, stack: httpx.AsyncClient, method:
 
 async def test_decide_fast_path_route_comes_from_the_spec(ws, tmp_path):
     op = operation("gateway", DecideFastPath.OPERATION)
-    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), parts=WORLDS_PARTS)
     fast = layer(app, DecideFastPath)
     assert (fast.op.method, fast.op.path) == (op.method, op.path) == ("GET", "/worlds/{world_id}/decide")
     assert fast.statuses == (200, 304) and {"200", "304"} <= set(op.statuses)
-    assert app.ctx.worlds.decide_key_param == op.query_params[0]
+    assert app.service.worlds.decide_key_param == op.query_params[0]
 
 
 async def test_decide_fast_path_answers_as_the_contract_stack(ws, tmp_path):
-    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as gw:
         fast = layer(app, DecideFastPath)
         stack = stack_client(fast)
@@ -151,7 +151,7 @@ async def test_decide_fast_path_answers_as_the_contract_stack(ws, tmp_path):
 
 async def test_decide_fast_path_only_intercepts_its_own_route(ws, tmp_path):
     """A path that merely looks like decide (extra segment, other method) reaches the stack."""
-    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as gw:
         fast = layer(app, DecideFastPath)
         served = fast.served

@@ -181,17 +181,15 @@ def test_fast_path_routes_follow_the_spec(tmp_path):
         async def authenticate(self, headers):
             return type("Identity", (), {"subject": "dev"})()
 
-    class Ctx:
-        ingest, auth = Ingest(), Auth()
-
     body = json.dumps({"dag_json": "e30=", "meta": {}, "run_type": "live", "node_ids_crc32": 0}).encode()
 
     async def run_submit() -> None:
         inner = _Inner()
-        fast = SubmitFastPath(inner, Ctx(), op=submit)
+        ingest = Ingest()
+        fast = SubmitFastPath(inner, Auth(), ingest, op=submit)
         assert await _call(fast, "POST", "/v2/strategies", body=body) == 202  # the renamed route is served
         assert await _call(fast, "POST", "/strategies", body=body) == 599  # the old one is not its route any more
-        assert inner.paths == ["/strategies"] and len(Ctx.ingest.submitted) == 1
+        assert inner.paths == ["/strategies"] and len(ingest.submitted) == 1
 
     class Proxy:
         asked: ClassVar[list[tuple]] = []
@@ -224,7 +222,7 @@ def test_a_fast_path_refuses_a_spec_it_cannot_serve_by_the_same_rules(tmp_path):
     with pytest.raises(SpecError, match="304"):
         DecideFastPath(_Inner(), object(), op=c.operation("gateway", "decide", specs))
     with pytest.raises(SpecError, match="202"):
-        SubmitFastPath(_Inner(), object(), op=c.operation("gateway", "submit_strategy", specs))
+        SubmitFastPath(_Inner(), object(), object(), op=c.operation("gateway", "submit_strategy", specs))
 
 
 # --------------------------------------------------------------------------- proxy rules

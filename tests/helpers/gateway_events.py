@@ -75,8 +75,11 @@ class BusFactory:
             await self._shared.close()
 
 
+PARTS: tuple[str, ...] = ("auth", "events")  # the parts a helper Gateway builds (test modules may widen it)
+
+
 class Gateway:
-    """A Gateway (auth + events components) served on a real socket."""
+    """A Gateway (auth + events parts, see :data:`PARTS`) served on a real socket."""
 
     def __init__(self, bus: Any, data_dir: str, *, instance_id: str | None = None, events: dict | None = None,
                  gateway: dict | None = None) -> None:
@@ -100,12 +103,12 @@ class Gateway:
         return {"X-QMTL-Service-Token": self.gateway_cfg["service_token"]}
 
     @property
-    def ctx(self) -> Any:
-        return self.app.ctx
+    def service(self) -> Any:
+        return self.app.service
 
     @property
     def events(self) -> Any:
-        return self.app.ctx.events
+        return self.app.service.events
 
     async def start(self) -> Gateway:
         from qmtl.gateway.app import create_app
@@ -116,7 +119,7 @@ class Gateway:
                         "events": {"instance_id": self.instance_id, **self.events_cfg}},
         }
         cfg = load_config(environ={}, overrides=overrides)
-        self.app = create_app(cfg, bus=self.bus)
+        self.app = create_app(cfg, bus=self.bus, parts=PARTS)
         self._stack = contextlib.AsyncExitStack()
         await self._stack.enter_async_context(serve(self.app, port=self.port))
         assert await self.events.wait_ready(20), "event state rebuild did not finish"

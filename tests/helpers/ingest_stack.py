@@ -88,7 +88,7 @@ class DagManagerTap:
 
 
 class RelayRecorder:
-    """Stands in for (or wraps) the events component to record relayed frames."""
+    """Wraps the ingest's relay (the events part, or none) to record relayed frames."""
 
     def __init__(self, inner: Any = None) -> None:
         self.inner = inner
@@ -100,27 +100,15 @@ class RelayRecorder:
             return self.inner.relay_local(type_, data, key=key, world_id=world_id)
         return None
 
-    async def start(self) -> None:
-        if self.inner is not None:
-            await self.inner.start()
-
-    async def stop(self) -> None:
-        if self.inner is not None:
-            await self.inner.stop()
-
-    def __getattr__(self, name: str) -> Any:
-        if self.inner is None:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
 
 def fast_timings(ingest: Any) -> None:
-    ingest.pop_timeout = 0.2
-    ingest.reconcile_interval = 0.1
-    ingest.janitor_interval = 0.2
-    ingest.sweep_interval = 1.0
-    ingest.probe_backoff = (0.05, 0.2)
-    ingest.watch_poll_interval = 0.1
+    t = ingest.tuning
+    t.pop_timeout = 0.2
+    t.reconcile_interval = 0.1
+    t.janitor_interval = 0.2
+    t.sweep_interval = 1.0
+    t.probe_backoff = (0.05, 0.2)
+    t.watch_poll_interval = 0.1
 
 
 @dataclass
@@ -133,7 +121,7 @@ class Gateway:
 
     @property
     def ingest(self) -> Any:
-        return self.app.ctx.ingest
+        return self.app.service.ingest
 
 
 @dataclass
@@ -188,13 +176,13 @@ class Stack:
             cfg.gateway.workers = workers
         app = gateway_app(cfg, bus=self.bus, kv=kv if kv is not None else self.kv, kv_prefix=self.prefix,
                           db=Database(self.pg_url, schema=self.gw_schema))
-        fast_timings(app.ctx.ingest)
+        ingest = app.service.ingest
+        fast_timings(ingest)
         if tune is not None:
-            tune(app.ctx.ingest)
+            tune(ingest)
         relay = None
-        if record_relay:
-            relay = RelayRecorder(app.ctx.components.get("events"))
-            app.ctx.components["events"] = relay
+        if record_relay:  # records what the ingest relays, and passes it on to the events part
+            relay = ingest.fsm.relay = RelayRecorder(ingest.fsm.relay)
         stack = contextlib.AsyncExitStack()
         url = await stack.enter_async_context(serve(app))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=10))

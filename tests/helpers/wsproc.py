@@ -86,7 +86,7 @@ class WorldServiceProcess(LogFile):
 # --------------------------------------------------------------------------- Gateway side
 
 SERVICE_TOKEN = "test-service-token"
-WORLDS_COMPONENTS = ("auth", "worlds", "status")
+WORLDS_PARTS = ("auth", "worlds", "status")
 
 
 def gateway_config(tmp_path: Path, ws_url: str, *, dagmanager_url: str = "http://127.0.0.1:9", **gateway: object):

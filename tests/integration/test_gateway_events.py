@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-import qmtl.gateway.app as gateway_app
 from qmtl.bus.base import CONTROL_TOPICS
 from qmtl.bus.keys import queue_key
 from qmtl.common.statehash import activation_state_hash, policy_state_hash
@@ -29,12 +28,6 @@ from tests.helpers.gateway_events import (
 )
 from tests.helpers.sdk_ws_client import WebSocketClient
 from tests.kafka_mock import kafka_bootstrap, kafka_cluster  # noqa: F401  (module-scoped fixtures)
-
-
-@pytest.fixture(autouse=True)
-def only_events_components(monkeypatch):
-    # These tests exercise the events component; other components are tested on their own.
-    monkeypatch.setattr(gateway_app, "COMPONENTS", ("auth", "events"))
 
 
 @pytest.fixture(params=["inproc", "kafka"])

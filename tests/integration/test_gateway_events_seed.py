@@ -9,11 +9,11 @@ import contextlib
 import httpx
 import pytest
 
-import qmtl.gateway.app as gateway_app
 from qmtl.bus import InProcessBus
 from qmtl.common.config import load_config
 from qmtl.contracts.events import event_validators
 from qmtl.worldservice.app import create_app as ws_app
+from tests.helpers import gateway_events
 from tests.helpers.gateway_events import Gateway, connect, recv_n
 from tests.helpers.server import free_port, serve
 
@@ -22,7 +22,7 @@ POLICY = "hysteresis: {promote_after: 1, max_mode: dryrun}\n"
 
 @pytest.fixture(autouse=True)
 def events_and_worlds(monkeypatch):
-    monkeypatch.setattr(gateway_app, "COMPONENTS", ("auth", "worlds", "events"))
+    monkeypatch.setattr(gateway_events, "PARTS", ("auth", "worlds", "events"))
 
 
 async def test_snapshot_of_a_world_the_bus_lost_is_seeded_from_worldservice(tmp_path):

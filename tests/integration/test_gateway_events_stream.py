@@ -16,7 +16,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import qmtl.gateway.app as gateway_app
 from qmtl.bus import InProcessBus
 from qmtl.common.keys import SigningKey
 from qmtl.contracts.events import event_validators, schema_validator
@@ -34,10 +33,6 @@ from tests.helpers.gateway_events import (
 
 FRAME = schema_validator("ws_frame.schema.json")
 
-
-@pytest.fixture(autouse=True)
-def only_events_components(monkeypatch):
-    monkeypatch.setattr(gateway_app, "COMPONENTS", ("auth", "events"))
 
 
 @pytest.fixture
@@ -345,7 +340,7 @@ def _fake_dagmanager(gw, sets, *, down=False):
         return httpx.Response(200, json={"queues": queues, "etag": f"dm-{len(queues)}", "tags": q["tags"].split(","),
                                          "interval": int(q["interval"]), "match_mode": key[2]})
 
-    gw.ctx.dagmanager.client = httpx.AsyncClient(base_url="http://dagmanager", transport=httpx.MockTransport(handler))
+    gw.service.dagmanager.client = httpx.AsyncClient(base_url="http://dagmanager", transport=httpx.MockTransport(handler))
 
 
 async def test_queue_keys_from_query_resolved_at_dagmanager_or_1013(make_gw, bus):

@@ -121,7 +121,7 @@ async def test_orphan_on_processing_list_is_requeued_by_another_replica(redis_kv
         assert st["status"] == "completed"
         assert await kv.llen(prefix + "processing") == 0
         # either replica's janitor may have moved it (both run one); exactly one did
-        moved = [gw.app.ctx.registry.get_sample_value("gateway_ingest_recovered_total", {"reason": "janitor"}) or 0
+        moved = [gw.app.service.registry.get_sample_value("gateway_ingest_recovered_total", {"reason": "janitor"}) or 0
                  for gw in (s.gateways[0], replica)]
         assert sum(moved) == 1, moved
 

@@ -21,7 +21,7 @@ from qmtl.bus.inproc import InProcessBus
 from qmtl.contracts.loader import load_openapi, load_schema_files, schema_registry
 from qmtl.gateway.app import create_app
 from tests.helpers.server import serve
-from tests.helpers.wsproc import SERVICE_TOKEN, WORLDS_COMPONENTS, WorldServiceProcess, client, gateway_config, metric
+from tests.helpers.wsproc import SERVICE_TOKEN, WORLDS_PARTS, WorldServiceProcess, client, gateway_config, metric
 
 ADMIN = {"sub": "test-admin", "world_roles": {"*": ["owner"]}}
 LIVE_POLICY = "hysteresis: {promote_after: 1, demote_after: 1, max_mode: live}\n"
@@ -220,7 +220,7 @@ async def test_decide_etag_and_if_none_match_304(gw):
     changed = await gw.get(f"/worlds/{w}/decide", headers={"If-None-Match": '"something-else"'})
     assert changed.status_code == 200 and changed.headers["etag"] == etag
     # a client etag is honoured on a Gateway miss too (another replica's answer, an evicted entry)
-    gw.app.ctx.worlds.decisions.pop((w, ""))
+    gw.app.service.worlds.decisions.pop((w, ""))
     r = await gw.get(f"/worlds/{w}/decide", headers={"If-None-Match": etag})
     assert r.status_code == 304 and r.headers["x-qmtl-cache"] == "miss" and r.headers["etag"] == etag
 
@@ -240,7 +240,7 @@ async def test_decide_needs_the_reader_role_even_on_a_cache_hit(ws, tmp_path):
     w = wid()
     cfg = gateway_config(tmp_path, ws.url)
     cfg.gateway.auth.dev_roles = {w: ["owner"]}  # the development identity may read only this world
-    app = create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         await make_world(c, w)
         other = wid()
@@ -249,7 +249,7 @@ async def test_decide_needs_the_reader_role_even_on_a_cache_hit(ws, tmp_path):
         assert (await c.get(f"/worlds/{w}/decide")).status_code == 200
         is_problem(await c.get(f"/worlds/{other}/decide"), 403)
         # plant the other world's decision in the cache: the role check still runs
-        app.ctx.worlds.decisions.put((other, ""), app.ctx.worlds.decisions.get((w, "")))
+        app.service.worlds.decisions.put((other, ""), app.service.worlds.decisions.get((w, "")))
         is_problem(await c.get(f"/worlds/{other}/decide"), 403)
         is_problem(await c.get(f"/worlds/{other}/activation", params={"strategy_id": "s", "side": "long"}), 403)
 
@@ -358,7 +358,7 @@ async def test_live_guard_on_every_call_that_can_move_a_world_to_live(gw, ws):
 
 
 async def test_allow_live_gateway_needs_no_header(ws, tmp_path):
-    app = create_app(gateway_config(tmp_path, ws.url, allow_live=True), bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(gateway_config(tmp_path, ws.url, allow_live=True), bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         w = wid()
         r = await c.post("/worlds", json={"world_id": w, "name": "x", "allow_live": True})
@@ -419,7 +419,7 @@ async def test_client_supplied_identity_headers_are_not_trusted(gw, ws):
 
 async def test_a_wrong_service_token_is_a_bad_gateway_not_an_unauthorized_caller(ws, tmp_path):
     app = create_app(gateway_config(tmp_path, ws.url, service_token="not-the-shared-token"), bus=InProcessBus(),
-                     components=WORLDS_COMPONENTS)
+                     parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         body = is_problem(await c.get("/worlds"), 502)
         assert "service_token" in body["detail"]

@@ -17,7 +17,7 @@ from qmtl.gateway.app import create_app
 from tests.helpers.server import serve
 from tests.helpers.wsproc import (
     SERVICE_TOKEN,
-    WORLDS_COMPONENTS,
+    WORLDS_PARTS,
     JwtIssuer,
     WorldServiceProcess,
     client,
@@ -46,7 +46,7 @@ async def gw(ws, tmp_path, idp):
     ws.start()
     cfg = gateway_config(tmp_path, ws.url, auth={"mode": "jwt", "public_keys": [str(idp.pem_path)], "issuer": idp.issuer,
                                                   "audience": idp.audience})
-    async with serve(create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)) as url, client(url) as c:
+    async with serve(create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)) as url, client(url) as c:
         yield c
 
 
@@ -131,7 +131,7 @@ async def test_keys_from_a_jwks_url(ws, tmp_path, idp):
     async with serve(Starlette(routes=[Route("/.well-known/jwks.json", jwks)])) as idp_url:
         cfg = gateway_config(tmp_path, ws.url, auth={"mode": "jwt", "jwks_url": idp_url + "/.well-known/jwks.json",
                                                       "issuer": idp.issuer, "audience": idp.audience})
-        async with serve(create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)) as url, client(url) as c:
+        async with serve(create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)) as url, client(url) as c:
             w = wid()
             r = await c.post("/worlds", json={"world_id": w, "name": w}, headers=bearer(idp.token("erin", world_roles=OWNER_ALL)))
             assert r.status_code == 201 and r.json()["owner"] == "erin"
@@ -146,7 +146,7 @@ async def test_development_mode_allows_anonymous_callers_and_says_so(ws, tmp_pat
     caplog.set_level(logging.WARNING)
     cfg = gateway_config(tmp_path, ws.url)
     assert cfg.gateway.auth.mode == "dev"  # the embedded default
-    async with serve(create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)) as url, client(url) as c:
+    async with serve(create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)) as url, client(url) as c:
         assert any("DEVELOPMENT mode" in rec.getMessage() for rec in caplog.records)
         w = wid()
         r = await c.post("/worlds", json={"world_id": w, "name": w})
@@ -158,7 +158,7 @@ async def test_development_mode_allows_anonymous_callers_and_says_so(ws, tmp_pat
 def test_jwt_mode_without_keys_refuses_to_start(tmp_path):
     cfg = gateway_config(tmp_path, "http://127.0.0.1:9", auth={"mode": "jwt", "issuer": "x"})
     with pytest.raises(ValueError, match=r"public_keys nor auth\.jwks_url"):
-        create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
+        create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
 
 
 def test_auth_flags_on_gw_and_up_and_the_config_file(tmp_path):

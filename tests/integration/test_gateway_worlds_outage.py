@@ -19,7 +19,7 @@ from qmtl.bus.inproc import InProcessBus
 from qmtl.contracts.loader import load_schema_files, schema_registry
 from qmtl.gateway.app import create_app
 from tests.helpers.server import serve
-from tests.helpers.wsproc import SERVICE_TOKEN, WORLDS_COMPONENTS, WorldServiceProcess, client, gateway_config, metric
+from tests.helpers.wsproc import SERVICE_TOKEN, WORLDS_PARTS, WorldServiceProcess, client, gateway_config, metric
 
 LIVE = {"X-Allow-Live": "true"}
 LIVE_POLICY = "hysteresis: {promote_after: 1, demote_after: 1, max_mode: live}\n"
@@ -79,7 +79,7 @@ async def live_world(c) -> str:
 async def test_stale_decision_with_worldservice_down_is_a_safe_backtest_never_live(ws_ttl2, tmp_path):
     ws = ws_ttl2
     cfg = gateway_config(tmp_path, ws.url, breaker={"failure_threshold": 3, "reset_timeout": 0.5})
-    app = create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         w = await live_world(c)
         first = await c.get(f"/worlds/{w}/decide")
@@ -120,7 +120,7 @@ async def test_stale_decision_with_worldservice_down_is_a_safe_backtest_never_li
 
 async def test_ttl_zero_is_not_cached(ws_ttl0, tmp_path):
     ws = ws_ttl0
-    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(gateway_config(tmp_path, ws.url), bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         w = f"z-{uuid.uuid4().hex[:8]}"
         assert (await c.post("/worlds", json={"world_id": w, "name": w})).status_code == 201
@@ -131,7 +131,7 @@ async def test_ttl_zero_is_not_cached(ws_ttl0, tmp_path):
                 assert r.status_code == 200 and r.json()["ttl"] == "0s"
                 assert r.headers["x-qmtl-cache"] == "miss" and r.headers["cache-control"] == "no-store"
             assert metric((await d.get("/metrics")).text, "world_decide_latency_ms_count") == before + 3
-        assert (w, "") not in app.ctx.worlds.decisions
+        assert (w, "") not in app.service.worlds.decisions
         ws.stop()
         r = await c.get(f"/worlds/{w}/decide")
         assert r.status_code == 200 and r.headers["x-qmtl-cache"] == "safe-default"
@@ -141,7 +141,7 @@ async def test_ttl_zero_is_not_cached(ws_ttl0, tmp_path):
 async def test_activation_is_inactive_when_worldservice_is_down_and_other_routes_are_503(ws_ttl2, tmp_path):
     ws = ws_ttl2
     app = create_app(gateway_config(tmp_path, ws.url, breaker={"failure_threshold": 100, "reset_timeout": 10.0}),
-                     bus=InProcessBus(), components=WORLDS_COMPONENTS)
+                     bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         w = f"a-{uuid.uuid4().hex[:8]}"
         assert (await c.post("/worlds", json={"world_id": w, "name": w})).status_code == 201
@@ -181,7 +181,7 @@ async def test_budget_timeouts_and_retries_only_for_idempotent_calls(ws_ttl2, tm
     # the SPEC budget: 300 ms per attempt, 2 retries (idempotent calls only), breaker after 5 failures
     cfg = gateway_config(tmp_path, ws.url, dagmanager_url=dm_url, worldservice_budget={"timeout": 0.3, "retries": 2}, status_cache_ttl=0.0)
     assert cfg.gateway.breaker.failure_threshold == 5
-    app = create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         w = f"t-{uuid.uuid4().hex[:8]}"  # no need for it to exist: WorldService will not answer
         ws.freeze()  # the process holds its port and answers nothing: timeouts, not refusals
@@ -224,7 +224,7 @@ async def test_breaker_opens_half_opens_and_closes_seen_in_status(ws_ttl2, tmp_p
     dm_url, _ = dagmanager_standin
     cfg = gateway_config(tmp_path, ws.url, dagmanager_url=dm_url, breaker={"failure_threshold": 2, "reset_timeout": 1.0},
                          status_cache_ttl=0.0)
-    app = create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
     validator = schema("gateway_status.schema.json")
 
     async with serve(app) as url, client(url) as c:
@@ -276,13 +276,13 @@ async def test_breaker_opens_half_opens_and_closes_seen_in_status(ws_ttl2, tmp_p
 async def test_status_dependency_health_is_cached_briefly(ws_ttl2, tmp_path, dagmanager_standin):
     dm_url, hits = dagmanager_standin
     cfg = gateway_config(tmp_path, ws_ttl2.url, dagmanager_url=dm_url, status_cache_ttl=0.5)
-    app = create_app(cfg, bus=InProcessBus(), components=WORLDS_COMPONENTS)
+    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         first = await c.get("/status")
         burst = await asyncio.gather(*(c.get("/status") for _ in range(20)))
         assert first.json()["cached"] is False and all(r.json()["cached"] is True for r in burst)
         assert hits["n"] == 1  # 21 calls, one probe
-        assert app.ctx.status.level() == "NORMAL"
+        assert app.service.status.level() == "NORMAL"
         await asyncio.sleep(0.6)
         again = await c.get("/status")
         assert again.json()["cached"] is False and hits["n"] == 2

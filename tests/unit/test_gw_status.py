@@ -11,6 +11,7 @@ from jsonschema import Draft202012Validator
 from qmtl.bus.inproc import InProcessBus
 from qmtl.contracts.loader import load_schema_files, schema_registry
 from qmtl.gateway import status as st
+from qmtl.gateway.ingest.fallback import FallbackQueue
 
 
 @pytest.mark.parametrize("health,level", [
@@ -69,8 +70,10 @@ class Ctx:
         self.kv, self.db = KV(), DB()
         self.dagmanager = Breakered(self.deps["dagmanager"], "dagmanager")
         self.worldservice = Breakered(self.deps["worldservice"], "worldservice")
-        self.components = {}
         self.bus = InProcessBus()
+
+    def collaborators(self):
+        return {"kv": self.kv, "db": self.db, "bus": self.bus, "worldservice": self.worldservice, "dagmanager": self.dagmanager}
 
 
 VALIDATOR = Draft202012Validator(load_schema_files()["gateway_status.schema.json"], registry=schema_registry(),
@@ -79,7 +82,7 @@ VALIDATOR = Draft202012Validator(load_schema_files()["gateway_status.schema.json
 
 async def test_report_is_cached_for_the_ttl_and_validates():
     ctx, clock = Ctx(dagmanager=Dep(ok=False)), Clock()
-    mon = st.StatusMonitor(ctx, ttl=2.0, clock=clock)
+    mon = st.StatusMonitor(**ctx.collaborators(), ttl=2.0, clock=clock)
     first = await mon.report()
     VALIDATOR.validate(first)
     assert first["degradation"] == "PARTIAL" and first["status"] == "degraded" and first["cached"] is False
@@ -94,7 +97,7 @@ async def test_report_is_cached_for_the_ttl_and_validates():
 
 async def test_concurrent_reports_share_one_evaluation():
     ctx = Ctx(worldservice=Dep(delay=0.05))
-    mon = st.StatusMonitor(ctx, ttl=0.0)  # no caching at all: still one evaluation in flight at a time
+    mon = st.StatusMonitor(**ctx.collaborators(), ttl=0.0)  # no caching at all: still one evaluation in flight at a time
     reports = await asyncio.gather(*(mon.report() for _ in range(10)))
     assert ctx.deps["worldservice"].calls == 1 and {r["degradation"] for r in reports} == {"NORMAL"}
 
@@ -102,7 +105,7 @@ async def test_concurrent_reports_share_one_evaluation():
 async def test_failing_and_hanging_checks_are_unhealthy_not_errors(monkeypatch):
     monkeypatch.setattr(st, "PROBE_TIMEOUT", 0.05)
     ctx = Ctx(redis=Dep(error=ConnectionError("refused")), database=Dep(delay=1.0))
-    report = await st.StatusMonitor(ctx, ttl=1.0).report()
+    report = await st.StatusMonitor(**ctx.collaborators(), ttl=1.0).report()
     VALIDATOR.validate(report)
     assert report["degradation"] == "STATIC"
     assert "ConnectionError" in report["dependencies"]["redis"]["detail"]
@@ -111,7 +114,7 @@ async def test_failing_and_hanging_checks_are_unhealthy_not_errors(monkeypatch):
 
 async def test_level_is_synchronous_and_refreshes_in_the_background():
     ctx, clock = Ctx(), Clock()
-    mon = st.StatusMonitor(ctx, ttl=1.0, clock=clock)
+    mon = st.StatusMonitor(**ctx.collaborators(), ttl=1.0, clock=clock)
     assert mon.level() == "NORMAL"  # before any evaluation; schedules one
     await asyncio.sleep(0.01)
     assert ctx.deps["redis"].calls == 1
@@ -124,14 +127,11 @@ async def test_level_is_synchronous_and_refreshes_in_the_background():
     await mon.stop()
 
 
-async def test_fallback_queue_size_from_the_ingest_component():
+async def test_fallback_queue_size_from_the_ingest_fallback_queue():
     ctx = Ctx()
-
-    class Ingest:
-        def fallback_queue_size(self):
-            return 7
-
-    ctx.components["ingest"] = Ingest()
-    report = await st.StatusMonitor(ctx, ttl=1.0).report()
+    fallback = FallbackQueue(10)
+    for i in range(7):
+        fallback.put(f"s-{i}")
+    report = await st.StatusMonitor(**ctx.collaborators(), fallback=fallback, ttl=1.0).report()
     VALIDATOR.validate(report)
     assert report["fallback_queue"] == 7

@@ -100,8 +100,8 @@ async def test_events_consumed_from_the_bus_reach_the_worlds_cache_of_the_gatewa
     (by any WorldService, through any Gateway) empties this Gateway's entries of the world."""
     bus = InProcessBus(validator=event_validators())
     cfg = load_config(environ={}, overrides={"data_dir": str(tmp_path), "gateway": {"worldservice_url": "http://ws"}})
-    app = create_app(cfg, bus=bus, components=["auth", "worlds", "events", "status"])
-    ctx = app.ctx
+    app = create_app(cfg, bus=bus, parts=["auth", "worlds", "events", "status"])
+    ctx = app.service
     await bus.start()
     await ctx.start()
     try:

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ from qmtl.common.config import Config
 from qmtl.common.crc import crc32_of_node_ids
 from qmtl.common.nodeid import compute_node_id
 from qmtl.gateway.backends import Backend
-from qmtl.gateway.ingest.service import IngestService
+from qmtl.gateway.ingest import FallbackQueue, IngestMetrics, IngestService, QueueLookup
 from qmtl.store import Database, make_kv, sqlite_url
 
 
@@ -79,17 +78,20 @@ async def svc(tmp_path):
     cfg.gateway.workers = 1
     backend = Backend("dagmanager", "http://dm", timeout=0.5, retries=1,
                       client=httpx.AsyncClient(base_url="http://dm", transport=httpx.MockTransport(fake)))
-    ctx = SimpleNamespace(config=cfg, registry=CollectorRegistry(), db=Database(sqlite_url(tmp_path / "gw.db")),
-                          kv=make_kv("memory://"), kv_prefix="u:", dagmanager=backend, components={})
-    service = IngestService(ctx)
-    service.pop_timeout = 0.05
-    service.reconcile_interval = 0.05
+    registry, db, kv = CollectorRegistry(), Database(sqlite_url(tmp_path / "gw.db")), make_kv("memory://")
+    metrics = IngestMetrics.create(registry)
+    service = IngestService(cfg.gateway, db=db, kv=kv, kv_prefix="u:", dagmanager=backend, metrics=metrics,
+                            fallback=FallbackQueue(cfg.gateway.fallback_queue_size, on_change=metrics.fallback_size.set),
+                            queues=QueueLookup(backend))
+    service.registry = registry  # read by sample() below
+    service.tuning.pop_timeout = 0.05
+    service.tuning.reconcile_interval = 0.05
     service.fake = fake
     yield service
     await service.stop()
     await backend.close()
-    await ctx.db.close()
-    await ctx.kv.aclose()
+    await db.close()
+    await kv.aclose()
 
 
 async def wait_terminal(svc, sid, timeout=5.0):
@@ -103,7 +105,7 @@ async def wait_terminal(svc, sid, timeout=5.0):
 
 
 def sample(svc, name, labels=None):
-    return svc.ctx.registry.get_sample_value(name, labels or {}) or 0
+    return svc.registry.get_sample_value(name, labels or {}) or 0
 
 
 async def test_refused_diff_fails_the_strategy_with_the_reason(svc):
@@ -136,13 +138,13 @@ async def test_a_queued_id_without_a_record_is_counted_as_lost(svc):
 
 async def test_a_lock_held_elsewhere_means_this_copy_is_dropped(svc):
     await svc.start()
-    svc._dm_up.clear()  # keep the workers idle while staging
+    svc.link.up.clear()  # keep the workers idle while staging
     ack, _ = await svc.submit(body([node("c")]))
     sid = ack["strategy_id"]
     svc.fallback.remove([sid])
     await svc.redis.push(sid)
     token = await svc.redis.lock(sid)  # another replica holds it
-    svc._dm_up.set()
+    svc.link.up.set()
     deadline = time.monotonic() + 5
     while await svc.redis.queued_ids():
         assert time.monotonic() < deadline
@@ -154,7 +156,7 @@ async def test_a_lock_held_elsewhere_means_this_copy_is_dropped(svc):
 
 async def test_a_failing_relay_does_not_stop_the_fsm(svc):
     rec = Recorder(fail=True)
-    svc.ctx.components["events"] = rec
+    svc.fsm.relay = rec
     await svc.start()
     ack, _ = await svc.submit(body([node("d")]))
     st = await wait_terminal(svc, ack["strategy_id"])
@@ -192,7 +194,7 @@ async def test_dry_run_and_meta_reach_the_diff(svc):
             seen.update(json.loads(request.content))
         return original(request)
 
-    svc.ctx.dagmanager.client = httpx.AsyncClient(base_url="http://dm", transport=httpx.MockTransport(spy))
+    svc.dagmanager.client = httpx.AsyncClient(base_url="http://dm", transport=httpx.MockTransport(spy))
     await svc.start()
     b = body([node("e")])
     b["meta"] = {"asset": "btc", "version": "v3"}
@@ -205,7 +207,7 @@ async def test_dry_run_and_meta_reach_the_diff(svc):
 
 async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, monkeypatch):
     await svc.start()
-    original = svc._run_batch
+    original = svc.workers._run_batch
     calls = {"n": 0}
 
     async def buggy(todo):
@@ -214,7 +216,7 @@ async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, 
             raise KeyError("boom")
         return await original(todo)
 
-    monkeypatch.setattr(svc, "_run_batch", buggy)
+    monkeypatch.setattr(svc.workers, "_run_batch", buggy)
     first, _ = await svc.submit(body([node("x1")]))
     st = await wait_terminal(svc, first["strategy_id"])
     assert st["status"] == "failed" and "KeyError" in st["error"]
@@ -223,12 +225,11 @@ async def test_an_unexpected_error_fails_the_strategy_and_keeps_the_worker(svc, 
     assert await svc.redis.processing_ids() == []
 
 
-def test_rate_meter_counts_the_last_second(monkeypatch):
-    from qmtl.gateway.ingest import service as mod
+def test_rate_meter_counts_the_last_second():
+    from qmtl.gateway.ingest.state import RateMeter
 
     now = [100.0]
-    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
-    meter = mod._RateMeter()
+    meter = RateMeter(monotonic=lambda: now[0])
     for _ in range(50):
         meter.tick()
     now[0] += 0.5

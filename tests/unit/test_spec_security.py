@@ -135,14 +135,13 @@ def test_bounded_label_folds_beyond_the_cap_and_frees_on_release():
 
 
 async def test_in_band_refresh_needs_the_same_subject_and_scope(tmp_path):
-    from qmtl.common.config import load_config
     from qmtl.gateway.events.component import EventsComponent
     from qmtl.gateway.events.hub import Subscriber
     from qmtl.gateway.events.tokens import Tokens
 
-    comp = EventsComponent.__new__(EventsComponent)  # only .tokens and .ctx are used by refresh
+    comp = EventsComponent.__new__(EventsComponent)  # only .tokens and .auth are used by refresh
     comp.tokens = Tokens(signing_keys=[], data_dir=str(tmp_path), token_ttl=60, algorithm="ES256", issuer="http://gw")
-    comp.ctx = type("Ctx", (), {"auth": None, "config": load_config(environ={})})()
+    comp.auth = None  # on /ws/evt a refresh never asks it
     sub = Subscriber("/ws/evt", topics=["activation", "policy"], world_id="w1", snapshots=True, subject="alice")
     sub.expires_at = 1.0
 

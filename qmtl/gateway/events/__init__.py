@@ -11,12 +11,6 @@ JWKS, descriptor tokens), :mod:`.metrics`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .component import EventsComponent
 
-__all__ = ["EventsComponent", "build"]
-
-
-def build(ctx: Any) -> EventsComponent:
-    return EventsComponent(ctx)
+__all__ = ["EventsComponent"]

@@ -28,18 +28,21 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from prometheus_client import CollectorRegistry
 from starlette.routing import WebSocketRoute
 
-from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES
+from qmtl.bus.base import TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES, ControlBus
 from qmtl.common import tracing
 from qmtl.common.cache import SingleFlight
 from qmtl.common.errors import BadRequest, ServiceError, ServiceUnavailable, Unprocessable
 from qmtl.common.labels import BoundedLabel
 from qmtl.contracts.constants import DEFAULT_MATCH_MODE, StreamTopic, upstream_path
 from qmtl.contracts.events import event_validators, schema_validator
+from qmtl.gateway.backends import Backend
+from qmtl.store import Database
 
 from . import state as st
 from .consumer import ControlBusConsumer
@@ -56,6 +59,10 @@ from .hub import (
 from .metrics import WS_ROUTES, EventMetrics
 from .tokens import TOPIC_ALIASES, InvalidToken, Tokens, normalise_topics
 from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, ConnectionCaps, StreamEndpoint, StreamRefused
+
+if TYPE_CHECKING:
+    from qmtl.common.config import Config
+    from qmtl.gateway.auth import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -93,32 +100,36 @@ def ws_base(public_url: str) -> str:
 class EventsComponent:
     close_grace = 2.0  # seconds to get a close frame (4008/1001) out to a client
 
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        cfg = ctx.config.gateway.events
+    def __init__(self, config: Config, *, bus: ControlBus, db: Database, registry: CollectorRegistry, auth: Authenticator,
+                 worldservice: Backend, dagmanager: Backend, tracer_provider: Any = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        cfg = config.gateway.events
         self.cfg = cfg
+        self.replicated = config.controlbus.kind == "kafka"  # replicas in separate processes share the bus
+        self.auth = auth
+        self.worldservice, self.dagmanager = worldservice, dagmanager
         self.instance_id = cfg.instance_id or generated_instance_id()
         self.consumer_id = f"gateway-{self.instance_id}"
-        self.public_url = ctx.config.gateway_public_url()
-        self.metrics = EventMetrics.create(ctx.registry)
-        self.sentinel_label = BoundedLabel(ctx.config.gateway.metric_label_cap)  # sentinel ids come from callers
+        self.public_url = config.gateway_public_url()
+        self.metrics = EventMetrics.create(registry)
+        self.sentinel_label = BoundedLabel(config.gateway.metric_label_cap)  # sentinel ids come from callers
         self.tokens = Tokens(
-            signing_keys=list(cfg.signing_keys), data_dir=ctx.config.data_dir, token_ttl=cfg.token_ttl,
-            algorithm=cfg.algorithm, issuer=self.public_url, store=self._key_store(ctx),
+            signing_keys=list(cfg.signing_keys), data_dir=config.data_dir, token_ttl=cfg.token_ttl,
+            algorithm=cfg.algorithm, issuer=self.public_url, store=self._key_store(db),
         )
-        self.state = st.StateStore(max_skew=ctx.config.gateway.callbacks.max_clock_skew)
-        self.queue_feed = QueueFeed(self.state, self._reconcile_queues, time.time)
+        self.state = st.StateStore(max_skew=config.gateway.callbacks.max_clock_skew)
+        self.queue_feed = QueueFeed(self.state, self._reconcile_queues, wall)
         self.hub = Hub(
             self.metrics, source=f"qmtl.gateway/{self.instance_id}", queue_size=cfg.client_queue_size,
             replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval,
         )
         self.consumer = ControlBusConsumer(
-            ctx.bus, self._apply_from_bus, consumer_id=self.consumer_id, epoch=self.hub.epoch, metrics=self.metrics,
-            tracer_provider=ctx.tracer_provider,
+            bus, self._apply_from_bus, consumer_id=self.consumer_id, epoch=self.hub.epoch, metrics=self.metrics,
+            tracer_provider=tracer_provider,
         )
-        auth = ctx.config.gateway.auth
+        auth_cfg = config.gateway.auth
         self.caps = ConnectionCaps(cfg.max_connections, cfg.max_connections_per_subject,
-                                   exempt_subject=auth.dev_subject if auth.mode == "dev" else None)
+                                   exempt_subject=auth_cfg.dev_subject if auth_cfg.mode == "dev" else None)
         self._frame_schema = schema_validator("ws_frame.schema.json")
         self.metrics.state_hash_mismatch.set_function(self.state.mismatched_worlds)
         self._resolving: SingleFlight[tuple] = SingleFlight()
@@ -139,7 +150,7 @@ class EventsComponent:
             except Exception:  # one listener failing must not stop the relay
                 log.exception("world-change listener %r failed for %s", listener, change)
 
-    def _key_store(self, ctx: Any) -> Any:
+    def _key_store(self, db: Database) -> Any:
         """``gateway.events.key_store``: ``database`` (default unless ``signing_keys`` lists
         files), ``files`` or ``generated``; see :mod:`.tokens`."""
         kind = self.cfg.key_store
@@ -151,7 +162,7 @@ class EventsComponent:
             return None
         from .keystore import DatabaseKeyStore
 
-        return DatabaseKeyStore(ctx.db, algorithm=self.cfg.algorithm, token_ttl=self.cfg.token_ttl, owner=self.consumer_id,
+        return DatabaseKeyStore(db, algorithm=self.cfg.algorithm, token_ttl=self.cfg.token_ttl, owner=self.consumer_id,
                                 refresh=self.cfg.key_refresh)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -163,8 +174,7 @@ class EventsComponent:
             # On the Kafka bus (separate processes, maybe replicas) this is loud: a sibling
             # replica's /ws/evt tokens are refused here (and ours there). Embedded (one
             # process, in-process bus) it is how things are meant to be: said at INFO.
-            replicated = self.ctx.config.controlbus.kind == "kafka"
-            log.log(logging.WARNING if replicated else logging.INFO,
+            log.log(logging.WARNING if self.replicated else logging.INFO,
                     "event-stream signing keys are NOT shared with other Gateway replicas: %s", self.tokens.sharing_note())
         await self.hub.start()
         await self.consumer.start()
@@ -350,7 +360,7 @@ class EventsComponent:
 
         tags, interval, mode = key
         try:
-            resp = await self.ctx.dagmanager.request(
+            resp = await self.dagmanager.request(
                 "GET", "/queues/by_tag", params={"tags": ",".join(tags), "interval": interval, "match_mode": mode}
             )
         except BackendUnavailable as exc:
@@ -389,8 +399,8 @@ class EventsComponent:
         # The Gateway reads as itself; WorldService trusts it by the service token.
         headers = Identity("qmtl-gateway", {"sub": "qmtl-gateway", "world_roles": {world_id: ["reader"]}}).forward_headers()
         try:
-            acts = await self.ctx.worldservice.request("GET", upstream_path("list_activations", world_id=world_id), headers=headers)
-            pols = await self.ctx.worldservice.request("GET", upstream_path("list_policies", world_id=world_id), headers=headers)
+            acts = await self.worldservice.request("GET", upstream_path("list_activations", world_id=world_id), headers=headers)
+            pols = await self.worldservice.request("GET", upstream_path("list_policies", world_id=world_id), headers=headers)
         except BackendUnavailable as exc:
             # Serve what is held (unknown activation reads as inactive: orders gated off)
             # and try again on the next subscription to this world.
@@ -512,7 +522,7 @@ class EventsComponent:
         return sub, last_event_id
 
     async def _open_legacy(self, route: str, token: str | None) -> Subscriber:
-        auth = self.ctx.auth
+        auth = self.auth
         size = self.cfg.client_queue_size
         all_topics = tuple(StreamTopic)
         if token:
@@ -528,7 +538,7 @@ class EventsComponent:
                 )
                 sub.expires_at = _exp(grant.claims)
                 return sub
-            if getattr(auth, "verifies_tokens", False):
+            if auth.verifies_tokens:
                 try:
                     identity = await auth.authenticate({"authorization": f"Bearer {token}"})
                 except ServiceError as exc:
@@ -537,7 +547,7 @@ class EventsComponent:
                 sub.expires_at = _exp(identity.claims)
                 return sub
             raise StreamRefused(CLOSE_POLICY, f"invalid token: {reason}", reason.replace(" ", "_"))
-        if getattr(auth, "mode", "jwt") != "dev":
+        if auth.mode != "dev":
             raise StreamRefused(CLOSE_POLICY, "a bearer token is required", "missing_token")
         identity = await auth.authenticate({})
         return Subscriber(route, topics=all_topics, world_visible=_reader_of(identity), queue_size=size, subject=identity.subject)
@@ -549,8 +559,8 @@ class EventsComponent:
         try:
             grant = self.tokens.verify(token)
         except InvalidToken as exc:
-            if sub.route == "/ws" and getattr(self.ctx.auth, "verifies_tokens", False):
-                identity = await self.ctx.auth.authenticate({"authorization": f"Bearer {token}"})  # a caller's JWT
+            if sub.route == "/ws" and self.auth.verifies_tokens:
+                identity = await self.auth.authenticate({"authorization": f"Bearer {token}"})  # a caller's JWT
                 if identity.subject != sub.subject:
                     raise ValueError("the token names another subject") from None
                 return self._extend(sub, _exp(identity.claims))

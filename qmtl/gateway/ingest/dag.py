@@ -313,3 +313,12 @@ def tag_queries(dag: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], int,
         if node.get("node_type") == TAG_QUERY_TYPE:
             out[node["node_id"]] = (tuple(node["tags"]), int(node["interval"]), node["match_mode"])
     return out
+
+
+def meta_str(meta: Any, key: str, pattern: re.Pattern) -> str | None:
+    """``meta[key]`` when it is a string matching ``pattern`` (the sentinel's version, the diff's asset)."""
+    if isinstance(meta, Mapping):
+        v = meta.get(key)
+        if isinstance(v, str) and pattern.match(v):
+            return v
+    return None

@@ -12,7 +12,7 @@ specs/openapi.yaml (read at start, never restated). The body is parsed and valid
 the very schema the spec names (``strategy_submission.schema.json``, with jsonschema-rs); anything the
 contract stack must judge — not ``application/json``, not JSON, a schema violation, not
 UTF-8 — is **declined**: the request, body replayed, goes to the stack, which answers exactly
-as it would have. Authentication is the handler's (``ctx.auth``). Errors the ingest raises
+as it would have. Authentication is the handler's (the Gateway's ``auth``). Errors the ingest raises
 are rendered by the same ``problem_response`` the stack's error handler uses; the correlation
 id is set and echoed by the outer middleware as for every request. The 202 body is what the
 handler returns (it conforms to ``strategy_ack.schema.json``; the tests check it), with
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qmtl.common.errors import ServiceError
 from qmtl.contracts.app import problem_response
@@ -32,15 +33,23 @@ from qmtl.contracts.events import schema_validator
 from qmtl.contracts.limits import DEFAULT_MAX_DEPTH, json_depth_exceeds, replay_body
 from qmtl.contracts.loader import SpecError
 
+if TYPE_CHECKING:
+    from qmtl.gateway.auth import Authenticates
+
 log = logging.getLogger(__name__)
 
 OPERATION = "submit_strategy"  # the Gateway operation it serves (specs/openapi.yaml)
 
 
+class Submits(Protocol):
+    async def submit(self, body: Mapping[str, Any], *, subject: str | None = None) -> tuple[dict, dict]: ...
+
+
 class SubmitFastPath:
-    def __init__(self, app: Any, ctx: Any, op: Operation | None = None) -> None:
+    def __init__(self, app: Any, auth: Authenticates, ingest: Submits, op: Operation | None = None) -> None:
         self.app = app
-        self.ctx = ctx
+        self.auth = auth
+        self.ingest = ingest
         self.op = op or operation("gateway", OPERATION)
         if self.op.path_params or not self.op.request_schema or not self.op.request_content_types:
             raise SpecError(f"{self.op.method} {self.op.path}: the submit fast path serves an operation without path "
@@ -59,7 +68,7 @@ class SubmitFastPath:
             return
         headers = _headers(scope)
         try:  # authentication first: an anonymous body is never read in JWT mode
-            identity = await self.ctx.auth.authenticate(headers)
+            identity = await self.auth.authenticate(headers)
         except Exception:
             self.declined += 1
             await self.app(scope, receive, send)  # the full stack answers the 401/503 problem
@@ -72,7 +81,7 @@ class SubmitFastPath:
             return
         self.served += 1
         try:
-            ack, extra = await self.ctx.ingest.submit(body, subject=identity.subject)
+            ack, extra = await self.ingest.submit(body, subject=identity.subject)
         except ServiceError as exc:
             if exc.status >= 500:
                 log.warning("%s: %s", exc.title, exc.detail)

@@ -76,7 +76,7 @@ class RelayedQueueSets(Protocol):
 class QueueLookup:
     def __init__(self, backend: Backend, *, ack_ttl: float = 1.0, feed: RelayedQueueSets | None = None) -> None:
         self.backend = backend
-        self.feed = feed  # set by the Gateway's composition root when the events component exists
+        self.feed = feed  # the event relay's queue sets (None in a build without the events part)
         self._inflight: dict[Key, asyncio.Future] = {}
         self.calls = 0
         # answers reused for the queue_map of acks only (never for /queues/by_tag): at most
