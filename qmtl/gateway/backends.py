@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from qmtl.common import correlation
 from qmtl.common.resilience import AsyncCircuitBreaker, CircuitOpen, RetryPolicy
+from qmtl.gateway.transport import LeanTransport
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ class Backend:
         self._breakers: dict[str, AsyncCircuitBreaker] = {}
         self.policy = RetryPolicy(timeout=timeout, retries=retries)
         self.client = client or httpx.AsyncClient(
-            base_url=self.base_url,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            timeout=httpx.Timeout(timeout * 4),
+            base_url=self.base_url, transport=LeanTransport(max_connections=200, max_keepalive=50), timeout=httpx.Timeout(timeout * 4),
         )
         self.default_headers = dict(default_headers or {})
         if metrics:
