@@ -13,9 +13,9 @@ from prometheus_client import Counter
 
 from qmtl.common import correlation
 from qmtl.common.errors import Forbidden
-from qmtl.contracts.constants import WorldState, upstream_path
+from qmtl.contracts.constants import WorldState
 from qmtl.gateway.backends import BackendUnavailable
-from qmtl.gateway.worlds.replies import Incoming, unavailable
+from qmtl.gateway.worlds.replies import Incoming, unavailable, upstream_template
 
 if TYPE_CHECKING:
     from qmtl.gateway.auth import Identity
@@ -31,6 +31,7 @@ class LiveGuard:
         self.backend = backend
         self.allow_live = allow_live
         self.refusals = refusals  # world_live_guard_refusals{operation}
+        self._world_path = upstream_template("get_world")
 
     def consent(self, req: Incoming) -> bool:
         if self.allow_live:
@@ -95,7 +96,7 @@ class LiveGuard:
         """Whether the world may reach live (its ``allow_live``); unknown worlds cannot."""
         headers = identity.forward_headers() if identity is not None else {}
         try:
-            resp = await self.backend.request("GET", upstream_path("get_world", world_id=world_id), headers=headers)
+            resp = await self.backend.request("GET", self._world_path.format(world_id=world_id), headers=headers)
         except BackendUnavailable as exc:
             raise unavailable(exc) from exc
         if resp.status_code != 200:

@@ -74,7 +74,7 @@ from qmtl.common import correlation
 from qmtl.common.cache import SingleFlight
 from qmtl.common.errors import BadGateway
 from qmtl.common.http import quote_etag
-from qmtl.contracts.constants import operation, upstream_path
+from qmtl.contracts.constants import operation
 from qmtl.gateway.backends import BackendUnavailable
 from qmtl.gateway.worlds.cache import ActivationEntry, DecisionEntry, WorldLRU, parse_ttl
 from qmtl.gateway.worlds.live_guard import ALLOW_LIVE_HEADER, LiveGuard
@@ -94,6 +94,7 @@ from qmtl.gateway.worlds.replies import (
     response_schema,
     schema_check,
     unavailable,
+    upstream_template,
 )
 from qmtl.gateway.worlds.safe_defaults import safe_activation, safe_decision
 
@@ -134,6 +135,7 @@ class WorldsProxy:
         self._decision_schema = schema_check(response_schema("decide"))
         self.decide_key_param = operation("gateway", "decide").query_params[0]  # part of the cache key
         self._activation_schema = schema_check(response_schema("get_activation"))
+        self._decide_path, self._activation_path = upstream_template("decide"), upstream_template("get_activation")
 
     async def start(self) -> None:
         if self.allow_live:
@@ -273,7 +275,7 @@ class WorldsProxy:
         if stale is not None:
             headers["If-None-Match"] = stale.upstream_etag
         params = {self.decide_key_param: as_of} if as_of else None
-        path = upstream_path("decide", world_id=world_id)
+        path = self._decide_path.format(world_id=world_id)
         try:
             resp = await self.backend.request("GET", path, params=params, headers=headers)
         except BackendUnavailable as exc:
@@ -390,7 +392,7 @@ class WorldsProxy:
         if cached is not None:
             headers["If-None-Match"] = cached.upstream_etag
         try:
-            resp = await self.backend.request("GET", upstream_path("get_activation", world_id=world_id),
+            resp = await self.backend.request("GET", self._activation_path.format(world_id=world_id),
                                               params={"strategy_id": strategy_id, "side": side}, headers=headers)
         except BackendUnavailable as exc:
             raise Unanswered(f"WorldService unavailable ({exc.reason})") from exc

@@ -13,7 +13,7 @@ from typing import Any
 
 from qmtl.common.errors import ServiceError, ServiceUnavailable
 from qmtl.common.http import if_none_match
-from qmtl.contracts.constants import operation
+from qmtl.contracts.constants import operation, proxy_rules
 from qmtl.gateway.backends import BackendUnavailable
 
 CACHE_HEADER = "X-QMTL-Cache"
@@ -88,6 +88,13 @@ class Passthrough(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.status)
         self.reply = reply
+
+
+def upstream_template(operation_id: str) -> str:
+    """The WorldService path (``str.format`` template) the Gateway's proxied ``operation_id``
+    forwards to, as :func:`qmtl.contracts.constants.upstream_path` fills it; resolved once at
+    start, since that reads the spec's proxy rules on every call."""
+    return operation("worldservice", proxy_rules("gateway")[operation_id].upstream).path
 
 
 def response_schema(operation_id: str, status: int = 200) -> str:
