@@ -1,4 +1,4 @@
-"""Worlds proxy: WorldService's API under the same paths (``ctx.worlds``, qmtl/gateway/worlds.py).
+"""Worlds proxy: WorldService's API under the same paths (``ctx.worlds``, qmtl/gateway/worlds/proxy.py).
 
 Every proxied operation carries ``x-qmtl-proxy`` in specs/openapi.yaml: the WorldService
 operation it forwards to, whether a retry is safe (idempotent), its live-guard rule and

@@ -178,6 +178,13 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
+    def public_base_url(self) -> str:
+        """The Gateway's address as its callers see it: ``public_url``, or ``http://{host}:{port}``."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
 
 @dataclass
 class WorldServiceConfig:
@@ -241,11 +248,7 @@ class Config:
         return f"sqlite+aiosqlite:///{Path(self.data_dir).resolve() / (service + '.db')}"
 
     def gateway_public_url(self) -> str:
-        g = self.gateway
-        if g.public_url:
-            return g.public_url.rstrip("/")
-        host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
-        return f"http://{host}:{g.port}"
+        return self.gateway.public_base_url()
 
     def ensure_service_token(self) -> str:
         """One shared credential between Gateway and WorldService; generated when unset."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection
-from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -23,7 +22,6 @@ from qmtl.common.clock import SYSTEM_CLOCK, Clock
 from qmtl.common.config import Config
 from qmtl.common.tracing import make_tracer_provider
 from qmtl.contracts.app import build_app
-from qmtl.gateway import worlds as worlds_module
 from qmtl.gateway.auth import Authenticator, spec_security
 from qmtl.gateway.backends import Backend, BackendMetrics
 from qmtl.gateway.events import EventsComponent
@@ -31,6 +29,7 @@ from qmtl.gateway.ingest import FallbackQueue, IngestMetrics, IngestService, Que
 from qmtl.gateway.ingest.fastpath import SubmitFastPath
 from qmtl.gateway.service import ALL_PARTS, Gateway
 from qmtl.gateway.status import StatusMonitor
+from qmtl.gateway.worlds import DecideFastPath, WorldsProxy
 from qmtl.store import Database, make_kv
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,12 @@ def create_service(config: Config, *, bus: ControlBus, kv: Any = None, db: Datab
     kv = kv if kv is not None else make_kv(g.kv_url)
     kv_prefix = kv_prefix if kv_prefix is not None else g.kv_prefix
     db = db if db is not None else Database(config.db_url("gateway"))
-    worldservice, dagmanager = _backends(config, registry, tracer_provider)
+    worldservice, dagmanager = _backends(config, registry, tracer_provider, clock)
     auth = Authenticator(g.auth) if "auth" in parts else None
     worlds = None
     if "worlds" in parts:
-        # integrator: WorldsProxy(...) once the worlds package lands
-        worlds = worlds_module.build(SimpleNamespace(config=config, worldservice=worldservice, registry=registry, auth=auth))
+        assert auth is not None
+        worlds = WorldsProxy(g, worldservice, registry=registry, authenticator=auth, monotonic=clock.monotonic, wall=clock.time)
     events = None
     if "events" in parts:
         assert auth is not None
@@ -101,7 +100,7 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
                     access_log=config.access_log, tracer_provider=gw.tracer_provider, security=verifiers, anonymous=anonymous,
                     limits=config.gateway.limits)
     if gw.has("worlds"):  # cache hits of GET /worlds/{id}/decide skip the contract stack (see DecideFastPath)
-        app.http_app = worlds_module.DecideFastPath(app.http_app, gw.worlds)
+        app.http_app = DecideFastPath(app.http_app, gw.worlds)
     if gw.has("ingest") and gw.has("auth"):  # valid POST /strategies skip the contract stack (see SubmitFastPath)
         app.http_app = SubmitFastPath(app.http_app, gw.auth, gw.ingest)
     # rate limits per caller, in front of everything that answers an operation (fast paths too)
@@ -118,7 +117,7 @@ def create_app(config: Config, *, bus: ControlBus, kv: Any = None, db: Database 
     return app
 
 
-def _backends(config: Config, registry: CollectorRegistry, tracer_provider: Any) -> tuple[Backend, Backend]:
+def _backends(config: Config, registry: CollectorRegistry, tracer_provider: Any, clock: Clock) -> tuple[Backend, Backend]:
     """WorldService and the DAG Manager, each on its budget and circuit breaker."""
     g = config.gateway
     metrics = BackendMetrics.create(registry)
@@ -127,11 +126,13 @@ def _backends(config: Config, registry: CollectorRegistry, tracer_provider: Any)
         "worldservice", g.worldservice_url, timeout=g.worldservice_budget.timeout, retries=g.worldservice_budget.retries,
         failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=metrics,
         default_headers=headers, operations=_operations("worldservice") if g.breaker.per_operation else None,
+        monotonic=clock.monotonic,
     )
     dagmanager = Backend(
         "dagmanager", g.dagmanager_url, timeout=g.dagmanager_budget.timeout, retries=g.dagmanager_budget.retries,
         failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=metrics,
         default_headers=headers,  # the DAG Manager authenticates every write by the same service token
+        monotonic=clock.monotonic,
     )
     tracing.instrument_httpx(worldservice.client, tracer_provider)
     tracing.instrument_httpx(dagmanager.client, tracer_provider)

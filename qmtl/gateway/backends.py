@@ -9,14 +9,15 @@ not every other caller's decides and writes. The backend's state in ``/status`` 
 ``gateway_circuit_breaker_state`` is then its worst operation's. Only
 idempotent calls are retried. Every call carries the request's correlation id. Failures
 become :class:`BackendUnavailable` (transport error, timeout, 5xx after retries, breaker
-open); any other answer, including 4xx, is returned to the caller to interpret.
+open); any other answer, including 4xx, is returned to the caller to interpret. The breakers
+read ``monotonic`` (a test's ``ManualClock.monotonic`` to advance through a cool-off).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from qmtl.common import correlation
 from qmtl.common.resilience import AsyncCircuitBreaker, CircuitOpen, RetryPolicy
+from qmtl.gateway.transport import LeanTransport
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +89,26 @@ class Backend:
         client: httpx.AsyncClient | None = None,
         default_headers: Mapping[str, str] | None = None,
         operations: Any = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.metrics = metrics
-        self._breaker_args = {"failure_threshold": failure_threshold, "reset_timeout": reset_timeout}
-        self.breaker = AsyncCircuitBreaker(name, on_state_change=self._on_state, **self._breaker_args)
+        self._failure_threshold, self._reset_timeout, self._monotonic = failure_threshold, reset_timeout, monotonic  # the breakers' clock
+        self.breaker = self._new_breaker(name)
         self.operations = operations  # an OperationTable: one breaker per operation
         self._breakers: dict[str, AsyncCircuitBreaker] = {}
         self.policy = RetryPolicy(timeout=timeout, retries=retries)
         self.client = client or httpx.AsyncClient(
-            base_url=self.base_url,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            timeout=httpx.Timeout(timeout * 4),
+            base_url=self.base_url, transport=LeanTransport(max_connections=200, max_keepalive=50), timeout=httpx.Timeout(timeout * 4),
         )
         self.default_headers = dict(default_headers or {})
         if metrics:
             metrics.breaker_state.labels(name).set(0)
+
+    def _new_breaker(self, name: str) -> AsyncCircuitBreaker:
+        return AsyncCircuitBreaker(name, failure_threshold=self._failure_threshold, reset_timeout=self._reset_timeout,
+                                   clock=self._monotonic, on_state_change=self._on_state)
 
     def _on_state(self, name: str, old: str, new: str) -> None:
         log.warning("circuit breaker %s: %s -> %s", name, old, new)
@@ -124,7 +129,7 @@ class Backend:
         key = f"{method.upper()} {found[0]}"
         breaker = self._breakers.get(key)
         if breaker is None:
-            breaker = self._breakers[key] = AsyncCircuitBreaker(f"{self.name} {key}", on_state_change=self._on_state, **self._breaker_args)
+            breaker = self._breakers[key] = self._new_breaker(f"{self.name} {key}")
         return breaker
 
     def _worst(self) -> AsyncCircuitBreaker:

@@ -269,27 +269,25 @@ def test_a_proxy_rule_must_name_the_same_worldservice_route(tmp_path):
 
 
 def test_every_live_guard_rule_of_the_extension_is_implemented():
-    """The extension's enum of live-guard rules and WorldsProxy.live_guard agree."""
-    from types import SimpleNamespace
+    """The extension's enum of live-guard rules and LiveGuard.check (WorldsProxy.live_guard) agree."""
+    from prometheus_client import CollectorRegistry, Counter
 
     from qmtl.common.errors import Forbidden
-    from qmtl.gateway.worlds import Incoming, WorldsProxy
+    from qmtl.gateway.worlds import Incoming, LiveGuard
 
     schema = json.loads((SPECS_DIR / "extensions/x-qmtl-proxy.schema.json").read_text())
     rules = schema["properties"]["live_guard"]["enum"]
-    proxy = WorldsProxy.__new__(WorldsProxy)
-    proxy.allow_live = False
-    proxy.metrics = SimpleNamespace(live_guard_refusals=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+    guard = LiveGuard(None, allow_live=False, refusals=Counter("refusals", "", ["operation"], registry=CollectorRegistry()))
 
     async def allows_live(world_id, identity):
         return True
 
-    proxy._world_allows_live = allows_live
+    guard.world_allows_live = allows_live
     refused = {}
     for rule in rules:
         body = {"active": True, "allow_live": True, "set_default": True}
         try:
-            asyncio.run(proxy.live_guard("op", rule, "w", body, Incoming({}), None))
+            asyncio.run(guard.check("op", rule, "w", body, Incoming({}), None))
             refused[rule] = False
         except Forbidden:
             refused[rule] = True

@@ -16,8 +16,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from qmtl.bus.inproc import InProcessBus
+from qmtl.common.clock import ManualClock
 from qmtl.contracts.loader import load_schema_files, schema_registry
 from qmtl.gateway.app import create_app
+from tests.helpers.clocked import clocked_gateway
 from tests.helpers.server import serve
 from tests.helpers.wsproc import SERVICE_TOKEN, WORLDS_PARTS, WorldServiceProcess, client, gateway_config, metric
 
@@ -78,20 +80,20 @@ async def live_world(c) -> str:
 
 async def test_stale_decision_with_worldservice_down_is_a_safe_backtest_never_live(ws_ttl2, tmp_path):
     ws = ws_ttl2
+    clock = ManualClock()
     cfg = gateway_config(tmp_path, ws.url, breaker={"failure_threshold": 3, "reset_timeout": 0.5})
-    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
+    app = clocked_gateway(cfg, clock, bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         w = await live_world(c)
         first = await c.get(f"/worlds/{w}/decide")
-        fetched = time.monotonic()
         assert first.headers["x-qmtl-cache"] == "miss" and first.json()["effective_mode"] == "live"
         assert first.json()["ttl"] == "2s"
         live_etag = first.headers["etag"]
         ws.stop()  # a real outage: connections refused from now on
-        fresh = await c.get(f"/worlds/{w}/decide")
-        if time.monotonic() - fetched < 1.5:  # still within the ttl: the fresh entry is served
-            assert fresh.headers["x-qmtl-cache"] == "hit" and fresh.json()["effective_mode"] == "live"
-        await asyncio.sleep(max(0.0, fetched + 2.1 - time.monotonic()))
+        clock.advance(1.9)
+        fresh = await c.get(f"/worlds/{w}/decide")  # still within the ttl: the fresh entry is served
+        assert fresh.headers["x-qmtl-cache"] == "hit" and fresh.json()["effective_mode"] == "live"
+        clock.advance(0.2)  # 2.1 s after the fetch: expired
         for attempt in range(3):  # connect errors, then the breaker open: the same safe answer
             r = await c.get(f"/worlds/{w}/decide", headers={"If-None-Match": live_etag})
             assert r.status_code == 200, attempt
@@ -108,7 +110,7 @@ async def test_stale_decision_with_worldservice_down_is_a_safe_backtest_never_li
         assert nm.status_code == 304 and nm.headers["x-qmtl-cache"] == "safe-default"
         # WorldService back: the breaker's half-open probe succeeds and the real decision returns
         ws.start()
-        await asyncio.sleep(0.6)
+        clock.advance(0.6)  # the breaker's cool-off (0.5 s): its next call is the half-open probe
         back = await c.get(f"/worlds/{w}/decide")
         assert back.status_code == 200 and back.headers["x-qmtl-cache"] in ("miss", "revalidated")
         assert back.json()["effective_mode"] == "live"
@@ -222,9 +224,10 @@ async def test_budget_timeouts_and_retries_only_for_idempotent_calls(ws_ttl2, tm
 async def test_breaker_opens_half_opens_and_closes_seen_in_status(ws_ttl2, tmp_path, dagmanager_standin):
     ws = ws_ttl2
     dm_url, _ = dagmanager_standin
+    clock = ManualClock()
     cfg = gateway_config(tmp_path, ws.url, dagmanager_url=dm_url, breaker={"failure_threshold": 2, "reset_timeout": 1.0},
                          status_cache_ttl=0.0)
-    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
+    app = clocked_gateway(cfg, clock, bus=InProcessBus(), parts=WORLDS_PARTS)
     validator = schema("gateway_status.schema.json")
 
     async with serve(app) as url, client(url) as c:
@@ -250,7 +253,7 @@ async def test_breaker_opens_half_opens_and_closes_seen_in_status(ws_ttl2, tmp_p
         assert 1 <= int(r.headers["retry-after"]) <= 1
         metrics = (await c.get("/metrics")).text
         assert metric(metrics, "gateway_circuit_breaker_state", backend="worldservice") == 2
-        await asyncio.sleep(1.05)
+        clock.advance(1.05)  # past the breaker's cool-off (1 s)
         s = await status()
         assert s["breakers"]["worldservice"]["state"] == "half_open"
         assert metric((await c.get("/metrics")).text, "gateway_circuit_breaker_state", backend="worldservice") == 1
@@ -267,7 +270,7 @@ async def test_breaker_opens_half_opens_and_closes_seen_in_status(ws_ttl2, tmp_p
         for _ in range(2):
             await c.get("/worlds")
         assert (await status())["breakers"]["worldservice"]["state"] == "open"
-        await asyncio.sleep(1.05)
+        clock.advance(1.05)  # past the breaker's cool-off (1 s)
         assert (await status())["breakers"]["worldservice"]["state"] == "half_open"
         assert (await c.get("/worlds")).status_code == 503
         assert (await status())["breakers"]["worldservice"]["state"] == "open"

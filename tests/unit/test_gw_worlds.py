@@ -1,4 +1,4 @@
-"""Unit tests of the worlds proxy (qmtl/gateway/worlds.py) against a scripted WorldService
+"""Unit tests of the worlds proxy (qmtl/gateway/worlds/) against a scripted WorldService
 (httpx.MockTransport): what the integration tests cannot make a real WorldService do."""
 
 from __future__ import annotations
@@ -10,27 +10,30 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from qmtl.common.clock import ManualClock
 from qmtl.common.config import load_config
 from qmtl.common.errors import BadGateway, Forbidden, ServiceUnavailable
 from qmtl.gateway.auth import Authenticator
 from qmtl.gateway.backends import Backend, BackendMetrics
 from qmtl.gateway.worlds import Incoming, Route, WorldsProxy, parse_ttl
+from qmtl.gateway.worlds.safe_defaults import safe_activation
 
 ENVELOPE = {"world_id": "w1", "policy_version": 2, "effective_mode": "live", "reason": "promoted", "as_of": "2026-01-01T00:00:00Z",
             "ttl": "300s", "etag": "e1"}
 
 
-class Ctx:
-    def __init__(self, handler, **gateway):
-        self.config = load_config(environ={}, overrides={"gateway": {"worldservice_url": "http://ws", **gateway}})
-        self.registry = CollectorRegistry()
-        g = self.config.gateway
-        self.worldservice = Backend(
-            "worldservice", "http://ws", timeout=g.worldservice_budget.timeout, retries=g.worldservice_budget.retries,
-            failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=BackendMetrics.create(self.registry),
-            client=httpx.AsyncClient(base_url="http://ws", transport=httpx.MockTransport(handler)),
-        )
-        self.auth = Authenticator(g.auth)
+def proxy_for(handler, clock: ManualClock | None = None, **gateway) -> WorldsProxy:
+    """A WorldsProxy in front of ``handler`` (a scripted WorldService), on ``clock``'s time."""
+    config = load_config(environ={}, overrides={"gateway": {"worldservice_url": "http://ws", **gateway}})
+    registry = CollectorRegistry()
+    g = config.gateway
+    clock = clock or ManualClock()
+    backend = Backend(
+        "worldservice", "http://ws", timeout=g.worldservice_budget.timeout, retries=g.worldservice_budget.retries,
+        failure_threshold=g.breaker.failure_threshold, reset_timeout=g.breaker.reset_timeout, metrics=BackendMetrics.create(registry),
+        client=httpx.AsyncClient(base_url="http://ws", transport=httpx.MockTransport(handler)), monotonic=clock.monotonic,
+    )
+    return WorldsProxy(g, backend, registry=registry, authenticator=Authenticator(g.auth), monotonic=clock.monotonic, wall=clock.time)
 
 
 class Upstream:
@@ -82,7 +85,7 @@ def test_parse_ttl_refuses_what_is_not_a_duration(value):
 async def test_decide_without_ttl_is_cached_for_the_default_300_s_and_says_so():
     env = {k: v for k, v in ENVELOPE.items() if k != "ttl"}
     up = Upstream({"/worlds/w1/decide": envelope_response(env)})
-    proxy = WorldsProxy(Ctx(up))
+    proxy = proxy_for(up)
     first = await proxy.decide("w1", NOBODY)
     assert first.headers["X-QMTL-Cache"] == "miss" and first.data()["ttl"] == "300s"
     assert first.headers["Cache-Control"] == "private, max-age=300"
@@ -94,20 +97,21 @@ async def test_decide_without_ttl_is_cached_for_the_default_300_s_and_says_so():
 
 async def test_decide_default_ttl_comes_from_the_config():
     env = {k: v for k, v in ENVELOPE.items() if k != "ttl"}
-    proxy = WorldsProxy(Ctx(Upstream({"/worlds/w1/decide": envelope_response(env)}), decide_default_ttl=42.0))
+    proxy = proxy_for(Upstream({"/worlds/w1/decide": envelope_response(env)}), decide_default_ttl=42.0)
     assert (await proxy.decide("w1", NOBODY)).data()["ttl"] == "42s"
     assert proxy.decisions.get(("w1", "")).ttl == 42
 
 
 async def test_an_expired_decision_is_revalidated_with_if_none_match():
     up = Upstream({"/worlds/w1/decide": envelope_response()})
-    proxy = WorldsProxy(Ctx(up))
+    clock = ManualClock()
+    proxy = proxy_for(up, clock)
     await proxy.decide("w1", NOBODY)
-    proxy.decisions.get(("w1", "")).expires_at = 0  # expire it
+    clock.advance(300)  # the envelope's ttl: expired
     r = await proxy.decide("w1", NOBODY)
     assert r.headers["X-QMTL-Cache"] == "revalidated" and r.data() == ENVELOPE
     assert up.calls[-1].headers["if-none-match"] == '"e1"'
-    assert proxy.decisions.get(("w1", "")).expires_at > 0
+    assert proxy.decisions.get(("w1", "")).expires_at == clock.monotonic() + 300  # fresh again for a ttl
 
 
 @pytest.mark.parametrize("answer,why", [
@@ -126,9 +130,10 @@ async def test_an_unusable_answer_gives_the_safe_decision_and_a_stale_live_is_ne
         return httpx.Response(200, json=ENVELOPE) if good else answer
 
     up = Upstream({"/worlds/w1/decide": handler})
-    proxy = WorldsProxy(Ctx(up, worldservice_budget={"timeout": 0.3, "retries": 0}, breaker={"failure_threshold": 100}))
+    clock = ManualClock()
+    proxy = proxy_for(up, clock, worldservice_budget={"timeout": 0.3, "retries": 0}, breaker={"failure_threshold": 100})
     assert (await proxy.decide("w1", NOBODY)).data()["effective_mode"] == "live"
-    proxy.decisions.get(("w1", "")).expires_at = 0
+    clock.advance(300)
     good = False
     r = await proxy.decide("w1", NOBODY)
     body = r.data()
@@ -138,7 +143,7 @@ async def test_an_unusable_answer_gives_the_safe_decision_and_a_stale_live_is_ne
 
 
 async def test_a_304_without_a_cached_entry_is_not_trusted():
-    proxy = WorldsProxy(Ctx(Upstream({"/worlds/w1/decide": httpx.Response(304)})))
+    proxy = proxy_for(Upstream({"/worlds/w1/decide": httpx.Response(304)}))
     r = await proxy.decide("w1", NOBODY)
     assert r.headers["X-QMTL-Cache"] == "safe-default" and "304 to a request without If-None-Match" in r.data()["reason"]
 
@@ -152,9 +157,10 @@ async def test_upstream_404_and_403_are_passed_on_and_a_404_forgets_the_entry():
         return httpx.Response(state["status"], json={"title": "x", "status": state["status"], "detail": "nope"},
                               headers={"content-type": "application/problem+json"})
 
-    proxy = WorldsProxy(Ctx(Upstream({"/worlds/w1/decide": handler})))
+    clock = ManualClock()
+    proxy = proxy_for(Upstream({"/worlds/w1/decide": handler}), clock)
     await proxy.decide("w1", NOBODY)
-    proxy.decisions.get(("w1", "")).expires_at = 0
+    clock.advance(300)
     state["status"] = 404
     r = await proxy.decide("w1", NOBODY)
     assert r.status == 404 and r.content_type == "application/problem+json" and proxy.decisions.get(("w1", "")) is None
@@ -168,7 +174,7 @@ async def test_concurrent_misses_ask_worldservice_once():
         return httpx.Response(200, json=ENVELOPE)
 
     up = Upstream({"/worlds/w1/decide": slow})
-    proxy = WorldsProxy(Ctx(up))
+    proxy = proxy_for(up)
     replies = await asyncio.gather(*(proxy.decide("w1", NOBODY) for _ in range(20)))
     assert len(up.calls) == 1 and all(r.status == 200 for r in replies)
 
@@ -178,7 +184,7 @@ async def test_the_decide_cache_is_bounded():
         world = request.url.path.split("/")[2]
         return httpx.Response(200, json=dict(ENVELOPE, world_id=world))
 
-    proxy = WorldsProxy(Ctx(handler, worlds_cache_size=5))
+    proxy = proxy_for(handler, worlds_cache_size=5)
     for i in range(12):
         await proxy.decide(f"w{i}", NOBODY, as_of=None)
     assert len(proxy.decisions) == 5
@@ -189,7 +195,7 @@ async def test_the_decide_cache_is_bounded():
 
 async def test_activation_unusable_answer_is_inactive():
     act = {"world_id": "w1", "strategy_id": "s", "side": "long", "active": True, "weight": 1.5, "etag": "a", "ts": "2026-01-01T00:00:00Z"}
-    proxy = WorldsProxy(Ctx(Upstream({"/worlds/w1/activation": httpx.Response(200, json=act)})))
+    proxy = proxy_for(Upstream({"/worlds/w1/activation": httpx.Response(200, json=act)}))
     r = await proxy.activation("w1", NOBODY, "s", "long")
     assert r.headers["X-QMTL-Cache"] == "safe-default" and r.data()["active"] is False and r.data()["weight"] == 0
     proxy._activation_schema(r.data())
@@ -200,7 +206,7 @@ async def test_worldservice_5xx_mapping_on_pass_through_routes():
                                                  headers={"content-type": "application/problem+json", "Retry-After": "2"}),
                "/worlds/b/apply": httpx.Response(500, json={"title": "Internal Server Error", "status": 500, "detail": "bug"}),
                "/worlds/c": httpx.Response(401, json={"detail": "no trusted caller identity"})}
-    proxy = WorldsProxy(Ctx(Upstream(answers), allow_live=True, breaker={"failure_threshold": 100}))
+    proxy = proxy_for(Upstream(answers), allow_live=True, breaker={"failure_threshold": 100})
     route = Route("POST", idempotent=True, live_guard="always")
     r = await proxy.forward("apply", route, "/worlds/a/apply", NOBODY, world_id="a", body={})
     assert r.status == 503 and r.data()["detail"] == "rolled back" and r.headers["Retry-After"] == "2"
@@ -214,7 +220,7 @@ async def test_unreachable_worldservice_is_503_with_retry_after():
     def refuse(request):
         raise httpx.ConnectError("refused", request=request)
 
-    proxy = WorldsProxy(Ctx(refuse, breaker={"failure_threshold": 2, "reset_timeout": 7.0}))
+    proxy = proxy_for(refuse, breaker={"failure_threshold": 2, "reset_timeout": 7.0})
     with pytest.raises(ServiceUnavailable) as err:
         await proxy.forward("get_world", Route("GET", idempotent=True), "/worlds/x", NOBODY, world_id="x")
     assert err.value.headers["Retry-After"] == "7"  # the breaker opened: its cool-off
@@ -222,7 +228,7 @@ async def test_unreachable_worldservice_is_503_with_retry_after():
 
 async def test_absolute_locations_are_rewritten_to_the_gateway():
     answers = {"/worlds": httpx.Response(201, json={}, headers={"Location": "http://ws/worlds/w9"})}
-    proxy = WorldsProxy(Ctx(Upstream(answers), public_url="https://gw.example"))
+    proxy = proxy_for(Upstream(answers), public_url="https://gw.example")
     r = await proxy.forward("create_world", Route("POST", idempotent=False, live_guard="create_world"), "/worlds", NOBODY, body={})
     assert r.headers["Location"] == "https://gw.example/worlds/w9"
 
@@ -249,7 +255,7 @@ async def test_absolute_locations_are_rewritten_to_the_gateway():
 async def test_live_guard_rules(rule, body, allows_live, refused):
     answers = {"/worlds/w": httpx.Response(200, json={"allow_live": allows_live}), "/worlds/missing": httpx.Response(404, json={})}
     up = Upstream(answers)
-    proxy = WorldsProxy(Ctx(up))
+    proxy = proxy_for(up)
     identity = await proxy.identity(NOBODY)
     if refused:
         with pytest.raises(Forbidden) as err:
@@ -260,14 +266,15 @@ async def test_live_guard_rules(rule, body, allows_live, refused):
     # consent (the header, or --allow-live) lets every one of them through without asking WorldService
     calls = len(up.calls)
     await proxy.live_guard("op", rule, "w", body, Incoming({"x-allow-live": "true"}), identity)
-    await WorldsProxy(Ctx(up, allow_live=True)).live_guard("op", rule, "w", body, NOBODY, identity)
+    await proxy_for(up, allow_live=True).live_guard("op", rule, "w", body, NOBODY, identity)
     assert len(up.calls) == calls
     if rule == "if_world_allows_live":  # an unknown world cannot go live; the call itself will 404
         await proxy.live_guard("op", rule, "missing", body, NOBODY, identity)
 
 
 async def test_fast_path_declines_anything_it_should_not_answer():
-    proxy = WorldsProxy(Ctx(Upstream({"/worlds/w1/decide": envelope_response()})))
+    clock = ManualClock()
+    proxy = proxy_for(Upstream({"/worlds/w1/decide": envelope_response()}), clock)
     assert proxy.fast_decide("w1", b"", []) is None  # nothing cached yet
     await proxy.decide("w1", NOBODY)
     assert proxy.fast_decide("w1/extra", b"", []) is None
@@ -276,14 +283,14 @@ async def test_fast_path_declines_anything_it_should_not_answer():
     reply = await proxy.fast_decide("w1", b"", [(b"if-none-match", b'"e1"')])
     assert reply.status == 304 and reply.headers["X-QMTL-Cache"] == "hit"
     assert await proxy.fast_decide("w1", b"", [(b"authorization", b"Bearer junk")]) is None  # auth fails: full path answers
-    proxy.decisions.get(("w1", "")).expires_at = 0
+    clock.advance(300)
     assert proxy.fast_decide("w1", b"", []) is None
 
 
 def test_safe_envelopes_and_reply_json_round_trip():
-    proxy = WorldsProxy(Ctx(Upstream({})))
+    proxy = proxy_for(Upstream({}))
     r = proxy._safe_decision("w1", None, "WorldService unavailable (x)", None)
     proxy._decision_schema(json.loads(r.body))
     assert r.headers["Cache-Control"] == "no-store"
-    a = proxy._safe_activation("w1", "s", "short", "WorldService unavailable (x)")
+    a = safe_activation("w1", "s", "short", "WorldService unavailable (x)", wall=proxy.wall())
     proxy._activation_schema(a.data())

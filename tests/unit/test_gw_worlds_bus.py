@@ -13,9 +13,9 @@ from qmtl.bus.inproc import InProcessBus
 from qmtl.common.config import load_config
 from qmtl.contracts.events import event_validators
 from qmtl.gateway.app import create_app
-from qmtl.gateway.worlds import WorldLRU, WorldsProxy
+from qmtl.gateway.worlds import WorldLRU
 from tests.helpers.bus import wait_until
-from tests.unit.test_gw_worlds import ENVELOPE, NOBODY, Ctx, Upstream
+from tests.unit.test_gw_worlds import ENVELOPE, NOBODY, Upstream, proxy_for
 
 
 def versioned(version: int, etag: str, world: str = "w1") -> dict:
@@ -50,7 +50,7 @@ async def test_a_world_change_drops_the_world_s_decisions_and_activations_only()
            "ts": "2026-01-01T00:00:00Z"}
     up = Upstream({"/worlds/w1/decide": decide, "/worlds/w2/decide": decide,
                    "/worlds/w1/activation": httpx.Response(200, json=act, headers={"ETag": '"a1"'})})
-    proxy = WorldsProxy(Ctx(up))
+    proxy = proxy_for(up)
     assert (await proxy.decide("w1", NOBODY)).data()["policy_version"] == 1
     assert (await proxy.decide("w2", NOBODY)).headers["X-QMTL-Cache"] == "miss"
     await proxy.activation("w1", NOBODY, "s1", "long")
@@ -78,7 +78,7 @@ async def test_a_read_in_flight_when_the_event_arrives_does_not_refill_the_cache
         return httpx.Response(200, json=env, headers={"ETag": f'"{env["etag"]}"'})
 
     up = Upstream({"/worlds/w1/decide": decide})
-    proxy = WorldsProxy(Ctx(up))
+    proxy = proxy_for(up)
     slow = asyncio.create_task(proxy.decide("w1", NOBODY))
     await started.wait()
     proxy.world_changed(Change("w1"))

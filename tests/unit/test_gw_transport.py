@@ -1,0 +1,153 @@
+"""The Gateway's lean HTTP/1.1 transport (qmtl/gateway/transport.py) against a scripted
+server speaking raw HTTP: keep-alive reuse, chunked bodies, closed connections, and httpx's
+exception types for every failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from qmtl.gateway.transport import LeanTransport
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length) if length else b""
+
+
+class Server:
+    """Answers each connection with ``script``; counts connections and requests."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+
+    async def __aenter__(self) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.script(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def keep_alive(answer: bytes, server_box: list[Server]) -> Script:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            server_box[0].requests.append(await read_request(reader))
+            writer.write(answer)
+            await writer.drain()
+
+    return script
+
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: "e1"\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+
+async def test_keep_alive_connections_are_reused_and_requests_arrive_whole():
+    box: list[Server] = []
+    server = Server(keep_alive(OK, box))
+    box.append(server)
+    async with server as url, httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
+        for i in range(3):
+            r = await client.post("/worlds", json={"n": i}, params={"q": "a b"}, headers={"X-QMTL-Subject": "alice"})
+            assert r.status_code == 200 and r.json() == {"ok": True} and r.headers["etag"] == '"e1"'
+        assert server.connections == 1 and len(server.requests) == 3
+        head, body = server.requests[-1]
+        assert head.startswith(b"POST /worlds?q=a+b HTTP/1.1\r\n") and b"x-qmtl-subject: alice" in head.lower()
+        assert body == b'{"n":2}'
+        # concurrent calls open more connections, which are kept for the next ones
+        await asyncio.gather(*(client.get("/x") for _ in range(5)))
+        before = server.connections
+        await asyncio.gather(*(client.get("/x") for _ in range(5)))
+        assert server.connections == before
+
+
+async def test_chunked_bodies_304_and_connection_close():
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b"/chunked" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            elif b"/304" in head:
+                writer.write(b'HTTP/1.1 304 Not Modified\r\nETag: "e1"\r\n\r\n')
+            else:
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 2\r\nContent-Length: 4\r\n\r\ndown")
+                await writer.drain()
+                return
+            await writer.drain()
+
+    server = Server(script)
+    async with server as url, httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
+        assert (await client.get("/chunked")).content == b"hello world"
+        r = await client.get("/304")
+        assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == '"e1"'
+        r = await client.get("/close")
+        assert r.status_code == 503 and r.text == "down" and r.headers["retry-after"] == "2"
+        assert server.connections == 1  # one connection kept alive for all three
+        assert (await client.get("/chunked")).content == b"hello world"
+        assert server.connections == 2  # the 503 asked to close its connection
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused():
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()  # then close: the client holds it idle
+
+    server = Server(once)
+    async with server as url, httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
+        assert (await client.get("/a")).status_code == 200
+        await asyncio.sleep(0.05)  # I/O: the server's FIN reaches the client
+        assert (await client.get("/b")).status_code == 200
+        assert server.connections == 2
+
+
+async def test_failures_are_httpx_exceptions():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with Server(silent) as url, httpx.AsyncClient(base_url=url, transport=LeanTransport(), timeout=0.2) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get("/")
+    async with Server(hang_up) as url, httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/")
+    async with Server(garbage) as url, httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/")
+    server = Server(silent)
+    async with server as url:
+        pass
+    async with httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/")
