@@ -107,8 +107,8 @@ async def _check_released_on_close(gw: Gateway) -> None:
     hub, caps = gw.events.hub, gw.events.caps
     assert hub.subscribers == []
     assert caps.open == 0 and caps.by_subject == {}
-    assert _live(Subscriber) == subscribers_before == 0
-    assert _live(ClientBuffer) == buffers_before == 0
+    assert _live(Subscriber) == subscribers_before  # none of the 400 survives (other tests may hold theirs)
+    assert _live(ClientBuffer) == buffers_before
     assert len(asyncio.all_tasks()) <= tasks_before  # no writer / reader / expiry task left behind
     assert await gw.metric("ws_subscribers", route="/ws/evt") == 0
     assert await gw.metric("ws_subscribers", route="/ws") == 0

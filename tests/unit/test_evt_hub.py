@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from qmtl.contracts.events import schema_validator
@@ -148,6 +149,20 @@ def test_a_burst_of_closes_returns_memory_once():
     h.attach(subs[0])
     h.drop(subs[0])  # a drop is a close too: the next burst schedules its own pass
     assert len(scheduled) == 1
+
+
+def test_a_slow_memory_pass_spaces_out_the_next():
+    from qmtl.common.clock import ManualClock
+    from qmtl.gateway.events.memory import MAX_DUTY, MemoryTrimmer
+
+    clock = ManualClock()
+    scheduled: list = []
+    t = MemoryTrimmer(delay=1.0, trim=None, collect=lambda: clock.advance(0.05) or 0, monotonic=clock.monotonic,
+                      schedule=lambda delay, cb: scheduled.append(delay))
+    t.closed()
+    t.run()  # a 50 ms pass
+    t.closed()
+    assert scheduled[0] == 1.0 and scheduled[1] == pytest.approx(0.05 / MAX_DUTY)
 
 
 def test_memory_trimmer_without_malloc_trim_or_loop():

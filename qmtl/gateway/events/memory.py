@@ -9,7 +9,8 @@ allocated during the burst that live on pin it), and glibc's heap kept ~7 MB of 
 
 :class:`MemoryTrimmer` does what can be done from inside the process, once after a burst of
 closes: the first close after a trim schedules one pass ``delay`` seconds later, so 1,000
-closes cost one pass, not 1,000. A pass runs a full garbage collection (a closed connection's
+closes cost one pass, not 1,000 (and a slow pass spaces the next ones out: at most
+:data:`MAX_DUTY` of the time). A pass runs a full garbage collection (a closed connection's
 tasks and futures sit in reference cycles, and an idle process would not collect them; it
 also empties the interpreter's free lists) and glibc's ``malloc_trim(0)`` (releases the free
 pages inside the heap). Pinned pymalloc arenas stay; a process started with
@@ -32,6 +33,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TRIM_DELAY = 1.0  # seconds after the first close of a burst
+# A pass may take at most this share of the time between passes: where a full collection is
+# slow (a large heap not frozen at start), passes under steady churn space out accordingly.
+MAX_DUTY = 0.01
 
 
 def libc_malloc_trim() -> Callable[[], int] | None:
@@ -80,7 +84,7 @@ class MemoryTrimmer:
         if self.pending:
             return
         try:
-            self._schedule(self.delay, self.run)
+            self._schedule(max(self.delay, self.last_seconds / MAX_DUTY), self.run)
         except RuntimeError:  # no running loop: nothing to batch with
             return
         self.pending = True
