@@ -1,7 +1,7 @@
 """Run every benchmark in bench/, one after another, and print each one's output.
 
     make bench                       # all of them
-    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, ingest, statehash, ops, flood,
+    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, wsmem, ingest, statehash, ops, flood,
                                      # slowloris, outage, tracing, labels, replicas, watch)
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
@@ -23,6 +23,7 @@ BENCHES = {
     "decide": ["bench_decide.py"],
     "diff": ["bench_diff.py"],
     "ws": ["bench_ws.py"],
+    "wsmem": ["bench_ws_memory.py"],
     "ingest": ["bench_ingest.py"],
     "statehash": ["bench_statehash.py"],
     "ops": ["bench_ops.py"],

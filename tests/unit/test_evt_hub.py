@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from qmtl.contracts.events import schema_validator
@@ -125,3 +126,57 @@ async def test_client_buffer_wakes_its_writer():
     assert buf.push("a") and buf.push("b") and not buf.push("c")
     await asyncio.wait_for(waiter, 1)
     assert list(buf.items) == ["a", "b"]
+
+
+def test_a_burst_of_closes_returns_memory_once():
+    from qmtl.gateway.events.memory import MemoryTrimmer
+
+    scheduled: list = []
+    calls: list[str] = []
+    trimmer = MemoryTrimmer(delay=1.0, trim=lambda: calls.append("trim") or 1, collect=lambda: calls.append("collect") or 0,
+                            schedule=lambda delay, cb: scheduled.append((delay, cb)))
+    h, _m, _reg = hub(trimmer=trimmer)
+    subs = [evt() for _ in range(50)]
+    for s in subs:
+        h.attach(s)
+    assert scheduled == []  # opening costs nothing
+    for s in subs:
+        h.detach(s)
+    h.detach(subs[0])  # a second detach of the same subscriber is no close
+    assert len(scheduled) == 1 and scheduled[0][0] == 1.0  # 50 closes: one pass
+    scheduled.pop()[1]()
+    assert calls == ["collect", "trim"] and trimmer.passes == 1 and not trimmer.pending
+    h.attach(subs[0])
+    h.drop(subs[0])  # a drop is a close too: the next burst schedules its own pass
+    assert len(scheduled) == 1
+
+
+def test_a_slow_memory_pass_spaces_out_the_next():
+    from qmtl.common.clock import ManualClock
+    from qmtl.gateway.events.memory import MAX_DUTY, MemoryTrimmer
+
+    clock = ManualClock()
+    scheduled: list = []
+    t = MemoryTrimmer(delay=1.0, trim=None, collect=lambda: clock.advance(0.05) or 0, monotonic=clock.monotonic,
+                      schedule=lambda delay, cb: scheduled.append(delay))
+    t.closed()
+    t.run()  # a 50 ms pass
+    t.closed()
+    assert scheduled[0] == 1.0 and scheduled[1] == pytest.approx(0.05 / MAX_DUTY)
+
+
+def test_memory_trimmer_without_malloc_trim_or_loop():
+    from qmtl.gateway.events.memory import MemoryTrimmer, libc_malloc_trim
+
+    assert libc_malloc_trim() is None or callable(libc_malloc_trim())
+    collected: list[int] = []
+
+    def no_loop(_delay, _cb):
+        raise RuntimeError("no running event loop")
+
+    # a C library without malloc_trim (musl, macOS): the collection still runs
+    t = MemoryTrimmer(trim=None, collect=lambda: collected.append(1) or 0, schedule=no_loop)
+    t.closed()  # outside a loop: nothing scheduled, nothing raised
+    assert not t.pending and collected == []
+    t.run()
+    assert collected == [1] and t.passes == 1

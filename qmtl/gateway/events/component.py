@@ -56,6 +56,7 @@ from .hub import (
     Hub,
     Subscriber,
 )
+from .memory import MemoryTrimmer
 from .metrics import WS_ROUTES, EventMetrics
 from .tokens import TOPIC_ALIASES, InvalidToken, Tokens, normalise_topics
 from .ws import CLOSE_POLICY, CLOSE_TRY_AGAIN, ConnectionCaps, StreamEndpoint, StreamRefused
@@ -121,7 +122,7 @@ class EventsComponent:
         self.queue_feed = QueueFeed(self.state, self._reconcile_queues, wall)
         self.hub = Hub(
             self.metrics, source=f"qmtl.gateway/{self.instance_id}", queue_size=cfg.client_queue_size,
-            replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval,
+            replay_size=cfg.replay_buffer, heartbeat_interval=cfg.heartbeat_interval, trimmer=MemoryTrimmer(),
         )
         self.consumer = ControlBusConsumer(
             bus, self._apply_from_bus, consumer_id=self.consumer_id, epoch=self.hub.epoch, metrics=self.metrics,

@@ -29,6 +29,7 @@ from typing import Any
 from qmtl.common.cloudevents import encode, make_event
 from qmtl.contracts.constants import StreamTopic
 
+from .memory import MemoryTrimmer
 from .metrics import EventMetrics
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class Hub:
         replay_size: int = 10_000,
         heartbeat_interval: float = 15.0,
         on_drop: Callable[[Subscriber], None] | None = None,
+        trimmer: MemoryTrimmer | None = None,
     ) -> None:
         self.metrics = metrics
         self.source = source
@@ -200,6 +202,7 @@ class Hub:
         self.replay: deque[tuple[int, Meta, str]] = deque(maxlen=max(1, replay_size))
         self.subscribers: list[Subscriber] = []
         self._on_drop = on_drop
+        self._trimmer = trimmer  # after a burst of closes, memory back to the OS (see .memory)
         self._hb_task: asyncio.Task | None = None
         self._hb_count = itertools.count(1)
         self._fanout = {k: metrics.event_fanout.labels(k) for k in (KIND_ACTIVATION, KIND_POLICY, KIND_QUEUES, KIND_SENTINEL, KIND_INGEST, KIND_HEARTBEAT)}
@@ -300,6 +303,8 @@ class Hub:
         except ValueError:
             return
         self._gauge(sub.route).dec()
+        if self._trimmer is not None:
+            self._trimmer.closed()
 
     def drop(self, sub: Subscriber) -> None:
         """``sub`` fell too far behind: stop feeding it, count it, close it with 4008."""
