@@ -12,9 +12,6 @@ import asyncio
 import gc
 import tracemalloc
 
-import pytest
-
-import qmtl.gateway.app as gateway_app
 from qmtl.bus import InProcessBus
 from qmtl.contracts.events import event_validators
 from qmtl.gateway.events.hub import ClientBuffer, Subscriber
@@ -27,11 +24,6 @@ BATCH = 20  # clients open at once
 # costs more than this.
 RETAINED_BYTES_PER_CYCLE = 60
 WATCHED = ("qmtl/gateway", "qmtl/common", "uvicorn/", "websockets/", "starlette/", "asyncio/")
-
-
-@pytest.fixture(autouse=True)
-def only_events_components(monkeypatch):
-    monkeypatch.setattr(gateway_app, "COMPONENTS", ("auth", "events"))
 
 
 def _live(kind: type) -> int:
