@@ -49,8 +49,8 @@ metadata = sa.MetaData()
 NODE_ID = sa.String(256)
 TOPIC = sa.String(249)
 # Edge tables hold integer surrogate keys only: at 1,000 edges per diff, rows of two
-# integers are ~10x cheaper to write and index than rows of two 64-character ids.
-_EDGE_TABLE = {"sqlite_with_rowid": False}
+# integers are ~10x cheaper to write and index than rows of two 64-character ids
+# (on SQLite as WITHOUT ROWID tables: ``sqlite_with_rowid=False``).
 
 nodes = sa.Table(
     "dm_nodes",
@@ -92,7 +92,7 @@ queue_tags = sa.Table(
     sa.Column("sim", sa.Boolean, primary_key=True),
     sa.Column("qid", sa.Integer, primary_key=True),
     sa.Index("ix_dm_queue_tags_qid", "qid"),
-    **_EDGE_TABLE,
+    sqlite_with_rowid=False,
 )
 
 strategies = sa.Table(
@@ -114,7 +114,7 @@ strategy_nodes = sa.Table(
     sa.Column("sid", sa.Integer, primary_key=True),
     sa.Column("nid", sa.Integer, primary_key=True),
     sa.Index("ix_dm_strategy_nodes_nid", "nid"),
-    **_EDGE_TABLE,
+    sqlite_with_rowid=False,
 )
 
 sentinels = sa.Table(
@@ -135,7 +135,7 @@ sentinel_nodes = sa.Table(
     sa.Column("snid", sa.Integer, primary_key=True),
     sa.Column("nid", sa.Integer, primary_key=True),
     sa.Index("ix_dm_sentinel_nodes_nid", "nid"),
-    **_EDGE_TABLE,
+    sqlite_with_rowid=False,
 )
 
 tag_watches = sa.Table(
@@ -162,6 +162,23 @@ leases = sa.Table(
 # ids per IN (...) for SQLAlchemy Core statements on SQLite (its bind limit is 32766);
 # PostgreSQL gets one array parameter instead (``= ANY(...)``).
 IN_CHUNK = 5000
+
+
+SQLITE_CACHE_KIB = 32768  # per connection, filled lazily (bounded by the database size)
+
+
+def tune_sqlite(db: Database) -> None:
+    """The graph's indexes outgrow SQLite's default 2 MB page cache quickly; a diff of
+    1,000 nodes then reads its index pages back from the OS on every write: every
+    connection of ``db`` gets a larger cache."""
+    if db.is_sqlite:
+        sa.event.listen(db.engine.sync_engine, "connect", _sqlite_cache_pragma)
+
+
+def _sqlite_cache_pragma(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+    cur.close()
 
 
 def dumps(value: Any) -> str:
@@ -329,7 +346,8 @@ class SqlHelpers:
             if self.is_sqlite:
                 sql = f"INSERT INTO {table.name} ({cols}) VALUES ({', '.join('?' for _ in columns)})"
             else:  # one array per listed column, unnested; a shared value is one parameter
-                items, arrays = [], []
+                items: list[str] = []
+                arrays: list[str] = []
                 for i, c in enumerate(columns, 1):
                     if c in listed:
                         items.append(f"u.c{len(arrays)}")
@@ -366,6 +384,7 @@ __all__ = [
     "sentinel_nodes",
     "tag_watches",
     "SqlHelpers",
+    "tune_sqlite",
     "dumps",
     "loads",
     "chunks",

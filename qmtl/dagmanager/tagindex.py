@@ -40,6 +40,8 @@ from . import store
 from .callbacks import GatewayCallback
 from .metrics import DagManagerMetrics
 
+MATCH_ALL = MatchMode["ALL"]
+
 log = logging.getLogger(__name__)
 
 
@@ -61,8 +63,8 @@ class TagKey:
     match_mode: str
 
     @classmethod
-    def of(cls, tags: Iterable[str], interval: int, match_mode: str) -> TagKey:
-        if match_mode not in MATCH_MODES:
+    def of(cls, tags: Iterable[str], interval: int, match_mode: str | None) -> TagKey:
+        if match_mode is None or match_mode not in MATCH_MODES:
             raise ValueError(f"match_mode must be one of {', '.join(MATCH_MODES)}, not {match_mode!r}")
         return cls(normalise_tags(tags), int(interval), match_mode)
 
@@ -80,7 +82,7 @@ class TagKey:
         if interval != self.interval:
             return False
         have = set(tags)
-        if self.match_mode == MatchMode.ALL:
+        if self.match_mode == MATCH_ALL:
             return all(t in have for t in self.tags)
         return any(t in have for t in self.tags)
 
@@ -98,7 +100,7 @@ def match_statement(key: TagKey) -> Any:
         .select_from(qt.join(q, q.c.qid == qt.c.qid))
         .where(qt.c.interval == key.interval, qt.c.sim == sa.false(), qt.c.tag.in_(list(key.tags)))
     )
-    if key.match_mode == MatchMode.ALL and len(key.tags) > 1:
+    if key.match_mode == MATCH_ALL and len(key.tags) > 1:
         # (tag, interval, sim, qid) is the primary key: a queue carrying every tag has len(tags) rows.
         stmt = stmt.group_by(q.c.topic).having(sa.func.count() == len(key.tags))
     else:
