@@ -18,6 +18,19 @@ from .metrics import DagManagerMetrics
 from .plan import Plan
 from .transactions import Transactions
 
+# A new strategy (``s``), its edges, its sentinel (only with a new strategy) and the
+# sentinel's edges; unnest keeps the (sorted) order of the node list, so rows are
+# written in nid order as everywhere else.
+_INSERT_NEW_SQL = (
+    "WITH s AS (INSERT INTO dm_strategies (strategy_id, sentinel_id, run_type, sim, version, created_at, updated_at) "
+    "VALUES ($1::text, $2::text, $3::text, $4::bool, $5::text, $6::float8, $6::float8) ON CONFLICT DO NOTHING RETURNING sid), "
+    "e AS (INSERT INTO dm_strategy_nodes (sid, nid) SELECT s.sid, u.nid FROM s, unnest($7::int4[]) AS u(nid)), "
+    "sen AS (INSERT INTO dm_sentinels (sentinel_id, strategy_id, version, created_at) "
+    "SELECT $2::text, $1::text, $5::text, $6::float8 FROM s ON CONFLICT DO NOTHING RETURNING snid), "
+    "se AS (INSERT INTO dm_sentinel_nodes (snid, nid) SELECT sen.snid, u.nid FROM sen, unnest($7::int4[]) AS u(nid)) "
+    "SELECT (SELECT sid FROM s), (SELECT snid FROM sen)"
+)
+
 
 def referenced() -> Any:
     """EXISTS: some strategy in the queue's namespace references the queue's node."""
@@ -40,10 +53,29 @@ class StrategyReferences:
 
     async def record(self, conn: Any, plan: Plan, new_nids: set[int], now: float) -> None:
         """In the diff's transaction: the strategy's node references and its sentinel's
-        edges (a new strategy: one INSERT of each; a strategy diffed again: only the
-        difference is written, and nodes it dropped are released)."""
+        edges (a new strategy: one INSERT of each — on PostgreSQL all four in one
+        statement; a strategy diffed again: only the difference is written, and nodes it
+        dropped are released)."""
+        sid: int | None = None
+        if not self.sql.is_sqlite:
+            sid, snid = await self._insert_new(conn, plan, sorted(new_nids), now)
+            if sid is not None and snid is not None:
+                return
+        if sid is None:
+            await self._record_strategy(conn, plan, new_nids, now)
+        await self._record_sentinel(conn, plan, new_nids, now)
+
+    async def _insert_new(self, conn: Any, plan: Plan, nids: list[int], now: float) -> tuple[int | None, int | None]:
+        """PostgreSQL: a new strategy, its sentinel and the edges of both, in one statement.
+        Returns (sid, snid); None where the row existed (nothing of it, nor of the
+        sentinel when the strategy existed, was written)."""
+        row = (await conn.exec_driver_sql(_INSERT_NEW_SQL, (
+            plan.strategy_id, plan.sentinel_id, plan.run_type, plan.sim, plan.version, now, nids,
+        ))).one()
+        return row[0], row[1]
+
+    async def _record_strategy(self, conn: Any, plan: Plan, new_nids: set[int], now: float) -> None:
         s, sn = store.strategies, store.strategy_nodes
-        sen, sen_n = store.sentinels, store.sentinel_nodes
         strategy_id = plan.strategy_id
         # A new strategy is the common case: try the INSERT first; an existing one is
         # then locked (FOR UPDATE) so that two diffs of one strategy apply one by one.
@@ -87,7 +119,9 @@ class StrategyReferences:
                 await self.release_nodes(conn, sorted(removed), bool(prev.sim), now)
         await self.sql.insert_edges(conn, sn, sid, sorted(added), fresh=prev is None)
 
-        # the sentinel and its edges
+    async def _record_sentinel(self, conn: Any, plan: Plan, new_nids: set[int], now: float) -> None:
+        sen, sen_n = store.sentinels, store.sentinel_nodes
+        strategy_id = plan.strategy_id
         row = None
         snid: int | None = (await conn.execute(
             self.sql.insert(sen).values(
