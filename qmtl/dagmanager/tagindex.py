@@ -182,20 +182,27 @@ class QueueNotifier:
 
     async def _run(self) -> None:
         while True:
-            kind, payload = await self._queue.get()
+            # everything queued meanwhile (a burst of diffs) is taken at once: consecutive
+            # changes (and rechecks) are merged into one pass — one read of the watches
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
             try:
-                if kind == "changes":
-                    await self._process_changes(payload)
-                elif kind == "all":
-                    await self._process_all()
-                else:
-                    await self._process_keys(payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("processing tag-index changes failed; the next change will recompute the affected sets")
+                for kind, payload in _merged(items):
+                    try:
+                        if kind == "changes":
+                            await self._process_changes(payload)
+                        elif kind == "all":
+                            await self._process_all()
+                        else:
+                            await self._process_keys(payload)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("processing tag-index changes failed; the next change will recompute the affected sets")
             finally:
-                self._queue.task_done()
+                for _ in items:
+                    self._queue.task_done()
 
     async def _process_changes(self, changes: list[QueueChange]) -> None:
         intervals = sorted({c.interval for c in changes})
@@ -267,6 +274,18 @@ class QueueNotifier:
         if self.include_match_mode:
             event["match_mode"] = key.match_mode
         return event
+
+
+def _merged(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Queued work in order, consecutive items of one kind merged (``all`` once)."""
+    out: list[tuple[str, Any]] = []
+    for kind, payload in items:
+        if out and out[-1][0] == kind:
+            if kind != "all":
+                out[-1] = (kind, list(dict.fromkeys(out[-1][1] + payload)))
+            continue
+        out.append((kind, payload))
+    return out
 
 
 async def register_watches(conn: Any, helpers: store.SqlHelpers, keys: dict[TagKey, list[str]], now: float) -> list[TagKey]:
