@@ -9,8 +9,7 @@ Diff, in one transaction, with a fixed number of statements whatever the DAG siz
 2. for unknown nodes one INSERT ``ON CONFLICT DO NOTHING RETURNING`` their keys; for
    nodes without a queue one INSERT of their queues, under their short names,
    ``ON CONFLICT DO NOTHING RETURNING``, and one INSERT of the new queues' tag rows.
-   Only rows an INSERT did not return (a concurrent diff's, or all of them on SQLite,
-   whose ``executemany`` returns none) are read back: a queue carrying another diff's
+   Only rows an INSERT did not return (a concurrent diff's) are read back: a queue carrying another diff's
    ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
    is reused; a node with no queue lost its name to another node (unique ``topic``),
    or shares its short name with an earlier node of the DAG: it is renamed
@@ -135,6 +134,40 @@ class Differ:
         asset: str | None = None,
         version: str | None = None,
     ) -> DiffResult:
+        result = await self._diff(strategy_id, dag, run_type=run_type, asset=asset, version=version)
+        await self._announce([result])
+        return result
+
+    async def diff_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """``POST /diff/batch``: each request diffed as :meth:`diff` does it (its own
+        transaction), in order; a failing diff answers its status and problem and does not
+        stop the others. The batch's new topics are created, and its queue changes handed
+        to the notifier, once after the last diff."""
+        results: list[dict] = []
+        done: list[DiffResult] = []
+        try:
+            for req in requests:
+                try:
+                    result = await self._diff(req["strategy_id"], req["dag"], run_type=req.get("run_type"),
+                                              asset=req.get("asset"), version=req.get("version"))
+                except ServiceError as exc:
+                    problem: dict[str, Any] = {"type": exc.type, "title": exc.title, "status": exc.status,
+                                               "detail": exc.detail, **exc.ext}
+                    cid = correlation.get()
+                    if cid:
+                        problem.setdefault("correlation_id", cid)
+                    results.append({"status": exc.status, "problem": problem})
+                else:
+                    done.append(result)
+                    results.append({"status": 200, "body": result.body()})
+        finally:  # the diffs committed so far are announced even when a later one fails unexpectedly
+            await self._announce(done)
+        return results
+
+    async def _diff(
+        self, strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None, asset: str | None, version: str | None,
+    ) -> DiffResult:
+        """The diff's transaction, retried on a deadlock, and its metrics."""
         started = self.monotonic()
         defaults_filler(DIFF_REQUEST_SCHEMA)({"dag": dag})  # e.g. a TagQueryNode without match_mode is `any`
         plan = make_plan(strategy_id, dag, run_type=run_type, asset=asset, version=version)
@@ -150,34 +183,20 @@ class Differ:
         self.metrics.diffs.labels("ok").inc()
         self.metrics.queues_created.inc(len(result.new_queues))
         self.metrics.queues_reused.inc(len(plan.queue_nodes) - len(result.new_queues))
-        if result.new_queues:
-            self.analyzer.grew(len(result.new_queues))
-            await self.topics.create(result.new_queues)
-        # the notifier recomputes the watches a queue's (tags, interval) can match: one change
-        # per distinct pair (a DAG has few) instead of one per new queue
-        changes = {(tags, interval): topic for topic, tags, interval in result.created}
-        self.notifier.queues_changed([QueueChange(topic, tags, interval) for (tags, interval), topic in changes.items()])
-        self.notifier.recheck(result.new_watches)
         return result
 
-    async def diff_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict]:
-        """``POST /diff/batch``: each request diffed as :meth:`diff` does it (its own
-        transaction), in order; a failing diff answers its status and problem and does not
-        stop the others."""
-        results: list[dict] = []
-        for req in requests:
-            try:
-                result = await self.diff(req["strategy_id"], req["dag"], run_type=req.get("run_type"),
-                                         asset=req.get("asset"), version=req.get("version"))
-            except ServiceError as exc:
-                problem: dict[str, Any] = {"type": exc.type, "title": exc.title, "status": exc.status, "detail": exc.detail, **exc.ext}
-                cid = correlation.get()
-                if cid:
-                    problem.setdefault("correlation_id", cid)
-                results.append({"status": exc.status, "problem": problem})
-            else:
-                results.append({"status": 200, "body": result.body()})
-        return results
+    async def _announce(self, results: Sequence[DiffResult]) -> None:
+        """After commit: the new queues' topics created, the tag index changes and new
+        watches handed to the notifier."""
+        new_queues = sorted(topic for result in results for topic in result.new_queues)
+        if new_queues:
+            self.analyzer.grew(len(new_queues))
+            await self.topics.create(new_queues)
+        # the notifier recomputes the watches a queue's (tags, interval) can match: one change
+        # per distinct pair (a DAG has few) instead of one per new queue
+        changes = {(tags, interval): topic for result in results for topic, tags, interval in result.created}
+        self.notifier.queues_changed([QueueChange(topic, tags, interval) for (tags, interval), topic in changes.items()])
+        self.notifier.recheck([key for result in results for key in result.new_watches])
 
     async def _diff_txn(self, plan: Plan) -> DiffResult:
         now = self.clock()
@@ -200,7 +219,7 @@ class Differ:
                                                         conflict=("node_id",), returning=("nid", "node_id"))
                 if inserted:
                     nids.update(zip(inserted[1], inserted[0]))
-                unseen = [node_id for node_id in graph_new if node_id not in nids]  # a concurrent diff's; SQLite: all
+                unseen = [node_id for node_id in graph_new if node_id not in nids]  # a concurrent diff's
                 if unseen:
                     sql = f"SELECT nid, node_id FROM dm_nodes WHERE node_id {self.sql.in_list(1)}"
                     for nid, node_id in (await conn.exec_driver_sql(sql, (self.sql.list_param(unseen),))).all():
@@ -268,7 +287,7 @@ class Differ:
         Each node tries its short name straight away — one INSERT ``ON CONFLICT DO
         NOTHING RETURNING``, rows in node-id order; a node whose short name an earlier
         node of this batch has waits for the next round. Only the rows not returned are
-        read back (SQLite returns none: all of them): a queue carrying another diff's
+        read back: a queue carrying another diff's
         ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
         is reused; no queue means the name is taken (unique ``topic``), and the node gets
         the shortest free longer name (:meth:`_assign_names`) in the next round."""

@@ -218,7 +218,8 @@ class SqlHelpers:
     of an expanding ``IN`` cost more than the database work itself at 1,000 rows:
 
     * bulk INSERT (... ON CONFLICT DO NOTHING), rows given column by column — SQLite: one
-      prepared statement run by ``executemany``; PostgreSQL: one statement over
+      prepared statement run by ``executemany``, or with ``RETURNING`` one statement over
+      ``json_each`` of the rows as one JSON parameter; PostgreSQL: one statement over
       ``unnest`` of one array per column (a value shared by all rows is one parameter),
       which also returns the rows it inserted (``RETURNING``) when asked to;
     * WHERE column IN (ids) — SQLite: ``IN (SELECT value FROM json_each(?))`` with the
@@ -314,11 +315,11 @@ class SqlHelpers:
         (PostgreSQL checks each of them before each row); with it only that one does, and a
         conflict on another is an error.
 
-        With ``returning`` (column names), PostgreSQL answers the rows this statement
-        inserted — a row skipped on a conflict is not among them — one list per returned
-        column (aggregated as in :meth:`select_rows`); SQLite answers None:
-        ``executemany`` returns no rows, and binding the rows into one statement costs
-        more than reading back what the caller needs."""
+        With ``returning`` (column names), the answer is the rows this statement inserted
+        — a row skipped on a conflict is not among them — one list per returned column
+        (on PostgreSQL aggregated as in :meth:`select_rows`; on SQLite the rows go in as
+        one JSON parameter read through ``json_each``, which spares the read-back
+        SELECT an ``executemany`` would need)."""
         return await self._bulk_insert(conn, table, values, ignore=True, conflict=conflict, returning=returning)
 
     async def insert_new(self, conn: Any, table: sa.Table, values: Mapping[str, Any]) -> None:
@@ -336,14 +337,15 @@ class SqlHelpers:
         listed = tuple(c for c in columns if isinstance(values[c], list))
         count = len(values[listed[0]]) if listed else 0
         if not count:
-            return [[] for _ in returning] if returning and not self.is_sqlite else None
-        if self.is_sqlite:
-            returning = ()
+            return [[] for _ in returning] if returning else None
         key = (table.name, tuple(columns), listed, ignore, tuple(conflict), tuple(returning))
         sql = self._sql.get(key)
         if sql is None:
             cols = ", ".join(columns)
-            if self.is_sqlite:
+            if self.is_sqlite and returning:  # the rows as one JSON array of arrays (json_each), shared values once
+                picks = [f"json_extract(value, '$[{listed.index(c)}]')" if c in listed else "?" for c in columns]
+                sql = f"INSERT INTO {table.name} ({cols}) SELECT {', '.join(picks)} FROM json_each(?) WHERE true"
+            elif self.is_sqlite:
                 sql = f"INSERT INTO {table.name} ({cols}) VALUES ({', '.join('?' for _ in columns)})"
             else:  # one array per listed column, unnested; a shared value is one parameter
                 items: list[str] = []
@@ -359,8 +361,16 @@ class SqlHelpers:
             if ignore:
                 sql += f" ON CONFLICT ({', '.join(conflict)}) DO NOTHING" if conflict else " ON CONFLICT DO NOTHING"
             if returning:
-                sql = _aggregated(f"{sql} RETURNING {', '.join(returning)}", returning)
+                sql = f"{sql} RETURNING {', '.join(returning)}"
+                if not self.is_sqlite:
+                    sql = _aggregated(sql, returning)
             self._sql[key] = sql
+        if self.is_sqlite and returning:
+            shared = [values[c] for c in columns if c not in listed]
+            # not ASCII-escaped: a string that is not valid Unicode fails in the driver, as with any other statement
+            rows_json = json.dumps(list(zip(*(values[c] for c in listed))), ensure_ascii=False)
+            result = (await conn.exec_driver_sql(sql, (*shared, rows_json))).all()
+            return [list(col) for col in zip(*result)] if result else [[] for _ in returning]
         if self.is_sqlite:
             rows = list(zip(*(values[c] if c in listed else itertools.repeat(values[c], count) for c in columns)))
             await conn.exec_driver_sql(sql, rows)
