@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ops import LOAD_CORE, Server, cpu_seconds, free_port, pinned, wait_http  # noqa: E402
+from bench.bench_ops import LOAD_CORE, Server, cpu_seconds, free_port, wait_http  # noqa: E402
 from qmtl.common.nodeid import compute_node_id  # noqa: E402
 
 PG_URL = os.environ.get("QMTL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -82,8 +82,8 @@ def run_engine(engine: str, args: argparse.Namespace) -> list[tuple[str, float, 
     try:
         wait_http(port)
         if args.profile:
-            spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-o", f"{args.profile}.{engine}.txt", "-p", str(srv.pid), "-r", "250"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-o", f"{args.profile}.{engine}.txt",
+                                    "-p", str(srv.pid), "-r", "250"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             def bodies(n: int, size: int, tag: str) -> list[bytes]:
@@ -125,10 +125,10 @@ def main() -> int:
     ap.add_argument("--engine", choices=("sqlite", "postgres", "both"), default="both")
     ap.add_argument("--runs", type=int, default=200, help="10-node diffs per row (default 200)")
     ap.add_argument("--big", type=int, default=3, help="10,000-node diffs (default 3; 0: none)")
-    ap.add_argument("--profile", help="py-spy flame graph path prefix (the server, the whole run)")
+    ap.add_argument("--profile", help="py-spy collapsed-stack file prefix (the server, the whole run)")
     args = ap.parse_args()
-    os.sched_setaffinity(0, {int(LOAD_CORE)}) if (os.cpu_count() or 1) >= 2 else None
-    _ = pinned  # the server is pinned by bench_ops.Server
+    if (os.cpu_count() or 1) >= 2:  # the server is pinned to the other core by bench_ops.Server
+        os.sched_setaffinity(0, {int(LOAD_CORE)})
     engines = ("sqlite", "postgres") if args.engine == "both" else (args.engine,)
     for engine in engines:
         for label, value, unit in run_engine(engine, args):

@@ -9,7 +9,8 @@ Diff, in one transaction, with a fixed number of statements whatever the DAG siz
 2. for unknown nodes one INSERT ``ON CONFLICT DO NOTHING RETURNING`` their keys; for
    nodes without a queue one INSERT of their queues, under their short names,
    ``ON CONFLICT DO NOTHING RETURNING``, and one INSERT of the new queues' tag rows.
-   Only rows an INSERT did not return (a concurrent diff's) are read back: a queue carrying another diff's
+   Only rows an INSERT did not return (a concurrent diff's, or all of them on SQLite
+   beyond ``store.SQLITE_RETURNING_ROWS``) are read back: a queue carrying another diff's
    ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
    is reused; a node with no queue lost its name to another node (unique ``topic``),
    or shares its short name with an earlier node of the DAG: it is renamed
@@ -219,7 +220,7 @@ class Differ:
                                                         conflict=("node_id",), returning=("nid", "node_id"))
                 if inserted:
                     nids.update(zip(inserted[1], inserted[0]))
-                unseen = [node_id for node_id in graph_new if node_id not in nids]  # a concurrent diff's
+                unseen = [node_id for node_id in graph_new if node_id not in nids]  # a concurrent diff's; many on SQLite: all
                 if unseen:
                     sql = f"SELECT nid, node_id FROM dm_nodes WHERE node_id {self.sql.in_list(1)}"
                     for nid, node_id in (await conn.exec_driver_sql(sql, (self.sql.list_param(unseen),))).all():

@@ -159,6 +159,11 @@ leases = sa.Table(
     sa.Column("until", sa.Float, nullable=False),  # epoch seconds
 )
 
+# SQLite: up to this many rows, a bulk INSERT with RETURNING binds them as one JSON
+# parameter (one statement, no read-back); beyond, executemany and the caller's read-back
+# are cheaper (10,000 new nodes: ~15 % less CPU).
+SQLITE_RETURNING_ROWS = 1000
+
 # ids per IN (...) for SQLAlchemy Core statements on SQLite (its bind limit is 32766);
 # PostgreSQL gets one array parameter instead (``= ANY(...)``).
 IN_CHUNK = 5000
@@ -319,7 +324,8 @@ class SqlHelpers:
         — a row skipped on a conflict is not among them — one list per returned column
         (on PostgreSQL aggregated as in :meth:`select_rows`; on SQLite the rows go in as
         one JSON parameter read through ``json_each``, which spares the read-back
-        SELECT an ``executemany`` would need)."""
+        SELECT an ``executemany`` would need). SQLite answers None for more than
+        ``SQLITE_RETURNING_ROWS`` rows: the caller reads back what it needs."""
         return await self._bulk_insert(conn, table, values, ignore=True, conflict=conflict, returning=returning)
 
     async def insert_new(self, conn: Any, table: sa.Table, values: Mapping[str, Any]) -> None:
@@ -338,6 +344,8 @@ class SqlHelpers:
         count = len(values[listed[0]]) if listed else 0
         if not count:
             return [[] for _ in returning] if returning else None
+        if self.is_sqlite and count > SQLITE_RETURNING_ROWS:
+            returning = ()  # many rows: executemany and a read-back cost less than JSON in and out
         key = (table.name, tuple(columns), listed, ignore, tuple(conflict), tuple(returning))
         sql = self._sql.get(key)
         if sql is None:

@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from qmtl.store.sql import Database
@@ -21,6 +20,8 @@ log = logging.getLogger(__name__)
 
 GC_LOCK_KEY = 0x716D746C  # "qmtl": the advisory lock diffs share and GC takes alone
 RETRIES = 3
+_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared($1::int8)"
+_LOCK_EXCLUSIVE = "SELECT pg_advisory_xact_lock($1::int8)"
 
 T = TypeVar("T")
 
@@ -39,8 +40,7 @@ class Transactions:
                 yield conn
             return
         async with self.db.begin() as conn:
-            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-            await conn.execute(sa.text(f"SELECT {fn}(:k)"), {"k": GC_LOCK_KEY})
+            await conn.exec_driver_sql(_LOCK_EXCLUSIVE if exclusive else _LOCK_SHARED, (GC_LOCK_KEY,))
             yield conn
 
     async def retrying(self, fn: Callable[[], Awaitable[T]]) -> T:

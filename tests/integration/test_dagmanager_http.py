@@ -22,6 +22,7 @@ from qmtl.common.clock import ManualClock
 from qmtl.common.config import Config
 from qmtl.common.nodeid import compute_node_id
 from qmtl.contracts.events import event_validators
+from qmtl.dagmanager import store
 from qmtl.dagmanager.app import create_app, create_service
 from qmtl.dagmanager.service import DagManagerService
 from qmtl.dagmanager.topics import EmbeddedTopicAdmin
@@ -198,6 +199,24 @@ async def test_a_name_clash_lengthens_the_short_hash(env: Env):
     rb = await env.diff("s2", [b])
     assert ra["queue_map"][a["node_id"]] == f"qmtl_Compute_{shared[:6]}_v1"
     assert rb["queue_map"][b["node_id"]] == f"qmtl_Compute_{shared[:6]}ff_v1"
+
+
+@pytest.mark.parametrize("returning_rows", [1000, 1])
+async def test_a_dag_of_clashing_names_gets_the_same_queues_whether_inserts_return_rows_or_are_read_back(
+        env: Env, monkeypatch, returning_rows: int):
+    """SQLite binds up to ``SQLITE_RETURNING_ROWS`` rows into an INSERT … RETURNING and reads
+    back beyond that; both ways name, create and reuse queues alike (PostgreSQL: one way)."""
+    monkeypatch.setattr(store, "SQLITE_RETURNING_ROWS", returning_rows)
+    shared = hashlib.sha256(b"clash").hexdigest()
+    nodes = [node("c0", code=shared), node("c1", code=shared[:6] + "ff" + shared[8:]), node("c2"), node("c3")]
+    first = await env.diff("s-rb1", nodes)
+    assert sorted(first["new_queues"]) == sorted(first["queue_map"].values()) and len(set(first["new_queues"])) == 4
+    short = f"qmtl_Compute_{shared[:6]}_v1"
+    names = sorted((first["queue_map"][n["node_id"]] for n in nodes[:2]), key=len)
+    assert names[0] == short and names[1].startswith(f"qmtl_Compute_{shared[:6]}") and len(names[1]) == len(short) + 2
+    again = await env.diff("s-rb2", nodes)
+    assert again["new_queues"] == [] and again["queue_map"] == first["queue_map"]
+    assert await env.count("SELECT count(*) FROM dm_queue_tags") == 4
 
 
 async def test_twenty_concurrent_diffs_of_overlapping_dags_create_no_duplicate_queue(env: Env):
