@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -204,10 +204,19 @@ class QueueNotifier:
                 for _ in items:
                     self._queue.task_done()
 
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[Any]:
+        """A connection for one read: on PostgreSQL in autocommit (no BEGIN and ROLLBACK
+        round trips around a single SELECT)."""
+        async with self.db.connect() as conn:
+            if not self.db.is_sqlite:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
     async def _process_changes(self, changes: list[QueueChange]) -> None:
         intervals = sorted({c.interval for c in changes})
         w = store.tag_watches
-        async with self.db.connect() as conn:
+        async with self._reading() as conn:
             rows = (await conn.execute(sa.select(w).where(w.c.interval.in_(intervals)))).all()
         affected = []
         for row in rows:
@@ -230,7 +239,7 @@ class QueueNotifier:
 
     async def _process_keys(self, keys: list[TagKey]) -> None:
         w = store.tag_watches
-        async with self.db.connect() as conn:
+        async with self._reading() as conn:
             rows = (await conn.execute(sa.select(w.c.watch_key, w.c.etag).where(w.c.watch_key.in_([k.watch_key for k in keys])))).all()
         etags = {r.watch_key: r.etag for r in rows}
         await self._recompute([(k, etags[k.watch_key]) for k in keys if k.watch_key in etags])
@@ -238,7 +247,7 @@ class QueueNotifier:
     async def _recompute(self, affected: list[tuple[TagKey, str]]) -> None:
         w = store.tag_watches
         for key, old_etag in affected:
-            async with self.db.connect() as conn:
+            async with self._reading() as conn:
                 queues = await match(conn, key)
             if etag_of(key, queues) == old_etag:
                 continue
