@@ -8,7 +8,8 @@ Diff, in one transaction, with a fixed number of statements whatever the DAG siz
    namespace (live, or ``_sim`` for dry-run);
 2. for unknown nodes one INSERT ``ON CONFLICT DO NOTHING RETURNING`` their keys; for
    nodes without a queue one INSERT of their queues, under their short names,
-   ``ON CONFLICT DO NOTHING RETURNING``, and one INSERT of the new queues' tag rows.
+   ``ON CONFLICT DO NOTHING RETURNING``, and one INSERT of the new queues' tag rows
+   (on PostgreSQL part of the queues' statement).
    Only rows an INSERT did not return (a concurrent diff's, or all of them on SQLite
    beyond ``store.SQLITE_RETURNING_ROWS``) are read back: a queue carrying another diff's
    ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
@@ -16,10 +17,12 @@ Diff, in one transaction, with a fixed number of statements whatever the DAG siz
    or shares its short name with an earlier node of the DAG: it is renamed
    (lengthened: one SELECT of its candidate names) and retried;
 3. the strategy's references and its sentinel's edges (a new strategy: one INSERT of
-   each; a strategy diffed again: only the difference is written);
+   each, on PostgreSQL all in one statement; a strategy diffed again: only the
+   difference is written);
 4. each TagQueryNode's matching queues (and its watch).
 
-So an all-new DAG costs six bulk statements and a known one three, whatever their size.
+So a new strategy of new nodes costs, whatever its size, four statements on PostgreSQL
+(after the GC lock) and eight on SQLite; of known nodes two and five.
 Rows no other transaction can hold (the tag rows of this diff's queues, the edges of a
 strategy or sentinel it just created) are inserted without ``ON CONFLICT``, which on
 PostgreSQL is a speculative insertion per row. Results of 1,000 rows come back as one
@@ -60,7 +63,7 @@ from . import store
 from .analyze import GrowthAnalyzer
 from .errors import database_errors
 from .metrics import DagManagerMetrics
-from .plan import Plan, make_plan
+from .plan import Plan, PlanNode, make_plan
 from .strategies import StrategyReferences
 from .tagindex import QueueChange, QueueNotifier, TagKey, match, register_watches
 from .topics import QueueTopics
@@ -72,6 +75,18 @@ DIFF_REQUEST_SCHEMA = operation("dagmanager", "diff").request_schema
 log = logging.getLogger(__name__)
 
 _MAX_NAME_ROUNDS = 8
+
+# Queues (one array per column; only this diff's rows are tagged: no other transaction
+# can hold a tag row of a queue this statement inserted, hence no ON CONFLICT there).
+_INSERT_TAGGED_QUEUES_SQL = (
+    "WITH r AS (INSERT INTO dm_queues (topic, nid, sim, node_type, tags, interval, created_at, ttl_seconds, released_at, creator) "
+    "SELECT u.topic, u.nid, $3::bool, u.node_type, u.tags, u.interval, $7::float8, $8::int4, NULL, $9::text "
+    "FROM unnest($1::text[], $2::int4[], $4::text[], $5::text[], $6::int4[]) AS u(topic, nid, node_type, tags, interval) "
+    "ON CONFLICT DO NOTHING RETURNING qid, nid, topic), "
+    "t AS (INSERT INTO dm_queue_tags (tag, interval, sim, qid) SELECT g.tag, g.interval, $3::bool, r.qid "
+    "FROM r JOIN unnest($10::int4[], $11::text[], $12::int4[]) AS g(nid, tag, interval) ON g.nid = r.nid) "
+    "SELECT array_agg(r.qid), array_agg(r.nid), array_agg(r.topic) FROM r"
+)
 
 
 @dataclass
@@ -296,6 +311,7 @@ class Differ:
         token = uuid.uuid4().hex
         created: dict[str, str] = {}
         created_qids: dict[str, int] = {}
+        tagged: set[str] = set()  # created queues whose tag rows are written
         concurrent: dict[str, str] = {}
         node_of = {nids[node_id]: node_id for node_id in missing}
         names: dict[str, str] = {}
@@ -316,7 +332,11 @@ class Differ:
                 "interval": [n.queue_interval for n in batch], "created_at": now, "ttl_seconds": self.queue_ttl_seconds,
                 "released_at": None, "creator": token,
             }
-            inserted = await self.sql.insert_ignore(conn, store.queues, values, returning=("qid", "nid", "topic"))
+            if self.sql.is_sqlite:
+                inserted = await self.sql.insert_ignore(conn, store.queues, values, returning=("qid", "nid", "topic"))
+            else:  # with the tag rows of the queues it inserted, in the same statement
+                inserted = await self._insert_tagged_queues(conn, values, batch)
+                tagged.update(node_of[nid_int] for nid_int in inserted[1])
             for qid, nid_int, topic in zip(*inserted) if inserted else ():
                 node_id = node_of[nid_int]
                 created[node_id] = topic
@@ -341,11 +361,12 @@ class Differ:
             raise ServiceUnavailable(f"could not assign queue names for {len(pending)} node(s) under contention; retry")
         if concurrent:
             log.debug("%d queue(s) were created by a concurrent diff; reusing them", len(concurrent))
-        if created:
+        untagged = {node_id: qid for node_id, qid in created_qids.items() if node_id not in tagged}
+        if untagged:
             tags: list[str] = []
             intervals: list[int] = []
             qids: list[int] = []
-            for node_id, qid in created_qids.items():
+            for node_id, qid in untagged.items():
                 n = plan.nodes[node_id]
                 interval = n.queue_interval
                 for tag in n.tags:
@@ -355,6 +376,25 @@ class Differ:
             # only this diff's new queues: no other transaction can hold these rows
             await self.sql.insert_new(conn, store.queue_tags, {"tag": tags, "interval": intervals, "sim": sim, "qid": qids})
         return created, concurrent
+
+    async def _insert_tagged_queues(self, conn: Any, values: Mapping[str, Any], batch: Sequence[PlanNode]) -> list[list]:
+        """PostgreSQL: INSERT of queues (``values`` as for :meth:`SqlHelpers.insert_ignore`)
+        ``ON CONFLICT DO NOTHING``, and of the tag rows of those it inserted, in one
+        statement; returns (qids, nids, topics) of the inserted queues."""
+        tag_nids: list[int] = []
+        tags: list[str] = []
+        intervals: list[int] = []
+        for nid, n in zip(values["nid"], batch):
+            interval = n.queue_interval
+            for tag in n.tags:
+                tag_nids.append(nid)
+                tags.append(tag)
+                intervals.append(interval)
+        row = (await conn.exec_driver_sql(_INSERT_TAGGED_QUEUES_SQL, (
+            values["topic"], values["nid"], values["sim"], values["node_type"], values["tags"], values["interval"],
+            values["created_at"], values["ttl_seconds"], values["creator"], tag_nids, tags, intervals,
+        ))).one()
+        return [list(col) if col is not None else [] for col in row]
 
     async def _assign_names(self, conn: Any, plan: Plan, node_ids: list[str]) -> dict[str, str]:
         """Shortest free name per node, for nodes whose short name is taken: one SELECT of
