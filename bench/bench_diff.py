@@ -101,7 +101,7 @@ async def run_db(label: str, url: str, schema: str | None, args: argparse.Namesp
     try:
         await service.start()
         shared = make_dag(args.nodes, "shared")
-        await service.diff("seed", shared)  # all nodes known from here on
+        await service.diffs.diff("seed", shared)  # all nodes known from here on
         ids = [n["node_id"] for n in shared["nodes"]]
         base = await baseline_ms(db, ids, args.iterations)
 
@@ -109,7 +109,7 @@ async def run_db(label: str, url: str, schema: str | None, args: argparse.Namesp
         gc.collect()  # see the module docstring
         for i in range(args.warmup + args.iterations):
             t0, c0 = time.perf_counter(), time.process_time()
-            result = await service.diff(f"reuse-{i}", shared)
+            result = await service.diffs.diff(f"reuse-{i}", shared)
             dt, dc = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
             assert not result.new_queues and len(result.queue_map) == args.nodes
             if i >= args.warmup:
@@ -122,7 +122,7 @@ async def run_db(label: str, url: str, schema: str | None, args: argparse.Namesp
         gc.collect()  # building the DAGs made ~75,000 objects: see the module docstring
         for i, dag in enumerate(dags):
             t0, c0 = time.perf_counter(), time.process_time()
-            result = await service.diff(f"new-{i}", dag)
+            result = await service.diffs.diff(f"new-{i}", dag)
             dt, dc = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
             assert len(result.new_queues) == args.nodes
             if i >= args.warmup:

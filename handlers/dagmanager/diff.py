@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from qmtl.dagmanager.service import DagManagerService
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qmtl.dagmanager.service import DagManagerService
 
 
-async def diff(ctx: DagManagerService, body: dict):
-    result = await ctx.diff(
+async def diff(ctx: DagManagerService, body: dict[str, Any]) -> dict[str, Any]:
+    result = await ctx.diffs.diff(
         body["strategy_id"],
         body["dag"],
         run_type=body.get("run_type"),
@@ -16,5 +19,5 @@ async def diff(ctx: DagManagerService, body: dict):
     return result.body()
 
 
-async def diff_batch(ctx: DagManagerService, body: dict):
-    return {"results": await ctx.diff_batch(body["diffs"])}
+async def diff_batch(ctx: DagManagerService, body: dict[str, Any]) -> dict[str, Any]:
+    return {"results": await ctx.diffs.diff_batch(body["diffs"])}

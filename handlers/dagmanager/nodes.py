@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from qmtl.dagmanager.service import DagManagerService
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qmtl.dagmanager.service import DagManagerService
 
 
-async def get_node(ctx: DagManagerService, node_id: str):
-    return await ctx.get_node(node_id)
+async def get_node(ctx: DagManagerService, node_id: str) -> dict[str, Any]:
+    return await ctx.queues.get_node(node_id)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from qmtl.dagmanager.service import DagManagerService
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qmtl.dagmanager.service import DagManagerService
 
 
-async def get_sentinel(ctx: DagManagerService, sentinel_id: str):
-    return await ctx.get_sentinel(sentinel_id)
+async def get_sentinel(ctx: DagManagerService, sentinel_id: str) -> dict[str, Any]:
+    return await ctx.sentinels.get(sentinel_id)
 
 
-async def sentinel_traffic(ctx: DagManagerService, body: dict):
-    stored = await ctx.set_sentinel_weight(
+async def sentinel_traffic(ctx: DagManagerService, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    stored = await ctx.sentinels.set_weight(
         weight=body["weight"], sentinel_id=body.get("sentinel_id"), version=body.get("version")
     )
     return stored, 202

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from qmtl.dagmanager.service import DagManagerService
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qmtl.dagmanager.service import DagManagerService
 
 
-async def release_strategy(ctx: DagManagerService, strategy_id: str):
-    return await ctx.release_strategy(strategy_id)
+async def release_strategy(ctx: DagManagerService, strategy_id: str) -> dict[str, Any]:
+    return await ctx.strategies.release(strategy_id)

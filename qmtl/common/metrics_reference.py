@@ -21,15 +21,18 @@ def registries(data_dir: str) -> dict[str, CollectorRegistry]:
     from qmtl.bus.inproc import InProcessBus
     from qmtl.common.config import load_config
     from qmtl.dagmanager.app import create_app as dm_app
+    from qmtl.dagmanager.app import create_service as dm_service
     from qmtl.gateway.app import create_app as gw_app
     from qmtl.worldservice.app import create_app as ws_app
 
     cfg = load_config(None, overrides={"data_dir": data_dir})
     bus = InProcessBus()
+    dm = dm_service(cfg, bus=bus)
+    dm_app(cfg, bus=bus, service=dm)  # the app registers its HTTP server's metrics on the service's registry
     return {
         "gateway": gw_app(cfg, bus=bus).service.registry,
         "worldservice": ws_app(cfg, bus=bus).service.metrics.registry,
-        "dagmanager": dm_app(cfg, bus=bus).ctx.metrics.registry,
+        "dagmanager": dm.metrics.registry,
     }
 
 

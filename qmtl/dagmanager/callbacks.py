@@ -37,6 +37,7 @@ class GatewayCallback:
         queue_size: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
         service_token: str = "",
+        tracer_provider: Any = None,
     ) -> None:
         self.url = base_url.rstrip("/") + CALLBACK_PATH if base_url else ""
         self.metrics = metrics
@@ -48,7 +49,7 @@ class GatewayCallback:
         self._auth = {"X-QMTL-Service-Token": service_token} if service_token else {}
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
-        self.tracer_provider: Any = None  # set by the app factory when tracing is on
+        self.tracer_provider = tracer_provider  # traces the callbacks' HTTP requests when tracing is on
 
     @property
     def enabled(self) -> bool:

@@ -18,7 +18,7 @@ DIFF_BUCKETS_MS = (1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120)
 
 
 class DagManagerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, *, sentinel_label_cap: int = 200) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.diff_duration_ms = Histogram(
             "diff_duration_ms", "Duration of a DAG diff in milliseconds (database work included, topic creation excluded)",
@@ -46,7 +46,7 @@ class DagManagerMetrics:
         self.callbacks_dropped = Counter("dm_gateway_callbacks_dropped", "Gateway callbacks dropped because the send queue was full", registry=r)
         self.sentinel_weight = Gauge("dm_sentinel_weight", "Traffic weight last set per sentinel (beyond dagmanager.metric_label_cap "
                                      "distinct ids: one series 'other')", ["sentinel_id"], registry=r)
-        self.sentinel_label = BoundedLabel(200)  # cap set from dagmanager.metric_label_cap
+        self.sentinel_label = BoundedLabel(sentinel_label_cap)  # dagmanager.metric_label_cap
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qmtl.common.readiness import Check, bus_checks, evaluate
 
+if TYPE_CHECKING:
+    from .service import DagManagerService
 
-async def readiness(service: Any) -> tuple[bool, dict]:
+
+async def readiness(service: DagManagerService) -> tuple[bool, dict]:
     async def database() -> tuple[bool, str]:
         ok, body = await service.health()
         return ok, f"answers ({body.get('queues', 0)} queues)" if ok else "does not answer"

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +39,8 @@ from qmtl.store.sql import Database
 from . import store
 from .callbacks import GatewayCallback
 from .metrics import DagManagerMetrics
+
+MATCH_ALL = MatchMode["ALL"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ class TagKey:
     match_mode: str
 
     @classmethod
-    def of(cls, tags: Iterable[str], interval: int, match_mode: str) -> TagKey:
-        if match_mode not in MATCH_MODES:
+    def of(cls, tags: Iterable[str], interval: int, match_mode: str | None) -> TagKey:
+        if match_mode is None or match_mode not in MATCH_MODES:
             raise ValueError(f"match_mode must be one of {', '.join(MATCH_MODES)}, not {match_mode!r}")
         return cls(normalise_tags(tags), int(interval), match_mode)
 
@@ -80,7 +82,7 @@ class TagKey:
         if interval != self.interval:
             return False
         have = set(tags)
-        if self.match_mode == MatchMode.ALL:
+        if self.match_mode == MATCH_ALL:
             return all(t in have for t in self.tags)
         return any(t in have for t in self.tags)
 
@@ -98,7 +100,7 @@ def match_statement(key: TagKey) -> Any:
         .select_from(qt.join(q, q.c.qid == qt.c.qid))
         .where(qt.c.interval == key.interval, qt.c.sim == sa.false(), qt.c.tag.in_(list(key.tags)))
     )
-    if key.match_mode == MatchMode.ALL and len(key.tags) > 1:
+    if key.match_mode == MATCH_ALL and len(key.tags) > 1:
         # (tag, interval, sim, qid) is the primary key: a queue carrying every tag has len(tags) rows.
         stmt = stmt.group_by(q.c.topic).having(sa.func.count() == len(key.tags))
     else:
@@ -180,25 +182,41 @@ class QueueNotifier:
 
     async def _run(self) -> None:
         while True:
-            kind, payload = await self._queue.get()
+            # everything queued meanwhile (a burst of diffs) is taken at once: consecutive
+            # changes (and rechecks) are merged into one pass — one read of the watches
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
             try:
-                if kind == "changes":
-                    await self._process_changes(payload)
-                elif kind == "all":
-                    await self._process_all()
-                else:
-                    await self._process_keys(payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("processing tag-index changes failed; the next change will recompute the affected sets")
+                for kind, payload in _merged(items):
+                    try:
+                        if kind == "changes":
+                            await self._process_changes(payload)
+                        elif kind == "all":
+                            await self._process_all()
+                        else:
+                            await self._process_keys(payload)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("processing tag-index changes failed; the next change will recompute the affected sets")
             finally:
-                self._queue.task_done()
+                for _ in items:
+                    self._queue.task_done()
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[Any]:
+        """A connection for one read: on PostgreSQL in autocommit (no BEGIN and ROLLBACK
+        round trips around a single SELECT)."""
+        async with self.db.connect() as conn:
+            if not self.db.is_sqlite:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
 
     async def _process_changes(self, changes: list[QueueChange]) -> None:
         intervals = sorted({c.interval for c in changes})
         w = store.tag_watches
-        async with self.db.connect() as conn:
+        async with self._reading() as conn:
             rows = (await conn.execute(sa.select(w).where(w.c.interval.in_(intervals)))).all()
         affected = []
         for row in rows:
@@ -221,7 +239,7 @@ class QueueNotifier:
 
     async def _process_keys(self, keys: list[TagKey]) -> None:
         w = store.tag_watches
-        async with self.db.connect() as conn:
+        async with self._reading() as conn:
             rows = (await conn.execute(sa.select(w.c.watch_key, w.c.etag).where(w.c.watch_key.in_([k.watch_key for k in keys])))).all()
         etags = {r.watch_key: r.etag for r in rows}
         await self._recompute([(k, etags[k.watch_key]) for k in keys if k.watch_key in etags])
@@ -229,7 +247,7 @@ class QueueNotifier:
     async def _recompute(self, affected: list[tuple[TagKey, str]]) -> None:
         w = store.tag_watches
         for key, old_etag in affected:
-            async with self.db.connect() as conn:
+            async with self._reading() as conn:
                 queues = await match(conn, key)
             if etag_of(key, queues) == old_etag:
                 continue
@@ -265,6 +283,18 @@ class QueueNotifier:
         if self.include_match_mode:
             event["match_mode"] = key.match_mode
         return event
+
+
+def _merged(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Queued work in order, consecutive items of one kind merged (``all`` once)."""
+    out: list[tuple[str, Any]] = []
+    for kind, payload in items:
+        if out and out[-1][0] == kind:
+            if kind != "all":
+                out[-1] = (kind, list(dict.fromkeys(out[-1][1] + payload)))
+            continue
+        out.append((kind, payload))
+    return out
 
 
 async def register_watches(conn: Any, helpers: store.SqlHelpers, keys: dict[TagKey, list[str]], now: float) -> list[TagKey]:

@@ -11,6 +11,9 @@ whether the topic is gone. Two implementations:
   that once and falls back to broker auto-creation: it asks for the topic's metadata
   with ``allow_auto_topic_creation``, which makes a broker with
   ``auto.create.topics.enable`` create it (a producer's first send would do the same).
+
+:class:`QueueTopics` is what the diff and GC use: the admin with the queues' partition
+count and retention, where a failed creation is counted and left to auto-creation.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
+
+from .metrics import DagManagerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,8 @@ class TopicAdminError(RuntimeError):
 
 @runtime_checkable
 class TopicAdmin(Protocol):
-    mode: str
+    @property
+    def mode(self) -> str: ...
 
     async def start(self) -> None: ...
 
@@ -248,6 +254,26 @@ class KafkaTopicAdmin:
         return True
 
 
+TOPIC_CREATE_TIMEOUT = 10.0
+
+
+class QueueTopics:
+    """The topics of queues: ``partitions`` each, kept ``ttl_seconds`` (retention)."""
+
+    def __init__(self, admin: TopicAdmin, *, partitions: int, ttl_seconds: int, metrics: DagManagerMetrics) -> None:
+        self.admin = admin
+        self.partitions = int(partitions)
+        self.config = {"retention.ms": str(int(ttl_seconds) * 1000)}
+        self.metrics = metrics
+
+    async def create(self, topics: list[str]) -> None:
+        try:
+            await asyncio.wait_for(self.admin.create_many(topics, self.partitions, self.config), TOPIC_CREATE_TIMEOUT)
+        except Exception as exc:  # the queue exists; the broker auto-creates the topic on first produce
+            self.metrics.topic_create_failures.inc(len(topics))
+            log.warning("creating %d topic(s) failed (%s); relying on broker auto-creation", len(topics), exc)
+
+
 def make_topic_admin(config: Any) -> TopicAdmin:
     """The topic admin a configuration asks for (``dagmanager.kafka_admin`` + ``controlbus``)."""
     if config.dagmanager.kafka_admin:
@@ -257,4 +283,4 @@ def make_topic_admin(config: Any) -> TopicAdmin:
     return EmbeddedTopicAdmin()
 
 
-__all__ = ["TopicAdmin", "TopicAdminError", "EmbeddedTopicAdmin", "KafkaTopicAdmin", "make_topic_admin"]
+__all__ = ["QueueTopics", "TopicAdmin", "TopicAdminError", "EmbeddedTopicAdmin", "KafkaTopicAdmin", "make_topic_admin"]

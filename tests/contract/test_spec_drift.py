@@ -388,8 +388,8 @@ COMMON_WORDS = {"live", "completed", "failed", "ACTIVE"}
 # (file, literal) → why it may stay.
 ALLOWED = {
     ("qmtl/gateway/ingest/redisq.py", "processing"): "a Redis list name, not the FSM state",
-    ("qmtl/dagmanager/service.py", "dry-run"): "SIM_RUN_TYPES: legacy run-type aliases the DAG Manager accepts",
-    ("qmtl/dagmanager/service.py", "dryrun"): "SIM_RUN_TYPES: legacy run-type aliases the DAG Manager accepts",
+    ("qmtl/dagmanager/plan.py", "dry-run"): "SIM_RUN_TYPES: legacy run-type aliases the DAG Manager accepts",
+    ("qmtl/dagmanager/plan.py", "dryrun"): "SIM_RUN_TYPES: legacy run-type aliases the DAG Manager accepts",
     ("qmtl/sdk/client.py", "dry-run"): "the SDK's default argument",
     ("qmtl/sdk/dag.py", "dry-run"): "the SDK's default argument",
     ("qmtl/sdk/state.py", "ACTIVE"): "SDK-side policy status (the SDK does not load specs)",

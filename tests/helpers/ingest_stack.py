@@ -137,6 +137,7 @@ class Stack:
     gateways: list[Gateway] = field(default_factory=list)
     tap: DagManagerTap | None = None
     _dm_cm: Any = None
+    _dm_db: Any = None
 
     # the first Gateway, for tests that use one
     @property
@@ -156,7 +157,8 @@ class Stack:
         return self.gateways[0].ingest
 
     async def start_dagmanager(self) -> None:
-        app = dagmanager_app(self.cfg, bus=self.bus, db=Database(self.pg_url, schema=self.dm_schema), gc_interval=0)
+        self._dm_db = Database(self.pg_url, schema=self.dm_schema)
+        app = dagmanager_app(self.cfg, bus=self.bus, db=self._dm_db, gc_interval=0)
         calls = self.tap.calls if self.tap else []
         self.tap = DagManagerTap(app)
         self.tap.calls = calls
@@ -167,7 +169,7 @@ class Stack:
         cm, self._dm_cm = self._dm_cm, None
         if cm is not None:
             await cm.__aexit__(None, None, None)
-            await self.tap.app.ctx.db.close()
+            await self._dm_db.close()
 
     async def start_gateway(self, *, workers: int | None = None, kv: Any = None, record_relay: bool = True,
                             tune: Any = None) -> Gateway:

@@ -18,10 +18,13 @@ import sqlalchemy as sa
 from qmtl.bus.base import TOPIC_QUEUES, BusMessage
 from qmtl.bus.inproc import InProcessBus
 from qmtl.bus.keys import queue_key
+from qmtl.common.clock import ManualClock
 from qmtl.common.config import Config
 from qmtl.common.nodeid import compute_node_id
 from qmtl.contracts.events import event_validators
-from qmtl.dagmanager.app import create_app
+from qmtl.dagmanager import store
+from qmtl.dagmanager.app import create_app, create_service
+from qmtl.dagmanager.service import DagManagerService
 from qmtl.dagmanager.topics import EmbeddedTopicAdmin
 from qmtl.store.sql import Database, sqlite_url
 from tests.helpers.server import serve
@@ -35,14 +38,6 @@ def db_target(request, tmp_path):
     if request.param == "sqlite":
         return sqlite_url(tmp_path / "dagmanager.db"), None
     return request.getfixturevalue("pg_schema")
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Receiver:
@@ -81,18 +76,14 @@ class Receiver:
 @dataclass
 class Env:
     client: httpx.AsyncClient
-    app: Any
+    service: DagManagerService
     bus: InProcessBus
     sub: Any
-    clock: Clock
+    clock: ManualClock
     receiver: Receiver
     admin: EmbeddedTopicAdmin
     db: Database
     seen: list[BusMessage] = field(default_factory=list)
-
-    @property
-    def service(self):
-        return self.app.ctx
 
     async def diff(self, strategy_id: str, nodes: list[dict], **extra) -> dict:
         r = await self.client.post("/diff", json={"strategy_id": strategy_id, "dag": {"nodes": nodes}, **extra})
@@ -122,16 +113,16 @@ async def env(db_target):
     receiver = Receiver()
     bus = InProcessBus(validator=event_validators())
     admin = EmbeddedTopicAdmin()
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     async with serve(receiver) as gateway_url:
         cfg = Config()
         cfg.dagmanager.gateway_callback_url = gateway_url
         cfg.dagmanager.queue_ttl_seconds = TTL
-        app = create_app(cfg, bus=bus, db=db, topic_admin=admin, clock=clock, gc_interval=0)
-        async with serve(app) as base:
+        service = create_service(cfg, bus=bus, db=db, topic_admin=admin, clock=clock)
+        async with serve(create_app(cfg, bus=bus, service=service, gc_interval=0)) as base:
             sub = await bus.subscribe([TOPIC_QUEUES], consumer_id="test", from_beginning=True)
             async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                yield Env(client, app, bus, sub, clock, receiver, admin, db)
+                yield Env(client, service, bus, sub, clock, receiver, admin, db)
             await sub.close()
     await db.close()
 
@@ -208,6 +199,24 @@ async def test_a_name_clash_lengthens_the_short_hash(env: Env):
     rb = await env.diff("s2", [b])
     assert ra["queue_map"][a["node_id"]] == f"qmtl_Compute_{shared[:6]}_v1"
     assert rb["queue_map"][b["node_id"]] == f"qmtl_Compute_{shared[:6]}ff_v1"
+
+
+@pytest.mark.parametrize("returning_rows", [1000, 1])
+async def test_a_dag_of_clashing_names_gets_the_same_queues_whether_inserts_return_rows_or_are_read_back(
+        env: Env, monkeypatch, returning_rows: int):
+    """SQLite binds up to ``SQLITE_RETURNING_ROWS`` rows into an INSERT … RETURNING and reads
+    back beyond that; both ways name, create and reuse queues alike (PostgreSQL: one way)."""
+    monkeypatch.setattr(store, "SQLITE_RETURNING_ROWS", returning_rows)
+    shared = hashlib.sha256(b"clash").hexdigest()
+    nodes = [node("c0", code=shared), node("c1", code=shared[:6] + "ff" + shared[8:]), node("c2"), node("c3")]
+    first = await env.diff("s-rb1", nodes)
+    assert sorted(first["new_queues"]) == sorted(first["queue_map"].values()) and len(set(first["new_queues"])) == 4
+    short = f"qmtl_Compute_{shared[:6]}_v1"
+    names = sorted((first["queue_map"][n["node_id"]] for n in nodes[:2]), key=len)
+    assert names[0] == short and names[1].startswith(f"qmtl_Compute_{shared[:6]}") and len(names[1]) == len(short) + 2
+    again = await env.diff("s-rb2", nodes)
+    assert again["new_queues"] == [] and again["queue_map"] == first["queue_map"]
+    assert await env.count("SELECT count(*) FROM dm_queue_tags") == 4
 
 
 async def test_twenty_concurrent_diffs_of_overlapping_dags_create_no_duplicate_queue(env: Env):
@@ -361,7 +370,7 @@ async def test_gc_collects_only_queues_unreferenced_past_their_ttl(env: Env):
     topic = {**r1["queue_map"], **r2["queue_map"]}
     await env.client.get("/queues/by_tag", params={"tags": "a", "interval": 60})  # watch (a, 60, any)
 
-    env.clock.now += 10 * TTL  # everything is old, but everything is referenced
+    env.clock.advance(10 * TTL)  # everything is old, but everything is referenced
     assert (await env.client.post("/gc")).json()["collected"] == []
 
     released = await env.client.delete("/strategies/s1")
@@ -369,9 +378,9 @@ async def test_gc_collects_only_queues_unreferenced_past_their_ttl(env: Env):
     assert released.json()["released_queues"] == [topic[a["node_id"]]]  # b is still held by s2
     assert (await env.client.delete("/strategies/s1")).status_code == 404
 
-    env.clock.now += TTL / 2
+    env.clock.advance(TTL / 2)
     assert (await env.client.post("/gc")).json()["collected"] == []  # a released, TTL not over
-    env.clock.now += TTL / 2 + 1
+    env.clock.advance(TTL / 2 + 1)
     report = (await env.client.post("/gc")).json()
     assert [c_["topic"] for c_ in report["collected"]] == [topic[a["node_id"]]]
     assert report["collected"][0]["node_id"] == a["node_id"]
@@ -385,9 +394,9 @@ async def test_gc_collects_only_queues_unreferenced_past_their_ttl(env: Env):
 
     # re-diffing s2 without c releases c (now); it goes one TTL later, b never does
     await env.diff("s2", [b])
-    env.clock.now += TTL + 1
+    env.clock.advance(TTL + 1)
     assert [x["topic"] for x in (await env.client.post("/gc")).json()["collected"]] == [topic[c["node_id"]]]
-    env.clock.now += 10 * TTL
+    env.clock.advance(10 * TTL)
     assert (await env.client.post("/gc")).json()["collected"] == []
     # a collected node comes back as new
     again = await env.diff("s9", [a])
@@ -454,11 +463,11 @@ async def test_an_unreachable_database_answers_503_with_retry_after(pg_schema):
     db = Database(url, schema=schema)
     app = create_app(Config(), bus=InProcessBus(validator=event_validators()), db=db,
                      topic_admin=EmbeddedTopicAdmin(), gc_interval=0)
+    up = db.engine
     gone = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/test", schema=schema)  # nothing listens
     try:
         async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
-            service = app.ctx
-            service.db = service.notifier.db = gone  # the database goes away after start
+            db.engine = gone.engine  # the database goes away after start (every part of the service shares db)
             r = await client.get("/health")
             assert r.status_code == 503 and r.headers["content-type"].startswith("application/problem+json")
             assert r.json()["database"] == "down"
@@ -467,7 +476,7 @@ async def test_an_unreachable_database_answers_503_with_retry_after(pg_schema):
             r = await client.get("/queues/by_tag", params={"tags": "a", "interval": 60})
             assert r.status_code == 503
             assert (await client.post("/gc")).status_code == 503
-            service.db = service.notifier.db = db
+            db.engine = up
             assert (await client.get("/health")).status_code == 200
     finally:
         await gone.close()

@@ -84,9 +84,9 @@ async def test_a_change_left_unannounced_by_a_dead_process_is_announced_at_the_n
     try:
         first = create_service(Config(), bus=bus, db=db)
         await first.start()
-        await first.queues_by_tag(["lost"], 60)  # a watched key
+        await first.queues.by_tag(["lost"], 60)  # a watched key
         first.notifier.queues_changed = lambda changes: None  # "dies" before announcing
-        result = await first.diff("s-lost", {"nodes": [dag_node("lost-1", tags=("lost",))]})
+        result = await first.diffs.diff("s-lost", {"nodes": [dag_node("lost-1", tags=("lost",))]})
         await first.stop()
 
         second = create_service(Config(), bus=bus, db=db)

@@ -6,7 +6,7 @@ import pytest
 
 from qmtl.common.errors import Unprocessable
 from qmtl.common.nodeid import compute_node_id
-from qmtl.dagmanager.service import _plan
+from qmtl.dagmanager.plan import make_plan
 from qmtl.dagmanager.tagindex import TagKey, etag_of, normalise_tags
 
 
@@ -21,7 +21,7 @@ def node(i, node_type="Compute", **extra):
 def test_plan_splits_queue_nodes_tag_queries_and_the_sentinel():
     tq = node(2, "TagQueryNode", tags=["price", " btc "], match_mode="all")
     sentinel = {"node_id": "s-9-sentinel", "node_type": "VersionSentinel", "version": "v7"}
-    plan = _plan("s-9", {"nodes": [node(1), tq, sentinel]}, run_type=None, asset=None, version=None)
+    plan = make_plan("s-9", {"nodes": [node(1), tq, sentinel]}, run_type=None, asset=None, version=None)
     assert plan.queue_nodes == [node(1)["node_id"]]
     assert plan.graph_nodes == [node(1)["node_id"], tq["node_id"]]
     assert plan.tag_queries == {tq["node_id"]: TagKey(("btc", "price"), 60, "all")}
@@ -31,17 +31,17 @@ def test_plan_splits_queue_nodes_tag_queries_and_the_sentinel():
 
 
 def test_without_a_sentinel_node_the_sentinel_is_named_after_the_strategy():
-    plan = _plan("s-1", {"nodes": [node(1)]}, run_type="dry-run", asset="eth", version="v3")
+    plan = make_plan("s-1", {"nodes": [node(1)]}, run_type="dry-run", asset="eth", version="v3")
     assert plan.sentinel_id == "s-1-sentinel"
     assert plan.sim is True and plan.version == "v3" and plan.nodes[node(1)["node_id"]].asset == "eth"
     # a node's own asset wins over the request's
-    plan = _plan("s-1", {"nodes": [node(1, asset="sol")]}, run_type="paper", asset="eth", version=None)
+    plan = make_plan("s-1", {"nodes": [node(1, asset="sol")]}, run_type="paper", asset="eth", version=None)
     assert plan.nodes[node(1)["node_id"]].asset == "sol" and plan.sim is True and plan.version == "v1"
 
 
 def test_duplicate_node_ids_are_refused_with_pointers():
     with pytest.raises(Unprocessable) as err:
-        _plan("s", {"nodes": [node(1), node(2), node(1)]}, run_type=None, asset=None, version=None)
+        make_plan("s", {"nodes": [node(1), node(2), node(1)]}, run_type=None, asset=None, version=None)
     assert err.value.ext["errors"][0]["pointer"] == "/dag/nodes/2/node_id"
     assert "/dag/nodes/0" in err.value.ext["errors"][0]["message"]
 
@@ -50,10 +50,10 @@ def test_two_sentinels_and_an_empty_dag_are_refused():
     s1 = {"node_id": "x", "node_type": "VersionSentinel"}
     s2 = {"node_id": "y", "node_type": "VersionSentinel"}
     with pytest.raises(Unprocessable) as err:
-        _plan("s", {"nodes": [node(1), s1, s2]}, run_type=None, asset=None, version=None)
+        make_plan("s", {"nodes": [node(1), s1, s2]}, run_type=None, asset=None, version=None)
     assert err.value.ext["errors"][0]["pointer"] == "/dag/nodes/2"
     with pytest.raises(Unprocessable):
-        _plan("s", {"nodes": []}, run_type=None, asset=None, version=None)
+        make_plan("s", {"nodes": []}, run_type=None, asset=None, version=None)
 
 
 def test_tag_key_matching_any_and_all():

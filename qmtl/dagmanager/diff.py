@@ -1,0 +1,422 @@
+"""The diff (``POST /diff``, ``POST /diff/batch``, SPEC §7): a DAG's nodes mapped to
+queues, new ones created.
+
+Diff, in one transaction, with a fixed number of statements whatever the DAG size
+(bulk driver SQL, see :class:`~qmtl.dagmanager.store.SqlHelpers`):
+
+1. one SELECT of the known nodes among the DAG's, each with its queue in the run's
+   namespace (live, or ``_sim`` for dry-run);
+2. for unknown nodes one INSERT ``ON CONFLICT DO NOTHING RETURNING`` their keys; for
+   nodes without a queue one INSERT of their queues, under their short names,
+   ``ON CONFLICT DO NOTHING RETURNING``, and one INSERT of the new queues' tag rows
+   (on PostgreSQL part of the queues' statement).
+   Only rows an INSERT did not return (a concurrent diff's, or all of them on SQLite
+   beyond ``store.SQLITE_RETURNING_ROWS``) are read back: a queue carrying another diff's
+   ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
+   is reused; a node with no queue lost its name to another node (unique ``topic``),
+   or shares its short name with an earlier node of the DAG: it is renamed
+   (lengthened: one SELECT of its candidate names) and retried;
+3. the strategy's references and its sentinel's edges (a new strategy: one INSERT of
+   each, on PostgreSQL all in one statement; a strategy diffed again: only the
+   difference is written);
+4. each TagQueryNode's matching queues (and its watch).
+
+So a new strategy of new nodes costs, whatever its size, four statements on PostgreSQL
+(after the GC lock) and eight on SQLite; of known nodes two and five.
+Rows no other transaction can hold (the tag rows of this diff's queues, the edges of a
+strategy or sentinel it just created) are inserted without ``ON CONFLICT``, which on
+PostgreSQL is a speculative insertion per row. Results of 1,000 rows come back as one
+array per column, which keeps the client's work (and the garbage collector's) small.
+
+After commit the new topics are created through the topic admin and the tag index
+changes are handed to the notifier (QueueUpdated, off the diff's path).
+
+On PostgreSQL, rows are written in node-id order so that concurrent diffs lock them in
+the same order, diffs hold a shared advisory lock that GC takes exclusively (a queue is
+never collected while a diff is re-using it), and a deadlock or serialisation failure
+is retried. On SQLite (one process) diffs and GC are serialised by a lock.
+
+Replicas: every guarantee above is the database's (unique constraints, row and advisory
+locks), so several DAG Manager processes may serve one PostgreSQL database: concurrent
+diffs of one DAG through different processes converge on one queue per node.
+QueueUpdated goes through the transactional outbox (:mod:`qmtl.store.outbox`), so no
+diff or GC waits for the ControlBus and each key's events are published in order by one
+process at a time. The periodic GC runs once per interval across replicas (a lease row,
+``dm_leases``); a topic a concurrent diff re-used while GC was deleting it is created
+again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmtl.common import correlation
+from qmtl.common.errors import ServiceError, ServiceUnavailable
+from qmtl.contracts.constants import operation
+from qmtl.contracts.defaults import defaults_filler
+
+from . import store
+from .analyze import GrowthAnalyzer
+from .errors import database_errors
+from .metrics import DagManagerMetrics
+from .plan import Plan, PlanNode, make_plan
+from .strategies import StrategyReferences
+from .tagindex import QueueChange, QueueNotifier, TagKey, match, register_watches
+from .topics import QueueTopics
+from .transactions import Transactions
+
+# The diff's request body schema (its `dag` is dag.schema.json): the `default`s it declares are applied.
+DIFF_REQUEST_SCHEMA = operation("dagmanager", "diff").request_schema
+
+log = logging.getLogger(__name__)
+
+_MAX_NAME_ROUNDS = 8
+
+# Queues (one array per column; only this diff's rows are tagged: no other transaction
+# can hold a tag row of a queue this statement inserted, hence no ON CONFLICT there).
+_INSERT_TAGGED_QUEUES_SQL = (
+    "WITH r AS (INSERT INTO dm_queues (topic, nid, sim, node_type, tags, interval, created_at, ttl_seconds, released_at, creator) "
+    "SELECT u.topic, u.nid, $3::bool, u.node_type, u.tags, u.interval, $7::float8, $8::int4, NULL, $9::text "
+    "FROM unnest($1::text[], $2::int4[], $4::text[], $5::text[], $6::int4[]) AS u(topic, nid, node_type, tags, interval) "
+    "ON CONFLICT DO NOTHING RETURNING qid, nid, topic), "
+    "t AS (INSERT INTO dm_queue_tags (tag, interval, sim, qid) SELECT g.tag, g.interval, $3::bool, r.qid "
+    "FROM r JOIN unnest($10::int4[], $11::text[], $12::int4[]) AS g(nid, tag, interval) ON g.nid = r.nid) "
+    "SELECT array_agg(r.qid), array_agg(r.nid), array_agg(r.topic) FROM r"
+)
+
+
+@dataclass
+class DiffResult:
+    strategy_id: str
+    sentinel_id: str
+    version: str
+    sim: bool
+    queue_map: dict[str, str]
+    new_queues: list[str]
+    reused_queues: list[str]
+    tag_queries: dict[str, list[str]]
+    created: list[tuple[str, tuple[str, ...], int]] = field(default_factory=list)  # (topic, tags, interval) live
+    new_watches: list[TagKey] = field(default_factory=list)
+
+    def body(self) -> dict:
+        return {
+            "strategy_id": self.strategy_id,
+            "sentinel_id": self.sentinel_id,
+            "version": self.version,
+            "sim": self.sim,
+            "queue_map": self.queue_map,
+            "new_queues": self.new_queues,
+            "reused_queues": self.reused_queues,
+            "tag_queries": self.tag_queries,
+        }
+
+
+class Differ:
+    def __init__(
+        self,
+        txn: Transactions,
+        sql: store.SqlHelpers,
+        *,
+        strategies: StrategyReferences,
+        topics: QueueTopics,
+        notifier: QueueNotifier,
+        analyzer: GrowthAnalyzer,
+        metrics: DagManagerMetrics,
+        queue_ttl_seconds: int,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.txn = txn
+        self.sql = sql
+        self.strategies = strategies
+        self.topics = topics
+        self.notifier = notifier
+        self.analyzer = analyzer
+        self.metrics = metrics
+        self.queue_ttl_seconds = int(queue_ttl_seconds)
+        self.clock = clock
+        self.monotonic = monotonic
+
+    async def diff(
+        self,
+        strategy_id: str,
+        dag: Mapping[str, Any],
+        *,
+        run_type: str | None = None,
+        asset: str | None = None,
+        version: str | None = None,
+    ) -> DiffResult:
+        result = await self._diff(strategy_id, dag, run_type=run_type, asset=asset, version=version)
+        await self._announce([result])
+        return result
+
+    async def diff_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """``POST /diff/batch``: each request diffed as :meth:`diff` does it (its own
+        transaction), in order; a failing diff answers its status and problem and does not
+        stop the others. The batch's new topics are created, and its queue changes handed
+        to the notifier, once after the last diff."""
+        results: list[dict] = []
+        done: list[DiffResult] = []
+        try:
+            for req in requests:
+                try:
+                    result = await self._diff(req["strategy_id"], req["dag"], run_type=req.get("run_type"),
+                                              asset=req.get("asset"), version=req.get("version"))
+                except ServiceError as exc:
+                    problem: dict[str, Any] = {"type": exc.type, "title": exc.title, "status": exc.status,
+                                               "detail": exc.detail, **exc.ext}
+                    cid = correlation.get()
+                    if cid:
+                        problem.setdefault("correlation_id", cid)
+                    results.append({"status": exc.status, "problem": problem})
+                else:
+                    done.append(result)
+                    results.append({"status": 200, "body": result.body()})
+        finally:  # the diffs committed so far are announced even when a later one fails unexpectedly
+            await self._announce(done)
+        return results
+
+    async def _diff(
+        self, strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None, asset: str | None, version: str | None,
+    ) -> DiffResult:
+        """The diff's transaction, retried on a deadlock, and its metrics."""
+        started = self.monotonic()
+        defaults_filler(DIFF_REQUEST_SCHEMA)({"dag": dag})  # e.g. a TagQueryNode without match_mode is `any`
+        plan = make_plan(strategy_id, dag, run_type=run_type, asset=asset, version=version)
+        try:
+            with database_errors({"dag": dag}):
+                result = await self.txn.retrying(lambda: self._diff_txn(plan))
+        except Exception:
+            self.metrics.diffs.labels("error").inc()
+            raise
+        elapsed_ms = (self.monotonic() - started) * 1000.0
+        self.metrics.diff_duration_ms.observe(elapsed_ms)
+        self.metrics.diff_nodes.observe(len(plan.nodes))
+        self.metrics.diffs.labels("ok").inc()
+        self.metrics.queues_created.inc(len(result.new_queues))
+        self.metrics.queues_reused.inc(len(plan.queue_nodes) - len(result.new_queues))
+        return result
+
+    async def _announce(self, results: Sequence[DiffResult]) -> None:
+        """After commit: the new queues' topics created, the tag index changes and new
+        watches handed to the notifier."""
+        new_queues = sorted(topic for result in results for topic in result.new_queues)
+        if new_queues:
+            self.analyzer.grew(len(new_queues))
+            await self.topics.create(new_queues)
+        # the notifier recomputes the watches a queue's (tags, interval) can match: one change
+        # per distinct pair (a DAG has few) instead of one per new queue
+        changes = {(tags, interval): topic for result in results for topic, tags, interval in result.created}
+        self.notifier.queues_changed([QueueChange(topic, tags, interval) for (tags, interval), topic in changes.items()])
+        self.notifier.recheck([key for result in results for key in result.new_watches])
+
+    async def _diff_txn(self, plan: Plan) -> DiffResult:
+        now = self.clock()
+        sim = plan.sim
+        async with self.txn.write() as conn:
+            # 1. known nodes, with their queue in this namespace (one SELECT)
+            nids: dict[str, int] = {}
+            assigned: dict[str, str] = {}
+            for nid, node_id, topic in await self._known(conn, plan.graph_nodes, sim):
+                nids[node_id] = nid
+                if topic is not None:
+                    assigned[node_id] = topic
+            reused = set(assigned.values())
+
+            # 2. new nodes, and queues for the nodes that have none in this namespace
+            graph_new = [node_id for node_id in plan.graph_nodes if node_id not in nids]
+            if graph_new:
+                graph_new.sort()
+                inserted = await self.sql.insert_ignore(conn, store.nodes, plan.node_values(graph_new, now),
+                                                        conflict=("node_id",), returning=("nid", "node_id"))
+                if inserted:
+                    nids.update(zip(inserted[1], inserted[0]))
+                unseen = [node_id for node_id in graph_new if node_id not in nids]  # a concurrent diff's; many on SQLite: all
+                if unseen:
+                    sql = f"SELECT nid, node_id FROM dm_nodes WHERE node_id {self.sql.in_list(1)}"
+                    for nid, node_id in (await conn.exec_driver_sql(sql, (self.sql.list_param(unseen),))).all():
+                        nids[node_id] = nid
+            missing = [node_id for node_id in plan.queue_nodes if node_id not in assigned]
+            created: list[tuple[str, tuple[str, ...], int]] = []
+            new_topics: list[str] = []
+            if missing:
+                created_topics, concurrent = await self._create_queues(conn, plan, missing, nids, now)
+                assigned.update(concurrent)
+                reused.update(concurrent.values())
+                assigned.update(created_topics)
+                new_topics = sorted(created_topics.values())
+                if not sim:
+                    for node_id, topic in created_topics.items():
+                        n = plan.nodes[node_id]
+                        created.append((topic, n.tags, n.queue_interval))
+
+            # 3. strategy references and sentinel edges
+            await self.strategies.record(conn, plan, {nids[n] for n in plan.graph_nodes}, now)
+
+            # 4. tag queries
+            tag_queries: dict[str, list[str]] = {}
+            keys: dict[TagKey, list[str]] = {}
+            for node_id, key in plan.tag_queries.items():
+                if key not in keys:
+                    keys[key] = await match(conn, key)
+                tag_queries[node_id] = keys[key]
+            new_watches = await register_watches(conn, self.sql, keys, now)
+
+        return DiffResult(
+            strategy_id=plan.strategy_id,
+            sentinel_id=plan.sentinel_id,
+            version=plan.version,
+            sim=sim,
+            queue_map={node_id: assigned[node_id] for node_id in plan.queue_nodes},
+            new_queues=new_topics,
+            reused_queues=sorted(reused),
+            tag_queries=tag_queries,
+            created=created,
+            new_watches=new_watches,
+        )
+
+    async def _known(self, conn: Any, node_ids: Sequence[str], sim: bool) -> Iterable[tuple]:
+        """(nid, node_id, topic or None) of the known nodes among ``node_ids``."""
+        sql = (
+            "SELECT n.nid, n.node_id, q.topic FROM dm_nodes n "
+            f"LEFT JOIN dm_queues q ON q.nid = n.nid AND q.sim = {self.sql.param(1)} "
+            f"WHERE n.node_id {self.sql.in_list(2)}"
+        )
+        return await self.sql.select_rows(conn, sql, (sim, self.sql.list_param(node_ids)), ("nid", "node_id", "topic"))
+
+    async def _queues_of(self, conn: Any, nids: Sequence[int], sim: bool) -> list[Any]:
+        """(qid, nid, topic, creator) of the queues of ``nids`` in a namespace: one SELECT."""
+        sql = (f"SELECT qid, nid, topic, creator FROM dm_queues WHERE sim = {self.sql.param(1)} "
+               f"AND nid {self.sql.in_int_list(2)}")
+        return list((await conn.exec_driver_sql(sql, (sim, self.sql.list_param(nids)))).all())
+
+    async def _create_queues(
+        self, conn: Any, plan: Plan, missing: list[str], nids: Mapping[str, int], now: float
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Create queues for ``missing`` nodes. Returns (created by this diff, created by
+        a concurrent one).
+
+        Each node tries its short name straight away — one INSERT ``ON CONFLICT DO
+        NOTHING RETURNING``, rows in node-id order; a node whose short name an earlier
+        node of this batch has waits for the next round. Only the rows not returned are
+        read back: a queue carrying another diff's
+        ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
+        is reused; no queue means the name is taken (unique ``topic``), and the node gets
+        the shortest free longer name (:meth:`_assign_names`) in the next round."""
+        sim = plan.sim
+        token = uuid.uuid4().hex
+        created: dict[str, str] = {}
+        created_qids: dict[str, int] = {}
+        tagged: set[str] = set()  # created queues whose tag rows are written
+        concurrent: dict[str, str] = {}
+        node_of = {nids[node_id]: node_id for node_id in missing}
+        names: dict[str, str] = {}
+        later: list[str] = []
+        short: set[str] = set()
+        for node_id in sorted(missing):
+            name = plan.nodes[node_id].first_name
+            if name in short:
+                later.append(node_id)
+            else:
+                short.add(name)
+                names[node_id] = name
+        for _round in range(_MAX_NAME_ROUNDS):
+            batch = [plan.nodes[node_id] for node_id in names]
+            values = {
+                "topic": list(names.values()), "nid": [nids[n.node_id] for n in batch], "sim": sim,
+                "node_type": [n.node_type for n in batch], "tags": [n.tags_json for n in batch],
+                "interval": [n.queue_interval for n in batch], "created_at": now, "ttl_seconds": self.queue_ttl_seconds,
+                "released_at": None, "creator": token,
+            }
+            if self.sql.is_sqlite:
+                inserted = await self.sql.insert_ignore(conn, store.queues, values, returning=("qid", "nid", "topic"))
+            else:  # with the tag rows of the queues it inserted, in the same statement
+                inserted = await self._insert_tagged_queues(conn, values, batch)
+                tagged.update(node_of[nid_int] for nid_int in inserted[1])
+            for qid, nid_int, topic in zip(*inserted) if inserted else ():
+                node_id = node_of[nid_int]
+                created[node_id] = topic
+                created_qids[node_id] = qid
+            unseen = [nids[node_id] for node_id in names if node_id not in created]
+            if unseen:
+                for qid, nid_int, topic, creator in await self._queues_of(conn, unseen, sim):
+                    node_id = node_of[nid_int]
+                    if creator == token:
+                        created[node_id] = topic
+                        created_qids[node_id] = qid
+                    else:
+                        concurrent[node_id] = topic
+            # a node with no queue now lost its name (to another node, or to an earlier node of this batch)
+            pending = sorted(later + [node_id for node_id in names if node_id not in created and node_id not in concurrent])
+            if not pending:
+                break
+            self.metrics.name_clashes.inc(len(pending))
+            names = await self._assign_names(conn, plan, pending)
+            later = []
+        else:
+            raise ServiceUnavailable(f"could not assign queue names for {len(pending)} node(s) under contention; retry")
+        if concurrent:
+            log.debug("%d queue(s) were created by a concurrent diff; reusing them", len(concurrent))
+        untagged = {node_id: qid for node_id, qid in created_qids.items() if node_id not in tagged}
+        if untagged:
+            tags: list[str] = []
+            intervals: list[int] = []
+            qids: list[int] = []
+            for node_id, qid in untagged.items():
+                n = plan.nodes[node_id]
+                interval = n.queue_interval
+                for tag in n.tags:
+                    tags.append(tag)
+                    intervals.append(interval)
+                    qids.append(qid)
+            # only this diff's new queues: no other transaction can hold these rows
+            await self.sql.insert_new(conn, store.queue_tags, {"tag": tags, "interval": intervals, "sim": sim, "qid": qids})
+        return created, concurrent
+
+    async def _insert_tagged_queues(self, conn: Any, values: Mapping[str, Any], batch: Sequence[PlanNode]) -> list[list]:
+        """PostgreSQL: INSERT of queues (``values`` as for :meth:`SqlHelpers.insert_ignore`)
+        ``ON CONFLICT DO NOTHING``, and of the tag rows of those it inserted, in one
+        statement; returns (qids, nids, topics) of the inserted queues."""
+        tag_nids: list[int] = []
+        tags: list[str] = []
+        intervals: list[int] = []
+        for nid, n in zip(values["nid"], batch):
+            interval = n.queue_interval
+            for tag in n.tags:
+                tag_nids.append(nid)
+                tags.append(tag)
+                intervals.append(interval)
+        row = (await conn.exec_driver_sql(_INSERT_TAGGED_QUEUES_SQL, (
+            values["topic"], values["nid"], values["sim"], values["node_type"], values["tags"], values["interval"],
+            values["created_at"], values["ttl_seconds"], values["creator"], tag_nids, tags, intervals,
+        ))).one()
+        return [list(col) if col is not None else [] for col in row]
+
+    async def _assign_names(self, conn: Any, plan: Plan, node_ids: list[str]) -> dict[str, str]:
+        """Shortest free name per node, for nodes whose short name is taken: one SELECT of
+        every candidate name of theirs; in the (sorted) order given, each node takes its
+        first candidate neither taken nor taken by an earlier node."""
+        cands = {nid: plan.nodes[nid].candidates() for nid in node_ids}
+        taken = await self._taken(conn, sorted({c for options in cands.values() for c in options}))
+        out: dict[str, str] = {}
+        used: set[str] = set()
+        for nid in node_ids:
+            name = next((c for c in cands[nid] if c not in taken and c not in used), "")
+            if not name:
+                raise ServiceUnavailable(f"no free queue name for node {nid}: every candidate is taken; retry")
+            used.add(name)
+            out[nid] = name
+        return out
+
+    async def _taken(self, conn: Any, names: Sequence[str]) -> set[str]:
+        if not names:
+            return set()
+        sql = f"SELECT topic FROM dm_queues WHERE topic {self.sql.in_list(1)}"
+        return {r[0] for r in (await conn.exec_driver_sql(sql, (self.sql.list_param(names),))).all()}
+
+
+__all__ = ["DIFF_REQUEST_SCHEMA", "DiffResult", "Differ"]
