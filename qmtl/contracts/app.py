@@ -255,14 +255,24 @@ class Dispatcher:
     request before it reaches ``http_app`` — whatever ``http_app`` is replaced with later."""
 
     def __init__(self, http_app: ASGIApp, ws_routes: t.Sequence[WebSocketRoute] = (), *,
+                 spec: OpenAPISpec,
+                 guard: ConnectionGuard,
                  access_log: t.Callable[[ASGIApp], ASGIApp] | None = None,
-                 limits: t.Callable[[ASGIApp], ASGIApp] | None = None) -> None:
+                 limits: t.Callable[[ASGIApp], ASGIApp] | None = None,
+                 tracer_provider: t.Any = None) -> None:
         self.http_app = http_app
         self.ws_router = Router(routes=list(ws_routes)) if ws_routes else None
+        # the loaded spec the app serves, and the HTTP server's bounds (header timeout,
+        # connection cap): the service registers the guard's metrics on its registry, the
+        # server runs it (qmtl.contracts.server.server_options)
+        self.spec = spec
+        self.guard = guard
         inner: ASGIApp = limits(self._dispatch) if limits else self._dispatch
         # correlation id first, so the access line (written when the response ends) carries it;
-        # the access log outside the limits, so their refusals are logged like any answer
-        self.inner = CorrelationMiddleware(access_log(inner) if access_log else inner)
+        # the access log outside the limits, so their refusals are logged like any answer;
+        # tracing outermost: the span covers the rest
+        self.inner: ASGIApp = instrument_asgi(CorrelationMiddleware(access_log(inner) if access_log else inner),
+                                              tracer_provider)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -364,15 +374,10 @@ def build_app(
         limits = LimitsConfig()
     doc = spec.bundled
     routes = RouteTemplates(doc.get("paths") or {})
-    dispatcher = Dispatcher(docs.mount(DeprecationHeaders.wrap(app, doc), spec), ws_routes,
-                            access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
-                            limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes))
-    dispatcher.spec = spec  # type: ignore[attr-defined]
-    # the HTTP server's bounds (header timeout, connection cap): the service registers the
-    # guard's metrics on its registry, the server runs it (qmtl.contracts.server.server_options)
-    dispatcher.guard = ConnectionGuard(limits, name=service)  # type: ignore[attr-defined]
-    dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
-    return dispatcher
+    return Dispatcher(docs.mount(DeprecationHeaders.wrap(app, doc), spec), ws_routes,
+                      access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
+                      limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes),
+                      spec=spec, guard=ConnectionGuard(limits, name=service), tracer_provider=tracer_provider)
 
 
 def _middlewares(doc: dict, verifiers: t.Mapping[str, t.Any], anonymous: t.Any) -> list:
