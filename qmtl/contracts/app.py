@@ -1,7 +1,9 @@
 """Build a service's ASGI app from its OpenAPI spec.
 
-Routing and request/response validation come from the spec through Connexion
-(with the 3.1 adapter in :mod:`qmtl.contracts.connexion31`). Operation handlers
+Routing and request/response validation come from the spec through Connexion, assembled
+in :mod:`qmtl.contracts.connexion_stack` (Draft 2020-12 validators in
+:mod:`qmtl.contracts.connexion31`, the version check and the one 3.1 patch in
+:mod:`qmtl.contracts.connexion_patch`). Operation handlers
 live in ``handlers/<service>/<tag>.py``: the module is the operation's first tag,
 the function its ``operationId``. A handler whose first parameter is ``ctx``
 receives the service object passed to :func:`build_app` (no globals).
@@ -25,10 +27,8 @@ import socket
 import struct
 import typing as t
 
-from connexion import AsyncApp
 from connexion.exceptions import ResolverError
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
-from connexion.options import SwaggerUIOptions
 from connexion.problem import problem
 from connexion.resolver import Resolver
 from starlette.routing import Router, WebSocketRoute
@@ -38,12 +38,8 @@ from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
 from qmtl.common.logs import AccessLog, RouteTemplates
 from qmtl.common.tracing import instrument_asgi
-from qmtl.contracts import docs
-from qmtl.contracts.connexion31 import (
-    VALIDATOR_MAP,
-    allow_openapi31,
-    decorate_handlers_once,
-)
+from qmtl.contracts import connexion_patch, docs
+from qmtl.contracts.connexion_stack import contract_app, middlewares
 from qmtl.contracts.limits import RequestLimits, bound_text
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
 from qmtl.contracts.server import ConnectionGuard
@@ -341,23 +337,16 @@ def build_app(
     ``limits`` is the service's ``limits`` config section (body size, JSON depth, body read
     timeout; see :mod:`qmtl.contracts.limits`); the defaults apply when it is None.
     """
-    allow_openapi31()
-    decorate_handlers_once()
+    connexion_patch.prepare()  # the Connexion version check and the OpenAPI 3.1 patch, once
     spec = spec or load_openapi(service)
-    app = AsyncApp(
+    # the bundled spec, Swagger UI 5 and the AsyncAPI page are served by qmtl.contracts.docs
+    app = contract_app(
         f"qmtl.{service}",
-        lifespan=lifespan,
-        # the bundled spec, Swagger UI 5 and the AsyncAPI page are served by qmtl.contracts.docs
-        swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
-        middlewares=_middlewares(spec.bundled, security or {}, anonymous),
-    )
-    app.add_api(
         spec.bundled,
         resolver=HandlerResolver(f"handlers.{service}", ctx),
-        validator_map=VALIDATOR_MAP,
+        middleware_list=middlewares(_security(spec.bundled, security or {}, anonymous)),
+        lifespan=lifespan,
         validate_responses=validate_responses,
-        strict_validation=False,
-        pythonic_params=False,
         resolver_error=resolver_error,
     )
     from connexion.exceptions import ProblemException
@@ -380,17 +369,12 @@ def build_app(
                       spec=spec, guard=ConnectionGuard(limits, name=service), tracer_provider=tracer_provider)
 
 
-def _middlewares(doc: dict, verifiers: t.Mapping[str, t.Any], anonymous: t.Any) -> list:
-    """Connexion's default stack with its SecurityMiddleware replaced by :class:`SpecSecurity`
-    (same place: after routing, before request validation)."""
-    from connexion.middleware.main import ConnexionMiddleware
-    from connexion.middleware.security import SecurityMiddleware
-
+def _security(doc: dict, verifiers: t.Mapping[str, t.Any], anonymous: t.Any) -> t.Callable[[ASGIApp], ASGIApp]:
+    """:class:`~qmtl.contracts.security.SpecSecurity` for the spec, in the place of Connexion's
+    SecurityMiddleware (after routing, before request validation)."""
     from qmtl.contracts.security import SpecSecurity
 
-    out = list(ConnexionMiddleware.default_middlewares)
-    out[out.index(SecurityMiddleware)] = functools.partial(SpecSecurity, doc=doc, verifiers=verifiers, anonymous=anonymous)
-    return out
+    return functools.partial(SpecSecurity, doc=doc, verifiers=verifiers, anonymous=anonymous)
 
 
 def json_response(body: t.Any, status: int = 200, headers: dict | None = None, content_type: str = "application/json") -> ConnexionResponse:
