@@ -1,7 +1,9 @@
 """Build a service's ASGI app from its OpenAPI spec.
 
-Routing and request/response validation come from the spec through Connexion
-(with the 3.1 adapter in :mod:`qmtl.contracts.connexion31`). Operation handlers
+Routing and request/response validation come from the spec through Connexion, assembled
+in :mod:`qmtl.contracts.connexion_stack` (Draft 2020-12 validators in
+:mod:`qmtl.contracts.connexion31`, the version check and the one 3.1 patch in
+:mod:`qmtl.contracts.connexion_patch`). Operation handlers
 live in ``handlers/<service>/<tag>.py``: the module is the operation's first tag,
 the function its ``operationId``. A handler whose first parameter is ``ctx``
 receives the service object passed to :func:`build_app` (no globals).
@@ -25,10 +27,8 @@ import socket
 import struct
 import typing as t
 
-from connexion import AsyncApp
 from connexion.exceptions import ResolverError
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
-from connexion.options import SwaggerUIOptions
 from connexion.problem import problem
 from connexion.resolver import Resolver
 from starlette.routing import Router, WebSocketRoute
@@ -38,12 +38,8 @@ from qmtl.common import correlation
 from qmtl.common.errors import ServiceError
 from qmtl.common.logs import AccessLog, RouteTemplates
 from qmtl.common.tracing import instrument_asgi
-from qmtl.contracts import docs
-from qmtl.contracts.connexion31 import (
-    VALIDATOR_MAP,
-    allow_openapi31,
-    decorate_handlers_once,
-)
+from qmtl.contracts import connexion_patch, docs
+from qmtl.contracts.connexion_stack import contract_app, middlewares
 from qmtl.contracts.limits import RequestLimits, bound_text
 from qmtl.contracts.loader import OpenAPISpec, load_openapi
 from qmtl.contracts.server import ConnectionGuard
@@ -255,14 +251,24 @@ class Dispatcher:
     request before it reaches ``http_app`` — whatever ``http_app`` is replaced with later."""
 
     def __init__(self, http_app: ASGIApp, ws_routes: t.Sequence[WebSocketRoute] = (), *,
+                 spec: OpenAPISpec,
+                 guard: ConnectionGuard,
                  access_log: t.Callable[[ASGIApp], ASGIApp] | None = None,
-                 limits: t.Callable[[ASGIApp], ASGIApp] | None = None) -> None:
+                 limits: t.Callable[[ASGIApp], ASGIApp] | None = None,
+                 tracer_provider: t.Any = None) -> None:
         self.http_app = http_app
         self.ws_router = Router(routes=list(ws_routes)) if ws_routes else None
+        # the loaded spec the app serves, and the HTTP server's bounds (header timeout,
+        # connection cap): the service registers the guard's metrics on its registry, the
+        # server runs it (qmtl.contracts.server.server_options)
+        self.spec = spec
+        self.guard = guard
         inner: ASGIApp = limits(self._dispatch) if limits else self._dispatch
         # correlation id first, so the access line (written when the response ends) carries it;
-        # the access log outside the limits, so their refusals are logged like any answer
-        self.inner = CorrelationMiddleware(access_log(inner) if access_log else inner)
+        # the access log outside the limits, so their refusals are logged like any answer;
+        # tracing outermost: the span covers the rest
+        self.inner: ASGIApp = instrument_asgi(CorrelationMiddleware(access_log(inner) if access_log else inner),
+                                              tracer_provider)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -331,23 +337,16 @@ def build_app(
     ``limits`` is the service's ``limits`` config section (body size, JSON depth, body read
     timeout; see :mod:`qmtl.contracts.limits`); the defaults apply when it is None.
     """
-    allow_openapi31()
-    decorate_handlers_once()
+    connexion_patch.prepare()  # the Connexion version check and the OpenAPI 3.1 patch, once
     spec = spec or load_openapi(service)
-    app = AsyncApp(
+    # the bundled spec, Swagger UI 5 and the AsyncAPI page are served by qmtl.contracts.docs
+    app = contract_app(
         f"qmtl.{service}",
-        lifespan=lifespan,
-        # the bundled spec, Swagger UI 5 and the AsyncAPI page are served by qmtl.contracts.docs
-        swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
-        middlewares=_middlewares(spec.bundled, security or {}, anonymous),
-    )
-    app.add_api(
         spec.bundled,
         resolver=HandlerResolver(f"handlers.{service}", ctx),
-        validator_map=VALIDATOR_MAP,
+        middleware_list=middlewares(_security(spec.bundled, security or {}, anonymous)),
+        lifespan=lifespan,
         validate_responses=validate_responses,
-        strict_validation=False,
-        pythonic_params=False,
         resolver_error=resolver_error,
     )
     from connexion.exceptions import ProblemException
@@ -364,28 +363,18 @@ def build_app(
         limits = LimitsConfig()
     doc = spec.bundled
     routes = RouteTemplates(doc.get("paths") or {})
-    dispatcher = Dispatcher(docs.mount(DeprecationHeaders.wrap(app, doc), spec), ws_routes,
-                            access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
-                            limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes))
-    dispatcher.spec = spec  # type: ignore[attr-defined]
-    # the HTTP server's bounds (header timeout, connection cap): the service registers the
-    # guard's metrics on its registry, the server runs it (qmtl.contracts.server.server_options)
-    dispatcher.guard = ConnectionGuard(limits, name=service)  # type: ignore[attr-defined]
-    dispatcher.inner = instrument_asgi(dispatcher.inner, tracer_provider)  # outermost: the span covers the rest
-    return dispatcher
+    return Dispatcher(docs.mount(DeprecationHeaders.wrap(app, doc), spec), ws_routes,
+                      access_log=lambda inner: AccessLog(inner, routes, service=service, enabled=access_log),
+                      limits=lambda inner: RequestLimits(inner, doc, limits, routes=routes),
+                      spec=spec, guard=ConnectionGuard(limits, name=service), tracer_provider=tracer_provider)
 
 
-def _middlewares(doc: dict, verifiers: t.Mapping[str, t.Any], anonymous: t.Any) -> list:
-    """Connexion's default stack with its SecurityMiddleware replaced by :class:`SpecSecurity`
-    (same place: after routing, before request validation)."""
-    from connexion.middleware.main import ConnexionMiddleware
-    from connexion.middleware.security import SecurityMiddleware
-
+def _security(doc: dict, verifiers: t.Mapping[str, t.Any], anonymous: t.Any) -> t.Callable[[ASGIApp], ASGIApp]:
+    """:class:`~qmtl.contracts.security.SpecSecurity` for the spec, in the place of Connexion's
+    SecurityMiddleware (after routing, before request validation)."""
     from qmtl.contracts.security import SpecSecurity
 
-    out = list(ConnexionMiddleware.default_middlewares)
-    out[out.index(SecurityMiddleware)] = functools.partial(SpecSecurity, doc=doc, verifiers=verifiers, anonymous=anonymous)
-    return out
+    return functools.partial(SpecSecurity, doc=doc, verifiers=verifiers, anonymous=anonymous)
 
 
 def json_response(body: t.Any, status: int = 200, headers: dict | None = None, content_type: str = "application/json") -> ConnexionResponse:

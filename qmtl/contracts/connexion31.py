@@ -1,16 +1,14 @@
-"""Adapter that lets Connexion 3.3 serve OpenAPI 3.1 documents with Draft 2020-12 validation.
+"""Draft 2020-12 validators for Connexion 3.3 (its ``validator_map`` extension point).
 
-Why this module exists (see DESIGN.md, "Facts measured"): Connexion 3.3 refuses
-OpenAPI 3.1 at load time (it checks documents against its 3.0 meta-schema) and
-validates parameters and bodies with Draft 4, which silently ignores 2020-12
-keywords (``const``, ``$defs``, ``prefixItems``, numeric ``exclusiveMinimum`` ...).
+Why this module exists (see DESIGN.md, "Facts measured"): Connexion 3.3 validates
+parameters and bodies with Draft 4, which silently ignores 2020-12 keywords (``const``,
+``$defs``, ``prefixItems``, numeric ``exclusiveMinimum`` ...). (It also refuses OpenAPI 3.1
+at load time: :mod:`qmtl.contracts.connexion_patch` handles that.)
 
 What it does, and nothing more:
 
-* ``allow_openapi31()`` skips Connexion's own meta-schema check for documents that
-  declare ``openapi: 3.1.x`` — those were already validated by openapi-spec-validator
-  (3.1-aware) in :mod:`qmtl.contracts.loader` before they reach Connexion. 3.0
-  documents keep Connexion's check.
+* :class:`CompiledSchema`: a schema compiled once with jsonschema-rs (the fast "valid"
+  answer) and jsonschema (the explanation of an invalid instance).
 * ``VALIDATOR_MAP`` supplies parameter, request-body and response-body validators
   built on ``Draft202012Validator`` (with format checking). Body schema violations
   answer **422** with every error's JSON pointer; unparsable bodies (bad JSON, bad
@@ -21,7 +19,6 @@ Drop this module when Connexion supports OpenAPI 3.1 natively.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -29,7 +26,6 @@ import typing as t
 
 from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem, NonConformingResponseBody, ProblemException
-from connexion.spec import OpenAPISpecification
 from connexion.utils import is_null, is_nullable
 from connexion.validators import (
     AbstractRequestBodyValidator,
@@ -57,100 +53,69 @@ _MAX_ERRORS = 20
 _SCANNED_ERRORS = 1000  # violations looked at to pick the most relevant (a 10 MB body can hold millions)
 
 
-def allow_openapi31() -> None:
-    """Make Connexion accept 3.1 documents (validated beforehand by openapi-spec-validator)."""
-    current = OpenAPISpecification._validate_spec  # bound classmethod
-    if getattr(current.__func__, "_qmtl_31", False):
-        return
-    original = current.__func__
-
-    def _validate_spec(cls, spec):
-        if str(spec.get("openapi", "")).startswith("3.1"):
-            return  # validated up front by qmtl.contracts.loader.validate_openapi
-        return original(cls, spec)
-
-    _validate_spec._qmtl_31 = True  # type: ignore[attr-defined]
-    OpenAPISpecification._validate_spec = classmethod(_validate_spec)
-
-
-def decorate_handlers_once() -> None:
-    """Build each operation's decorator chain once instead of on every request.
-
-    Connexion 3.3's ``AsyncOperation.fn`` creates a new ``StarletteDecorator`` per request,
-    and ``ASGIDecorator``'s wrapper runs ``decorate()`` (parameter and response decorators,
-    ``inspect.signature`` of the handler) again per request. The chain depends only on the
-    handler and the decorator's settings — the request is read from Connexion's context when
-    the chain runs — so building it once per operation gives the same behaviour; measured on
-    ``POST /strategies`` it saved ~10 % of the CPU per request. Safe to call repeatedly.
-    """
-    from connexion.apps.asynchronous import AsyncOperation
-    from connexion.context import receive as ctx_receive  # the same proxies Connexion passes
-    from connexion.context import scope as ctx_scope
-    from connexion.decorators.main import ASGIDecorator, StarletteDecorator
-
-    if getattr(AsyncOperation, "_qmtl_decorate_once", False):
-        return
-
-    def fn(self: t.Any) -> t.Callable:
-        cached = self.__dict__.get("_qmtl_fn")
-        if cached is None:
-            cached = StarletteDecorator(pythonic_params=self.pythonic_params, jsonifier=self.jsonifier)(self._fn)
-            self.__dict__["_qmtl_fn"] = cached
-        return cached
-
-    def call(self: t.Any, function: t.Callable) -> t.Callable:
-        decorated: t.Callable | None = None
-
-        @functools.wraps(function)
-        async def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
-            nonlocal decorated
-            request = self.framework.get_request(uri_parser=self.uri_parser, scope=ctx_scope, receive=ctx_receive)
-            if decorated is None:
-                decorated = self.decorate(function)
-            return await decorated(request)
-
-        return wrapper
-
-    AsyncOperation.fn = property(fn)
-    ASGIDecorator.__call__ = call
-    AsyncOperation._qmtl_decorate_once = True
-
-
 def pointer(path: t.Iterable[t.Any]) -> str:
     """RFC 6901 JSON pointer of a path."""
     parts = [str(p).replace("~", "~0").replace("/", "~1") for p in path]
     return "/" + "/".join(parts) if parts else ""
 
 
-_FAST: dict[int, tuple[dict, t.Any]] = {}
+class CompiledSchema:
+    """One JSON Schema compiled once: a jsonschema-rs validator (~100x faster than
+    jsonschema) to accept valid instances quickly, and the pure-Python Draft 2020-12
+    validator that decides and explains whenever jsonschema-rs does not say "valid" (or
+    cannot compile the schema). Built when an operation is set up
+    (:mod:`qmtl.contracts.connexion_stack`), never per request.
+
+    ``components``: the document's Components Object, which Connexion's
+    ``OpenAPIOperation.with_definitions`` inserts into the (shared) schema dicts it hands
+    out. Its references are already resolved, and once it sits in a schema that it also
+    contains (the Problem schema of a shared response) the schema is a cycle that
+    jsonschema-rs refuses ("Recursion limit reached"), so the fast validator is compiled
+    from a copy without it."""
+
+    __slots__ = ("fast", "schema", "slow")
+
+    def __init__(self, schema: dict, components: dict | None = None) -> None:
+        self.schema = schema
+        self.slow = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
+        try:
+            import jsonschema_rs
+
+            plain = _without(schema, components) if components else schema
+            self.fast: t.Any = jsonschema_rs.validator_for(plain, validate_formats=True)
+        except Exception as exc:  # an unsupported keyword or regex: stay on the slow path
+            logger.debug("no jsonschema-rs validator for a schema (%s); using jsonschema only", exc)
+            self.fast = None
+
+    def is_valid_fast(self, instance: t.Any) -> bool:
+        """True when jsonschema-rs accepts ``instance``; False means "ask the slow validator"."""
+        if self.fast is None:
+            return False
+        try:
+            return bool(self.fast.is_valid(instance))
+        except Exception:  # e.g. a string with a lone surrogate, an int beyond 64 bits
+            return False
 
 
-def fast_validator(schema: dict) -> t.Any:
-    """A jsonschema-rs validator for ``schema`` (~100x faster than jsonschema), or None
-    when it cannot compile it. Used only to accept valid documents quickly: whenever it
-    does not say "valid", the pure-Python validator decides and explains. Connexion
-    builds a validator per request from the same schema object: compile it once."""
-    cached = _FAST.get(id(schema))
-    if cached is not None and cached[0] is schema:
-        return cached[1]
-    try:
-        import jsonschema_rs
-
-        fast = jsonschema_rs.validator_for(schema, validate_formats=True)
-    except Exception as exc:  # an unsupported keyword or regex: stay on the slow path
-        logger.debug("no jsonschema-rs validator for a schema (%s); using jsonschema only", exc)
-        fast = None
-    _FAST[id(schema)] = (schema, fast)
-    return fast
-
-
-def fast_is_valid(fast: t.Any, instance: t.Any) -> bool:
-    if fast is None:
-        return False
-    try:
-        return bool(fast.is_valid(instance))
-    except Exception:  # e.g. a string with a lone surrogate, an int beyond 64 bits
-        return False
+def _without(node: t.Any, components: dict, seen: dict[int, t.Any] | None = None) -> t.Any:
+    """A copy of ``node`` without the ``components`` members that are ``components`` itself."""
+    if not isinstance(node, (dict, list)):
+        return node
+    seen = {} if seen is None else seen
+    if id(node) in seen:  # shared subschemas stay shared in the copy (local to one copy)
+        return seen[id(node)]
+    if isinstance(node, list):
+        out_list: list[t.Any] = []
+        seen[id(node)] = out_list
+        out_list.extend(_without(v, components, seen) for v in node)
+        return out_list
+    out: dict[str, t.Any] = {}
+    seen[id(node)] = out
+    for key, value in node.items():
+        if key == "components" and value is components:
+            continue
+        out[key] = _without(value, components, seen)
+    return out
 
 
 def schema_errors(validator: Draft202012Validator, instance: t.Any, prefix: str = "") -> list[dict]:
@@ -203,10 +168,9 @@ def _finite_float(text: str) -> float:
 class JSONBody2020Validator(AbstractRequestBodyValidator):
     """Request body validator: JSON, Draft 2020-12, 422 with JSON pointers."""
 
-    def __init__(self, *, schema: dict, **kwargs: t.Any) -> None:
+    def __init__(self, *, schema: dict, compiled: CompiledSchema | None = None, **kwargs: t.Any) -> None:
         super().__init__(schema=schema, **kwargs)
-        self._validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
-        self._fast = fast_validator(schema)
+        self._compiled = compiled if compiled is not None and compiled.schema is schema else CompiledSchema(schema)
 
     async def _parse(self, stream: t.AsyncGenerator[bytes, None], scope: t.Any) -> t.Any:
         raw = b"".join([chunk async for chunk in stream])
@@ -233,9 +197,9 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
             if not self._nullable:
                 raise BadRequestProblem(detail="Request body must not be empty")
             return
-        if fast_is_valid(self._fast, body):
+        if self._compiled.is_valid_fast(body):
             return
-        errors = schema_errors(self._validator, body)
+        errors = schema_errors(self._compiled.slow, body)
         if errors:
             raise UnprocessableBodyProblem(errors)
 
@@ -243,10 +207,9 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
 class JSONResponse2020Validator(AbstractResponseBodyValidator):
     """Response body validator: Draft 2020-12 (a non-conforming response is our bug: 500)."""
 
-    def __init__(self, scope: t.Any, *, schema: dict, **kwargs: t.Any) -> None:
+    def __init__(self, scope: t.Any, *, schema: dict, compiled: CompiledSchema | None = None, **kwargs: t.Any) -> None:
         super().__init__(scope, schema=schema, **kwargs)
-        self._validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
-        self._fast = fast_validator(schema)
+        self._compiled = compiled if compiled is not None and compiled.schema is schema else CompiledSchema(schema)
 
     def _parse(self, stream: t.Generator[bytes, None, None]) -> t.Any:
         raw = b"".join(stream).decode(self._encoding or "utf-8")
@@ -258,9 +221,9 @@ class JSONResponse2020Validator(AbstractResponseBodyValidator):
             raise NonConformingResponseBody(f"Response body is not JSON: {exc}") from exc
 
     def _validate(self, body: t.Any) -> None:
-        if fast_is_valid(self._fast, body):
+        if self._compiled.is_valid_fast(body):
             return
-        errors = schema_errors(self._validator, body)
+        errors = schema_errors(self._compiled.slow, body)
         if errors:
             logger.error("response does not conform to the spec: %s", errors)
             raise NonConformingResponseBody(
@@ -294,24 +257,27 @@ class StreamingResponseValidator(AbstractResponseBodyValidator):
 
 
 class Parameter2020Validator(ParameterValidator):
-    """Parameter validator using Draft 2020-12 instead of Draft 4."""
+    """Parameter validator using Draft 2020-12 instead of Draft 4; each parameter's schema
+    is compiled when the validator is built (once per operation)."""
 
-    _cache: t.ClassVar[dict[int, Draft202012Validator]] = {}
+    def __init__(self, parameters: t.Iterable[dict], uri_parser: t.Any, strict_validation: bool = False,
+                 security_query_params: t.Any = None) -> None:
+        parameters = list(parameters)
+        super().__init__(parameters, uri_parser, strict_validation, security_query_params)
+        self._compiled = {(p.get("in"), p.get("name")): CompiledSchema(p.get("schema", p)) for p in parameters}
 
-    @staticmethod
-    def validate_parameter(parameter_type, value, param, param_name=None):
+    def validate_parameter(self, parameter_type: str, value: t.Any, param: dict,
+                           param_name: str | None = None) -> str | None:
         if is_nullable(param) and is_null(value):
             return None
         if value is not None:
             schema = param.get("schema", param)
-            if fast_is_valid(fast_validator(schema), value):  # jsonschema-rs accepts: done (~1 µs)
+            compiled = self._compiled.get((param.get("in"), param.get("name")))
+            if compiled is None or compiled.schema is not schema:
+                compiled = CompiledSchema(schema)
+            if compiled.is_valid_fast(value):  # jsonschema-rs accepts: done (~1 µs)
                 return None
-            key = id(schema)
-            validator = Parameter2020Validator._cache.get(key)
-            if validator is None or validator.schema is not schema:
-                validator = Draft202012Validator(schema, format_checker=_FORMAT_CHECKER)
-                Parameter2020Validator._cache[key] = validator
-            error = best_match(itertools.islice(validator.iter_errors(value), _SCANNED_ERRORS))
+            error = best_match(itertools.islice(compiled.slow.iter_errors(value), _SCANNED_ERRORS))
             if error is not None:
                 name = param_name or param.get("name")
                 return f"Invalid {parameter_type} parameter '{name}': {error_message(error)}"

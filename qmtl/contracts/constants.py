@@ -5,9 +5,10 @@ module is first imported; edit the spec and these follow (``tests/contract/test_
 proves it on an edited copy of ``specs/``):
 
 * **Enums** of the JSON Schemas as :class:`enum.StrEnum` classes (members compare equal to
-  their strings, so they go to JSON, Redis and metrics labels as they are). Member names are
-  the values upper-cased (``dry-run`` → ``DRY_RUN``); code that names a member a spec no
-  longer has fails at import, and the drift test lists every member code uses.
+  their strings, so they go to JSON, Redis and metrics labels as they are), generated into
+  :mod:`qmtl.contracts.enums` by ``scripts/gen_sdk_types.py`` so mypy sees their members.
+  Member names are the values upper-cased (``dry-run`` → ``DRY_RUN``); code that names a
+  member a spec no longer has fails mypy, and the drift test lists every member code uses.
   :data:`Mode` is ordered as the schema lists it (``backtest`` < ``dryrun`` < ``live``:
   promotion order).
 * **Control topics**: the Kafka topic of each ControlBus channel of ``specs/asyncapi.yaml``
@@ -31,11 +32,23 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from qmtl.contracts.enums import (
+    MatchMode,
+    Mode,
+    PolicyStatus,
+    RunType,
+    Side,
+    StrategyState,
+    StreamTopic,
+    SubscribeTopic,
+    WorldState,
+)
 from qmtl.contracts.loader import SPECS_DIR, SpecError, load_asyncapi, load_openapi, load_schema_files
 
 __all__ = [
-    "CONTROL_TOPICS", "Contract", "DEFAULT_MATCH_MODE", "MATCH_MODES", "MODES", "MatchMode", "Mode", "Operation", "RunType", "SIDES",
-    "STRATEGY_STATES", "STREAM_TOPICS", "Side", "StrategyState", "StreamTopic", "TOPIC_ACTIVATION", "TOPIC_POLICY",
+    "CONTROL_TOPICS", "Contract", "DEFAULT_MATCH_MODE", "ENUMS", "MATCH_MODES", "MODES", "MatchMode", "Mode", "Operation", "RunType", "SIDES",
+    "STRATEGY_STATES", "STREAM_TOPICS", "Side", "StrategyState", "StreamTopic", "SubscribeTopic",
+    "PolicyStatus", "WorldState", "TOPIC_ACTIVATION", "TOPIC_POLICY",
     "TOPIC_QUEUES", "derive", "operation", "proxy_rules", "schema_enum", "upstream_path",
 ]
 
@@ -96,13 +109,13 @@ def schema_default(file_name: str, pointer: str, specs_dir: Path = SPECS_DIR) ->
     return node["default"]
 
 
-def _member_name(value: str) -> str:
+def member_name(value: str) -> str:
     name = re.sub(r"\W", "_", value).upper()
     return name if name.isidentifier() else f"_{name}"
 
 
 def spec_enum(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    return StrEnum(name, [(_member_name(v), v) for v in values], module=__name__)  # type: ignore[return-value]
+    return StrEnum(name, [(member_name(v), v) for v in values], module=__name__)  # type: ignore[return-value]
 
 
 def control_topics(specs_dir: Path = SPECS_DIR) -> dict[str, str]:
@@ -302,17 +315,13 @@ def derive(specs_dir: Path = SPECS_DIR) -> Contract:
     return Contract(enums, control_topics(specs_dir))
 
 
-_CONTRACT = derive()
-
-Mode = _CONTRACT.enums["Mode"]
-Side = _CONTRACT.enums["Side"]
-StrategyState = _CONTRACT.enums["StrategyState"]
-MatchMode = _CONTRACT.enums["MatchMode"]
-StreamTopic = _CONTRACT.enums["StreamTopic"]
-SubscribeTopic = _CONTRACT.enums["SubscribeTopic"]
-RunType = _CONTRACT.enums["RunType"]
-WorldState = _CONTRACT.enums["WorldState"]
-PolicyStatus = _CONTRACT.enums["PolicyStatus"]
+# The enums come from the module generated from the same ENUM_SOURCES (so a type checker sees
+# their members); derive() above is what tests/contract/test_spec_drift.py compares it with.
+ENUMS: Mapping[str, type[StrEnum]] = {
+    "Mode": Mode, "Side": Side, "StrategyState": StrategyState, "MatchMode": MatchMode, "StreamTopic": StreamTopic,
+    "SubscribeTopic": SubscribeTopic, "RunType": RunType, "WorldState": WorldState, "PolicyStatus": PolicyStatus,
+}
+_TOPICS = control_topics()
 
 MODES: tuple[str, ...] = tuple(m.value for m in Mode)  # promotion order
 SIDES: tuple[str, ...] = tuple(m.value for m in Side)
@@ -321,7 +330,7 @@ MATCH_MODES: tuple[str, ...] = tuple(m.value for m in MatchMode)
 STREAM_TOPICS: tuple[str, ...] = tuple(m.value for m in StreamTopic)
 DEFAULT_MATCH_MODE = MatchMode(schema_default("subscribe_request.schema.json", "/properties/queue_keys/items/properties/match_mode"))
 
-TOPIC_ACTIVATION = _CONTRACT.topics["activation"]
-TOPIC_POLICY = _CONTRACT.topics["policy"]
-TOPIC_QUEUES = _CONTRACT.topics["queues"]
+TOPIC_ACTIVATION = _TOPICS["activation"]
+TOPIC_POLICY = _TOPICS["policy"]
+TOPIC_QUEUES = _TOPICS["queues"]
 CONTROL_TOPICS: tuple[str, ...] = (TOPIC_ACTIVATION, TOPIC_POLICY, TOPIC_QUEUES)

@@ -113,7 +113,8 @@ class _Compiler:
 
     def validator(self, schema: Any, current: str) -> Callable[[Any], bool]:
         if isinstance(schema, bool):
-            return lambda _inst, _v=schema: _v
+            accepts: bool = schema
+            return lambda _inst: accepts
         resolved = self._inline(schema, current)
         return jsonschema_rs.validator_for(resolved).is_valid
 

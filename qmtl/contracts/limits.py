@@ -230,7 +230,7 @@ def replay_body(body: bytes, receive: Receive, *, disconnected: bool = False) ->
     ``receive`` (or says the client went away, when it did while the body was read)."""
     sent = False
 
-    async def replay() -> dict:
+    async def replay() -> t.MutableMapping[str, t.Any]:
         nonlocal sent
         if not sent:
             sent = True

@@ -188,7 +188,7 @@ def client_in(scope: Scope, networks: tuple) -> str | None:
         addr = ipaddress.ip_address(client[0])
     except ValueError:
         return None
-    if getattr(addr, "ipv4_mapped", None) is not None:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return str(addr) if any(addr in net for net in networks) else None
 

@@ -31,7 +31,7 @@ from qmtl.gateway.worlds import DecideFastPath
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("qmtl", "handlers")
-GENERATED = {"qmtl/sdk/types.py"}  # generated from the specs (scripts/gen_sdk_types.py)
+GENERATED = {"qmtl/sdk/types.py", "qmtl/contracts/enums.py"}  # generated from the specs (scripts/gen_sdk_types.py)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -80,8 +80,10 @@ def rel(p: Path) -> str:
 
 def test_module_constants_are_the_specs():
     fresh = c.derive()
-    for name, enum in c._CONTRACT.enums.items():
-        assert [m.value for m in enum] == [m.value for m in fresh.enums[name]]
+    assert set(c.ENUMS) == set(fresh.enums) == set(c.ENUM_SOURCES)
+    for name, enum in c.ENUMS.items():
+        assert enum.__name__ == name
+        assert [(m.name, m.value) for m in enum] == [(m.name, m.value) for m in fresh.enums[name]]
     assert tuple(c.schema_enum("decision_envelope.schema.json", "/properties/effective_mode")) == c.MODES
     assert tuple(json.loads((SPECS_DIR / "schemas/strategy_status.schema.json").read_text())["properties"]["status"]["enum"]) == c.STRATEGY_STATES
     channels = yaml.safe_load((SPECS_DIR / "asyncapi.yaml").read_text())["channels"]
@@ -303,6 +305,26 @@ def test_sdk_types_are_not_stale():
     assert TARGET.read_text(encoding="utf-8") == generate(), "qmtl/sdk/types.py is stale: run python scripts/gen_sdk_types.py"
 
 
+def test_contract_enums_are_not_stale():
+    from scripts.gen_sdk_types import ENUMS_TARGET, generate_enums
+
+    assert ENUMS_TARGET.read_text(encoding="utf-8") == generate_enums(), \
+        "qmtl/contracts/enums.py is stale: run python scripts/gen_sdk_types.py"
+
+
+def test_contract_enums_follow_an_edited_spec(tmp_path):
+    from scripts.gen_sdk_types import generate_enums
+
+    specs = copy_specs(tmp_path)
+    edit_json(specs / "schemas/decision_envelope.schema.json", lambda d: d["properties"]["effective_mode"]["enum"].append("dry-run"))
+    text = generate_enums(specs)
+    assert "class Mode(StrEnum):" in text
+    assert "    LIVE = 'live'\n    DRY_RUN = 'dry-run'\n" in text
+    namespace: dict[str, Any] = {}
+    exec(compile(text, "enums.py", "exec"), namespace)  # the generated module is the derived one
+    assert [m.value for m in namespace["Mode"]] == [m.value for m in c.derive(specs).Mode]
+
+
 def test_sdk_types_follow_an_edited_spec(tmp_path):
     from scripts.gen_sdk_types import generate
 
@@ -333,7 +355,7 @@ def _enum_references() -> list[tuple[str, int, str, str]]:
 def test_code_names_only_enum_members_the_spec_has(tmp_path):
     refs = _enum_references()
     assert len(refs) > 40  # the scan sees the code's uses (StrategyState.QUEUED, Mode.BACKTEST, ...)
-    missing = [r for r in refs if r[3] not in c._CONTRACT.enums[r[2]].__members__]
+    missing = [r for r in refs if r[3] not in c.ENUMS[r[2]].__members__]
     assert not missing, f"code names enum members the specs do not have: {missing}"
     # a renamed value in the spec is caught by this scan (not at runtime)
     specs = copy_specs(tmp_path)
@@ -355,7 +377,7 @@ def test_every_copy_of_an_enum_in_the_specs_is_the_same():
     def walk(node: Any, where: str, name: str | None, doc: str) -> None:
         if isinstance(node, dict):
             if "enum" in node and name in by_property:
-                want = {m.value for m in c._CONTRACT.enums[by_property[name]]}
+                want = {m.value for m in c.ENUMS[by_property[name]]}
                 assert set(node["enum"]) - aliases.get(doc, set()) == want, f"{where}: {node['enum']} != {sorted(want)}"
                 seen.append(where)
             for k, v in node.items():
@@ -418,7 +440,7 @@ def _string_literals(path: Path) -> list[tuple[int, str]]:
 
 
 def test_contract_literals_do_not_reappear_in_the_code():
-    distinct = {m.value for e in DISTINCT_ENUMS for m in c._CONTRACT.enums[e]} - COMMON_WORDS
+    distinct = {m.value for e in DISTINCT_ENUMS for m in c.ENUMS[e]} - COMMON_WORDS
     distinct |= set(c.CONTROL_TOPICS)
     found = []
     for path in code_files():
@@ -436,7 +458,7 @@ def test_contract_literals_do_not_reappear_in_the_code():
 def test_no_enum_is_restated_as_a_literal_collection():
     """A tuple/list/set of strings that is (two or more values of) a derived enum, e.g.
     ``("activation", "policy", "queues")`` or ``("any", "all")``, restates the spec."""
-    enums = {name: {m.value for m in e} for name, e in c._CONTRACT.enums.items()}
+    enums = {name: {m.value for m in e} for name, e in c.ENUMS.items()}
     allowed = {
         ("qmtl/sdk/client.py", frozenset({"completed", "failed"})): "the SDK's default terminal states to wait for",
         ("qmtl/sdk/stream/subscription.py", frozenset({"activation", "policy"})): "the SDK's world-scoped topics (it loads no specs)",
