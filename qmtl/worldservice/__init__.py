@@ -8,6 +8,7 @@ Built by :func:`.app.create_service`; handlers (``handlers/worldservice/``) rece
 * :mod:`.worlds`      – :class:`Worlds`: create, list, read, update, delete a world
 * :mod:`.policies`    – :class:`Policies`: policy versions, the default, the policy state hash, parsed-policy cache
 * :mod:`.decisions`   – :class:`Decisions`: observations (hysteresis) and the DecisionEnvelope
+* :mod:`.decision_cache` – :class:`DecisionCache`: a world's decision inputs kept in-process, dropped by its writes
 * :mod:`.activation`  – :class:`Activation`: activation entries, the set, its state hash, operator override
 * :mod:`.plans`       – :class:`Plans`: evaluate (a plan under the default policy; changes nothing)
 * :mod:`.apply`       – :class:`Applies`: the 2-phase apply, its leases and the recovery of expired ones

@@ -12,11 +12,12 @@ from qmtl.bus.base import ControlBus
 from qmtl.common.clock import SYSTEM_CLOCK, Clock
 from qmtl.common.config import Config, ConfigError
 from qmtl.common.tracing import make_tracer_provider
-from qmtl.contracts.app import Dispatcher, build_app
+from qmtl.contracts.app import build_app
 from qmtl.store.sql import Database
 from qmtl.worldservice.activation import Activation
 from qmtl.worldservice.apply import Applies, ApplyHook
 from qmtl.worldservice.audit import AuditLog
+from qmtl.worldservice.decision_cache import DecisionCache
 from qmtl.worldservice.decisions import Decisions
 from qmtl.worldservice.metrics import WorldServiceMetrics
 from qmtl.worldservice.outbox import Outbox
@@ -44,7 +45,8 @@ def create_service(config: Config, *, bus: ControlBus, db: Database | None = Non
     db = db or Database(config.db_url("worldservice"), schema=cfg.database_schema or None)
     metrics = metrics or WorldServiceMetrics()
     outbox = Outbox(db, bus, metrics, poll_interval=float(cfg.outbox_poll_seconds))
-    repo = Repository(db, outbox, clock=lambda: datetime.fromtimestamp(clock.time(), UTC))
+    decision_cache = DecisionCache(shared_database=not db.is_sqlite)
+    repo = Repository(db, outbox, clock=lambda: datetime.fromtimestamp(clock.time(), UTC), on_write=decision_cache.invalidate)
     audit = AuditLog(repo)
     policies = Policies(repo, audit, PolicyParser(), metrics)
     return WorldService(
@@ -56,7 +58,7 @@ def create_service(config: Config, *, bus: ControlBus, db: Database | None = Non
         outbox=outbox,
         worlds=Worlds(repo, audit),
         policies=policies,
-        decisions=Decisions(repo, audit, policies, metrics, ttl=cfg.decision_ttl),
+        decisions=Decisions(repo, audit, policies, metrics, ttl=cfg.decision_ttl, cache=decision_cache),
         activation=Activation(repo, audit),
         plans=Plans(repo, audit, policies),
         applies=Applies(repo, audit, metrics, drain_seconds=float(cfg.apply_drain_seconds),
@@ -66,7 +68,7 @@ def create_service(config: Config, *, bus: ControlBus, db: Database | None = Non
 
 
 def create_app(config: Config, *, bus: ControlBus, db: Database | None = None, service: WorldService | None = None,
-               tracer_provider: Any = None) -> Dispatcher:
+               tracer_provider: Any = None) -> Any:
     """The ASGI app. Its lifespan starts the bus (idempotent) and the service (tables,
     recovery, outbox), then stops the service and closes the database when it opened it. ``app.service`` is the WorldService
     (tests set ``app.service.applies.hook`` or read ``app.service.metrics``)."""

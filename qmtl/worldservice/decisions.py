@@ -19,6 +19,7 @@ from qmtl.contracts.constants import WorldState
 from qmtl.worldservice import policy as pol
 from qmtl.worldservice import store, views
 from qmtl.worldservice.audit import AuditLog
+from qmtl.worldservice.decision_cache import DecisionCache, DecisionInputs
 from qmtl.worldservice.metrics import WorldServiceMetrics
 from qmtl.worldservice.params import ts_body, ts_param, unique_strategy_ids
 from qmtl.worldservice.policies import Policies
@@ -58,7 +59,8 @@ def _state_out(row: Mapping[str, Any]) -> dict:
 
 
 class Decisions:
-    def __init__(self, repo: Repository, audit: AuditLog, policies: Policies, metrics: WorldServiceMetrics, *, ttl: str) -> None:
+    def __init__(self, repo: Repository, audit: AuditLog, policies: Policies, metrics: WorldServiceMetrics, *, ttl: str,
+                 cache: DecisionCache) -> None:
         """``ttl``: the envelopes' ``ttl`` (a duration, e.g. ``10s``; also their max-age)."""
         self.repo = repo
         self.audit = audit
@@ -66,13 +68,19 @@ class Decisions:
         self.metrics = metrics
         self.ttl = ttl
         self.ttl_seconds = _ttl_seconds(ttl)
-        # decide reads the world and its hysteresis state in one statement (one round trip)
+        self.cache = cache
+        # decide reads the world's decision inputs and its hysteresis state in one statement
+        # (one round trip, only the columns a decision depends on), or only its rev to
+        # confirm a cached entry (see qmtl.worldservice.decision_cache)
         w, d = store.worlds, store.decisions
-        self._world_and_decision = (
-            sa.select(w, *[c.label("d_" + c.name) for c in d.c])
+        self._inputs_query = (
+            sa.select(w.c.rev, w.c.default_policy_version, w.c.allow_live, w.c.state, w.c.circuit_breaker,
+                      d.c.world_id.label("d_world_id"), d.c.mode, d.c.mode_since, d.c.passes, d.c.fails, d.c.mode_reason,
+                      d.c.data_end)
             .select_from(w.outerjoin(d, d.c.world_id == w.c.world_id))
             .where(w.c.world_id == sa.bindparam("world_id"), w.c.state != WorldState.DELETED)
         )
+        self._rev_query = sa.select(w.c.rev).where(w.c.world_id == sa.bindparam("world_id"), w.c.state != WorldState.DELETED)
 
     async def record_observation(self, actor: Identity, world_id: str, body: Mapping[str, Any]) -> dict:
         """Judge the world's latest data under its default policy and advance its hysteresis."""
@@ -158,23 +166,17 @@ class Decisions:
         actor.require(world_id, READER, "reading a decision")
         started = time.perf_counter()
         when = ts_param(as_of, "as_of") if as_of is not None else self.repo.now()
-        async with self.repo.db.connect() as conn:
-            joined = (await conn.execute(self._world_and_decision, {"world_id": world_id})).mappings().first()
-            if joined is None:
-                raise NotFound(f"world {world_id!r} not found")
-            world = {c.name: joined[c.name] for c in store.worlds.c}
-            row = {c.name: joined["d_" + c.name] for c in store.decisions.c} if joined["d_world_id"] is not None else None
-            version = int(world["default_policy_version"] or 0)
-            policy = await self.policies.policy(conn, world_id, version)  # cached per (world, version) after the first read
+        inputs = await self._inputs(world_id)
         mode, reason = pol.decide(
-            policy,
-            _hysteresis(row),
-            data_end=store.utc(row["data_end"]) if row is not None else None,
+            inputs.policy,
+            inputs.state,
+            data_end=inputs.data_end,
             as_of=when,
-            allow_live=bool(world["allow_live"]),
-            suspended=world["state"] == WorldState.SUSPENDED,
-            circuit_breaker=bool(world["circuit_breaker"]),
+            allow_live=inputs.allow_live,
+            suspended=inputs.suspended,
+            circuit_breaker=inputs.circuit_breaker,
         )
+        version = inputs.policy_version
         envelope = {
             "world_id": world_id,
             "policy_version": version,
@@ -186,3 +188,33 @@ class Decisions:
         }
         self.metrics.decide_latency_ms.observe((time.perf_counter() - started) * 1000)
         return envelope
+
+    async def _inputs(self, world_id: str) -> DecisionInputs:
+        """The world's decision inputs: from the cache when they are current, else one read."""
+        cached = self.cache.get(world_id)
+        if cached is not None and not self.cache.shared_database:
+            return cached
+        generation = self.cache.generation()
+        async with self.repo.db.connect() as conn:
+            if cached is not None:
+                rev = (await conn.execute(self._rev_query, {"world_id": world_id})).scalar_one_or_none()
+                if rev == cached.rev:
+                    return cached
+            row = (await conn.execute(self._inputs_query, {"world_id": world_id})).mappings().first()
+            if row is None:
+                raise NotFound(f"world {world_id!r} not found")
+            version = int(row["default_policy_version"] or 0)
+            policy = await self.policies.policy(conn, world_id, version)  # cached per (world, version) after the first read
+        observed = row["d_world_id"] is not None
+        inputs = DecisionInputs(
+            rev=int(row["rev"]),
+            policy_version=version,
+            policy=policy,
+            state=_hysteresis(row) if observed else None,
+            data_end=store.utc(row["data_end"]) if observed else None,
+            allow_live=bool(row["allow_live"]),
+            suspended=row["state"] == WorldState.SUSPENDED,
+            circuit_breaker=bool(row["circuit_breaker"]),
+        )
+        self.cache.put(world_id, generation, inputs)
+        return inputs

@@ -31,10 +31,14 @@ Conn = Any
 
 
 class Repository:
-    def __init__(self, db: Database, outbox: Outbox, *, clock: Callable[[], datetime]) -> None:
+    def __init__(self, db: Database, outbox: Outbox, *, clock: Callable[[], datetime],
+                 on_write: Callable[[str], None] = lambda world_id: None) -> None:
+        """``on_write(world_id)`` is called when a write on the world starts and when it ends
+        (committed or not): what caches state of the world in this process drops it."""
         self.db = db
         self.outbox = outbox
         self._clock = clock
+        self._on_write = on_write
         # Per-world write locks, dropped when no request holds one (ids come from requests).
         self._world_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -54,10 +58,16 @@ class Repository:
     @contextlib.asynccontextmanager
     async def write(self, world_id: str) -> AsyncIterator[tuple[Conn, dict]]:
         """A write transaction on a live world: ``(conn, world row)``. After the commit the
-        outbox publisher is woken; the write does not wait for the ControlBus."""
-        async with self.lock(world_id), self.db.begin() as conn:
-            world = await self._lock_world(conn, world_id)
-            yield conn, world
+        outbox publisher is woken; the write does not wait for the ControlBus. Every write on
+        a world goes through here (it bumps the world's ``rev``)."""
+        async with self.lock(world_id):
+            self._on_write(world_id)
+            try:
+                async with self.db.begin() as conn:
+                    world = await self._lock_world(conn, world_id)
+                    yield conn, world
+            finally:
+                self._on_write(world_id)
         self.outbox.notify()
 
     async def _lock_world(self, conn: Conn, world_id: str) -> dict:
