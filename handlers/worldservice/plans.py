@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from handlers.worldservice._common import caller
 
+if TYPE_CHECKING:
+    from qmtl.worldservice.service import WorldService
 
-async def evaluate(ctx, world_id, body):
-    return await ctx.evaluate(caller(ctx), world_id, body)
+
+async def evaluate(ctx: WorldService, world_id, body):
+    return await ctx.plans.evaluate(caller(ctx), world_id, body)
 
 
-async def apply(ctx, world_id, body):
-    result, replayed = await ctx.apply(caller(ctx), world_id, body)
+async def apply(ctx: WorldService, world_id, body):
+    result, replayed = await ctx.applies.apply(caller(ctx), world_id, body)
     return result, 200, {"Idempotent-Replayed": "true" if replayed else "false"}

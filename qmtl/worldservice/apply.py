@@ -1,6 +1,5 @@
-"""The 2-phase apply of a plan to a world's activation set (SPEC §6), as operations of
-:class:`~qmtl.worldservice.service.WorldService` (a mixin: it uses the service's
-transactions, views, audit and outbox).
+"""The 2-phase apply of a plan to a world's activation set (SPEC §6): :class:`Applies`,
+over the repository (transactions, entries, activation events) and the audit log.
 
 freeze (the world is flagged frozen: activation reads answer inactive, orders are gated
 off; the activation set is snapshotted into the run's record) → drain
@@ -43,7 +42,10 @@ from qmtl.common.errors import Conflict, NotFound, ServiceUnavailable, Unprocess
 from qmtl.contracts.constants import WorldState
 from qmtl.worldservice import policy as pol
 from qmtl.worldservice import store, views
+from qmtl.worldservice.audit import AuditLog
+from qmtl.worldservice.metrics import WorldServiceMetrics
 from qmtl.worldservice.rbac import OPERATOR, Identity
+from qmtl.worldservice.repository import Conn, Repository
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +55,46 @@ logger = logging.getLogger(__name__)
 ApplyHook = Callable[[str, str, str], Awaitable[None] | None]
 
 
-class ApplyOperations:
-    """Apply operations of WorldService (see the module docstring).
+class Applies:
+    """Applies of plans (see the module docstring); also the periodic recovery of applies
+    whose lease expired (:meth:`start` / :meth:`stop`)."""
 
-    Relies on the service for: ``_write`` (a write transaction on a live world),
-    ``_entries``, ``_put_entry``, ``_audit``, ``_emit_activation``, ``now`` and
-    ``metrics``; its own state is the hook and the runs in flight in this process.
-    """
+    def __init__(
+        self,
+        repo: Repository,
+        audit: AuditLog,
+        metrics: WorldServiceMetrics,
+        *,
+        drain_seconds: float,
+        lease_seconds: float,
+        hook: ApplyHook | None = None,
+    ) -> None:
+        self.repo = repo
+        self.audit = audit
+        self.metrics = metrics
+        self.drain_seconds = drain_seconds
+        self.lease_seconds = lease_seconds
+        #: Called between phases (tests, fault injection); may be replaced while serving.
+        self.hook = hook
+        self.instance_id = uuid.uuid4().hex[:12]  # names this process in apply leases
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+        self._recovery_task: asyncio.Task | None = None
 
-    apply_hook: ApplyHook | None
-    drain_seconds: float
-    lease_seconds: float
-    instance_id: str
-    _inflight: dict[tuple[str, str], asyncio.Future]
+    async def start(self) -> None:
+        """Roll back applies whose lease expired, then start their periodic recovery.
+
+        SQLite is the embedded, one-process setup: what is in flight at start is this
+        process's predecessor's, rolled back at once; on PostgreSQL other replicas may be
+        running theirs, so only expired leases are."""
+        await self._recover_orphaned_applies(all_of_them=self.repo.db.is_sqlite)
+        self._recovery_task = asyncio.create_task(self._recovery_loop(), name="worldservice-apply-recovery")
+
+    async def stop(self) -> None:
+        task, self._recovery_task = self._recovery_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @staticmethod
     def _normalise_plan(plan: Mapping[str, Any]) -> tuple[dict[tuple[str, str], float], set[tuple[str, str]], str]:
@@ -138,13 +167,13 @@ class ApplyOperations:
         request = {"run_id": run_id, "plan": dict(raw_plan)}
         token = f"{self.instance_id}-{uuid.uuid4().hex[:12]}"  # this attempt's lease
         # -- freeze
-        async with self._write(world_id) as (conn, world):
+        async with self.repo.write(world_id) as (conn, world):
             run = (await conn.execute(sa.select(r).where(r.c.world_id == world_id, r.c.run_id == run_id))).mappings().first()
             if run is not None and run["status"] == "succeeded":
                 if run["plan_checksum"] != plan_sum:
                     self.metrics.apply_total.labels("conflict").inc()
                     raise Conflict(f"run_id {run_id!r} was already applied to world {world_id!r} with a different plan")
-                await self._audit(conn, world_id, actor, "apply.replayed", request, {"ok": True, "run_id": run_id})
+                await self.audit.record(conn, world_id, actor, "apply.replayed", request, {"ok": True, "run_id": run_id})
                 return dict(run["result"]), True
             if world["apply_run_id"]:
                 other = world["apply_run_id"]
@@ -165,8 +194,8 @@ class ApplyOperations:
                 world = await self._recover(conn, world, other)
             if world["state"] != WorldState.ACTIVE:
                 raise Conflict(f"world {world_id!r} is {world['state']}; apply needs an ACTIVE world")
-            now = self.now()
-            entries = await self._entries(conn, world_id)
+            now = self.repo.now()
+            entries = await self.repo.entries(conn, world_id)
             snapshot = [views.entry_to_json(e) for e in entries]
             before = views.view(world, entries, include_freeze=False)
             run_values = {
@@ -200,10 +229,10 @@ class ApplyOperations:
             await self._hook("drained", world_id, run_id)
             # -- switch
             phase = "switch"
-            async with self._write(world_id) as (conn, world):
+            async with self.repo.write(world_id) as (conn, world):
                 self._check_still_mine(world, run_id, token)
-                now = self.now()
-                current = {(e["strategy_id"], e["side"]): e for e in await self._entries(conn, world_id)}
+                now = self.repo.now()
+                current = {(e["strategy_id"], e["side"]): e for e in await self.repo.entries(conn, world_id)}
                 unchanged = 0
                 targets = [(k, True, w) for k, w in activate.items()] + [(k, False, 0.0) for k in deactivate]
                 for (sid, side), on, weight in sorted(targets):
@@ -219,26 +248,28 @@ class ApplyOperations:
                         "etag": views.entry_etag(world_id, sid, side, on, weight, world["rev"]),
                         "run_id": run_id, "ts": now,
                     }
-                    await self._put_entry(conn, world_id, entry, exists=cur is not None)
+                    await self.repo.put_entry(conn, world_id, entry, exists=cur is not None)
             await self._hook("switched", world_id, run_id)
             # -- unfreeze
             phase = "unfreeze"
-            async with self._write(world_id) as (conn, world):
+            async with self.repo.write(world_id) as (conn, world):
                 self._check_still_mine(world, run_id, token)
-                now = self.now()
+                now = self.repo.now()
                 await conn.execute(store.worlds.update().where(store.worlds.c.world_id == world_id).values(**_UNFROZEN))
                 world = dict(world, **_UNFROZEN)
-                entries = await self._entries(conn, world_id)
+                entries = await self.repo.entries(conn, world_id)
                 after = views.view(world, entries, include_freeze=False)
-                await self._emit_activation(conn, world_id, before, after, run_id=run_id)
+                await self.repo.emit_activation(conn, world_id, before, after, run_id=run_id)
                 stored = views.view(dict(world, state=WorldState.ACTIVE, circuit_breaker=False, gate_epoch=0), entries, include_freeze=False)
                 changed = sorted(k for k, e in after.items() if (before.get(k) or {}).get("etag") != e["etag"])
+                activated = [self._result_entry(world, stored[k], after[k]) for k in changed if stored[k]["active"]]
+                deactivated = [self._result_entry(world, stored[k], after[k]) for k in changed if not stored[k]["active"]]
                 result = {
                     "ok": True,
                     "run_id": run_id,
                     "world_id": world_id,
-                    "activated": [self._result_entry(world, stored[k], after[k]) for k in changed if stored[k]["active"]],
-                    "deactivated": [self._result_entry(world, stored[k], after[k]) for k in changed if not stored[k]["active"]],
+                    "activated": activated,
+                    "deactivated": deactivated,
                     "unchanged": unchanged,
                     "state_hash": views.state_hash(after),
                     "applied_at": views.iso(now),
@@ -248,9 +279,9 @@ class ApplyOperations:
                     .where(r.c.world_id == world_id, r.c.run_id == run_id)
                     .values(status="succeeded", result=result, finished_at=now)
                 )
-                await self._audit(
+                await self.audit.record(
                     conn, world_id, actor, "apply.succeeded", request,
-                    {"ok": True, "activated": len(result["activated"]), "deactivated": len(result["deactivated"]),
+                    {"ok": True, "activated": len(activated), "deactivated": len(deactivated),
                      "unchanged": unchanged, "state_hash": result["state_hash"]},
                 )
             return result, False
@@ -305,7 +336,7 @@ class ApplyOperations:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                async with self.db.begin() as conn:
+                async with self.repo.db.begin() as conn:
                     res = await conn.execute(
                         w.update().where(w.c.world_id == world_id, w.c.apply_owner == token).values(apply_lease_until=self._lease_end())
                     )
@@ -315,7 +346,7 @@ class ApplyOperations:
             except Exception as exc:  # the database is away: try again; the lease may expire meanwhile
                 logger.warning("renewing the lease of apply %r on world %r failed: %r", run_id, world_id, exc)
 
-    async def _recover(self, conn: Any, world: dict, run_id: str) -> dict:
+    async def _recover(self, conn: Conn, world: dict, run_id: str) -> dict:
         """In the caller's transaction: roll back ``run_id``, whose lease expired."""
         world_id = world["world_id"]
         logger.warning(
@@ -323,19 +354,16 @@ class ApplyOperations:
             run_id, world_id, world["apply_owner"] or "none",
         )
         world = await self._restore(conn, world, run_id, "interrupted: its WorldService process stopped renewing its lease")
-        await conn.execute(
-            store.audit.insert().values(
-                world_id=world_id, actor="worldservice", event="apply.rolled_back",
-                request={"run_id": run_id},
-                result={"ok": False, "error": "interrupted: the lease of the process running it expired", "by": self.instance_id},
-                created_at=self.now(), correlation_id=None,
-            )
+        await self.audit.record_as(
+            conn, world_id, "worldservice", "apply.rolled_back", {"run_id": run_id},
+            {"ok": False, "error": "interrupted: the lease of the process running it expired", "by": self.instance_id},
+            correlation_id=None,
         )
         self.metrics.apply_total.labels("rolled_back").inc()
         return world
 
     async def _hook(self, phase: str, world_id: str, run_id: str) -> None:
-        hook = self.apply_hook
+        hook = self.hook
         if hook is None:
             return
         result = hook(phase, world_id, run_id)
@@ -348,17 +376,17 @@ class ApplyOperations:
         """Restore the snapshot taken at freeze and unfreeze (if the freeze is still ours)."""
         error = f"failed during {phase}: {type(exc).__name__}: {exc}"
         try:
-            async with self._write(world_id) as (conn, world):
+            async with self.repo.write(world_id) as (conn, world):
                 if world["apply_run_id"] != run_id or world["apply_owner"] != token:
                     return
                 await self._restore(conn, world, run_id, error)
-                await self._audit(conn, world_id, actor, "apply.rolled_back", request, {"ok": False, "phase": phase, "error": error})
+                await self.audit.record(conn, world_id, actor, "apply.rolled_back", request, {"ok": False, "phase": phase, "error": error})
         except NotFound:
             return
         except Exception:
             logger.exception("rollback of apply %r on world %r failed; it is retried by the next apply or at restart", run_id, world_id)
 
-    async def _restore(self, conn: Any, world: dict, run_id: str, error: str) -> dict:
+    async def _restore(self, conn: Conn, world: dict, run_id: str, error: str) -> dict:
         """In the caller's transaction: put back run ``run_id``'s snapshot, unfreeze, mark it rolled back."""
         world_id = world["world_id"]
         r = store.apply_runs
@@ -370,7 +398,7 @@ class ApplyOperations:
             if snapshot:
                 await conn.execute(a.insert(), [dict(e, world_id=world_id) for e in snapshot])
             await conn.execute(
-                r.update().where(r.c.world_id == world_id, r.c.run_id == run_id).values(status="rolled_back", error=error, finished_at=self.now())
+                r.update().where(r.c.world_id == world_id, r.c.run_id == run_id).values(status="rolled_back", error=error, finished_at=self.repo.now())
             )
         await conn.execute(store.worlds.update().where(store.worlds.c.world_id == world_id).values(**_UNFROZEN))
         return dict(world, **_UNFROZEN)
@@ -380,7 +408,7 @@ class ApplyOperations:
         ``all_of_them``, every apply in flight (at the start of the only process there can
         be: SQLite, embedded)."""
         w = store.worlds
-        async with self.db.connect() as conn:
+        async with self.repo.db.connect() as conn:
             frozen = (
                 await conn.execute(
                     sa.select(w.c.world_id, w.c.apply_run_id, w.c.apply_lease_until).where(w.c.apply_run_id.is_not(None))
@@ -391,7 +419,7 @@ class ApplyOperations:
                 continue
             world_id, run_id = row["world_id"], row["apply_run_id"]
             with contextlib.suppress(NotFound):
-                async with self._write(world_id) as (conn, world):
+                async with self.repo.write(world_id) as (conn, world):
                     if world["apply_run_id"] == run_id and (all_of_them or not self._lease_live(world)):
                         await self._recover(conn, world, run_id)
 

@@ -1,7 +1,7 @@
 """The world policy engine: pure functions, no I/O.
 
 A policy is a YAML document whose format is ``specs/schemas/policy_document.schema.json``
-(PolicyDocument). This module parses and validates one (:func:`parse_policy`), turns it
+(PolicyDocument). This module parses and validates one (:class:`PolicyParser`), turns it
 into a :class:`Policy`, and applies it:
 
 * :func:`judge` — does one set of data (a world observation, or one strategy's metrics)
@@ -79,45 +79,42 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_validator: Draft202012Validator | None = None
+class PolicyParser:
+    """Parses and validates policy YAML against PolicyDocument; owns the compiled validator
+    (built once, from the spec's schema files, when the parser is made)."""
 
-
-def _policy_validator() -> Draft202012Validator:
-    global _validator
-    if _validator is None:
+    def __init__(self) -> None:
         schema = load_schema_files()[POLICY_SCHEMA_FILE]
-        _validator = Draft202012Validator(schema, registry=schema_registry(), format_checker=Draft202012Validator.FORMAT_CHECKER)
-    return _validator
+        self._validator = Draft202012Validator(schema, registry=schema_registry(), format_checker=Draft202012Validator.FORMAT_CHECKER)
 
+    def parse(self, text: str) -> dict:
+        """The parsed document, or :class:`PolicyError`.
 
-def parse_policy(text: str) -> dict:
-    """Parse and validate a policy's YAML text; the parsed document, or :class:`PolicyError`.
-
-    A syntax error names its line and column (1-based); a schema violation names the
-    JSON pointer of the offending member.
-    """
-    try:
-        doc = yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        column = mark.column + 1 if mark else None
-        problem = exc.problem or exc.context or "invalid YAML"
-        where = f" at line {line}, column {column}" if mark else ""
-        raise PolicyError(f"policy is not valid YAML: {problem}{where}", [{"line": line, "column": column, "message": problem}]) from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"policy is not valid YAML: {exc}", [{"message": str(exc)}]) from exc
-    if not isinstance(doc, dict):
-        kind = "empty" if doc is None else type(doc).__name__
-        raise PolicyError(f"policy must be a YAML mapping, got {kind}", [{"pointer": "", "message": "expected a mapping"}])
-    bad = _non_finite(doc)
-    if bad is not None:
-        raise PolicyError(f"policy has a non-finite number at {bad or '(root)'}", [{"pointer": bad, "message": "numbers must be finite"}])
-    errors = schema_errors(_policy_validator(), doc)
-    if errors:
-        first = errors[0]
-        raise PolicyError(f"policy does not conform to PolicyDocument: {first['message']} at {first['pointer'] or '(root)'}", errors)
-    return doc
+        A syntax error names its line and column (1-based); a schema violation names the
+        JSON pointer of the offending member.
+        """
+        try:
+            doc = yaml.load(text, Loader=_StrictLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            column = mark.column + 1 if mark else None
+            problem = exc.problem or exc.context or "invalid YAML"
+            where = f" at line {line}, column {column}" if mark else ""
+            raise PolicyError(f"policy is not valid YAML: {problem}{where}", [{"line": line, "column": column, "message": problem}]) from exc
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"policy is not valid YAML: {exc}", [{"message": str(exc)}]) from exc
+        if not isinstance(doc, dict):
+            kind = "empty" if doc is None else type(doc).__name__
+            raise PolicyError(f"policy must be a YAML mapping, got {kind}", [{"pointer": "", "message": "expected a mapping"}])
+        bad = _non_finite(doc)
+        if bad is not None:
+            raise PolicyError(f"policy has a non-finite number at {bad or '(root)'}", [{"pointer": bad, "message": "numbers must be finite"}])
+        errors = schema_errors(self._validator, doc)
+        if errors:
+            first = errors[0]
+            raise PolicyError(f"policy does not conform to PolicyDocument: {first['message']} at {first['pointer'] or '(root)'}", errors)
+        return doc
 
 
 def _non_finite(value: Any, pointer: str = "") -> str | None:
@@ -181,7 +178,7 @@ class Policy:
             promote_after=int(hyst.get("promote_after", 1)),
             demote_after=int(hyst.get("demote_after", 1)),
             min_dwell=parse_duration(hyst["min_dwell"]) if "min_dwell" in hyst else 0.0,
-            max_mode=hyst.get("max_mode", Mode.LIVE),
+            max_mode=str(hyst.get("max_mode", Mode.LIVE)),
         )
 
 
@@ -271,6 +268,7 @@ def judge(
         failures.append(f"score {_num(score)} < min_score {_num(policy.min_score)}")
     if failures:
         return Judgement(False, score, tuple(failures))
+    assert score is not None  # no failures: the score was computed
     return Judgement(True, score, (f"all checks passed (score {_num(score)})",))
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qmtl.common.readiness import Check, bus_checks, evaluate
 
+if TYPE_CHECKING:
+    from qmtl.worldservice.service import WorldService
 
-async def readiness(service: Any) -> tuple[bool, dict]:
+
+async def readiness(service: WorldService) -> tuple[bool, dict]:
     async def database() -> tuple[bool, str]:
         ok = await service.db.ping()
         return ok, "answers" if ok else "does not answer"

@@ -1,6 +1,6 @@
 """``python -m tests.helpers.ws_hooked worldservice --port ...``: the real ``qmtl`` CLI in
 a process whose WorldService pauses its applies at one phase (the service's
-``apply_hook``), for multi-process tests that kill a replica in the middle of an apply.
+``applies.hook``), for multi-process tests that kill a replica in the middle of an apply.
 
 While the file named by ``WSHOOK_PAUSE_FILE`` exists, an apply reaching the phase
 ``WSHOOK_PAUSE_AT`` (``frozen``, ``drained`` or ``switched``) writes its run_id to
@@ -32,7 +32,7 @@ async def _hook(phase: str, world_id: str, run_id: str) -> None:
 
 def _init_with_hook(self: WorldService, *args, **kwargs) -> None:
     _init(self, *args, **kwargs)
-    self.apply_hook = _hook
+    self.applies.hook = _hook
 
 
 WorldService.__init__ = _init_with_hook  # type: ignore[method-assign]

@@ -472,7 +472,7 @@ async def test_apply_two_phase_idempotent_single_flight(db_target):
                 frozen.set()
                 await release.wait()
 
-        env.service.apply_hook = hook
+        env.service.applies.hook = hook
         r2_plan = {"activate": [], "deactivate": ["s-1"]}
         task = asyncio.create_task(env.client.post("/worlds/xw/apply", json={"run_id": "r2", "plan": r2_plan}))
         await asyncio.wait_for(frozen.wait(), 10)
@@ -545,7 +545,7 @@ async def test_apply_rolls_back_on_failure(db_target, failing_phase):
             if phase == failing_phase and run_id == "boom":
                 raise RuntimeError("injected failure")
 
-        env.service.apply_hook = hook
+        env.service.applies.hook = hook
         plan = {"activate": ["new", {"strategy_id": "keep", "side": "long", "weight": 0.1}], "deactivate": ["flip"]}
         r = await env.call("POST", "/worlds/rw/apply", 503, json={"run_id": "boom", "plan": plan})
         problem = r.json()
@@ -558,7 +558,7 @@ async def test_apply_rolls_back_on_failure(db_target, failing_phase):
         rec = (await env.call("GET", "/worlds/rw/audit", params={"limit": 1})).json()["records"][0]
         assert rec["event"] == "apply.rolled_back" and rec["request"]["run_id"] == "boom" and "injected failure" in rec["result"]["error"]
         # the same run_id may be retried once the fault is gone
-        env.service.apply_hook = None
+        env.service.applies.hook = None
         result = (await env.call("POST", "/worlds/rw/apply", json={"run_id": "boom", "plan": plan})).json()
         assert result["ok"] and len(result["activated"]) == 3 and len(result["deactivated"]) == 2
         assert len(await env.events(TOPIC_ACTIVATION, "rw")) == 5

@@ -12,8 +12,8 @@ from qmtl.common.config import Config
 from qmtl.common.errors import Conflict, Forbidden, NotFound, Unprocessable
 from qmtl.contracts.events import event_validators
 from qmtl.store.sql import Database, sqlite_url
+from qmtl.worldservice.app import create_service
 from qmtl.worldservice.rbac import Identity
-from qmtl.worldservice.service import WorldService
 
 DEV = Identity.development("tester")
 
@@ -22,8 +22,8 @@ DEV = Identity.development("tester")
 async def service(tmp_path):
     bus = InProcessBus(validator=event_validators())
     await bus.start()
-    db = Database(sqlite_url(tmp_path / "ws.db"))
-    svc = WorldService(Config(), db=db, bus=bus)
+    db = Database(sqlite_url(tmp_path / "worldservice.db"))
+    svc = create_service(Config(), bus=bus, db=db)
     await svc.start()
     yield svc
     await svc.stop()
@@ -31,23 +31,23 @@ async def service(tmp_path):
 
 
 async def test_apply_without_http_and_roles(service):
-    await service.create_world(DEV, {"world_id": "w", "name": "W"})
+    await service.worlds.create(DEV, {"world_id": "w", "name": "W"})
     reader = Identity.from_claims("r", {"world_roles": {"w": ["reader"]}})
     with pytest.raises(Forbidden):
-        await service.apply(reader, "w", {"run_id": "r1", "plan": {"activate": ["s"]}})
-    result, replayed = await service.apply(DEV, "w", {"run_id": "r1", "plan": {"activate": ["s"]}})
+        await service.applies.apply(reader, "w", {"run_id": "r1", "plan": {"activate": ["s"]}})
+    result, replayed = await service.applies.apply(DEV, "w", {"run_id": "r1", "plan": {"activate": ["s"]}})
     assert not replayed and len(result["activated"]) == 2
-    assert (await service.get_activation(reader, "w", "s", "short"))["active"] is True
+    assert (await service.activation.get(reader, "w", "s", "short"))["active"] is True
     with pytest.raises(NotFound):
-        await service.get_world(DEV, "missing")
+        await service.worlds.get(DEV, "missing")
     with pytest.raises(Unprocessable, match="NUL"):
-        await service.create_world(DEV, {"world_id": "x", "name": "bad\x00name"})
+        await service.worlds.create(DEV, {"world_id": "x", "name": "bad\x00name"})
 
 
 async def test_a_cancelled_apply_is_rolled_back(service):
-    await service.create_world(DEV, {"world_id": "w", "name": "W"})
-    await service.apply(DEV, "w", {"run_id": "base", "plan": {"activate": ["keep"]}})
-    before = await service.get_activations(DEV, "w")
+    await service.worlds.create(DEV, {"world_id": "w", "name": "W"})
+    await service.applies.apply(DEV, "w", {"run_id": "base", "plan": {"activate": ["keep"]}})
+    before = await service.activation.get_all(DEV, "w")
     entered = asyncio.Event()
 
     async def hook(phase, world_id, run_id):
@@ -55,28 +55,28 @@ async def test_a_cancelled_apply_is_rolled_back(service):
             entered.set()
             await asyncio.Event().wait()  # hangs until cancelled
 
-    service.apply_hook = hook
-    task = asyncio.create_task(service.apply(DEV, "w", {"run_id": "hang", "plan": {"deactivate": ["keep"], "activate": ["new"]}}))
+    service.applies.hook = hook
+    task = asyncio.create_task(service.applies.apply(DEV, "w", {"run_id": "hang", "plan": {"deactivate": ["keep"], "activate": ["new"]}}))
     await asyncio.wait_for(entered.wait(), 5)
-    assert (await service.get_world(DEV, "w"))["apply_run_id"] == "hang"
+    assert (await service.worlds.get(DEV, "w"))["apply_run_id"] == "hang"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert (await service.get_world(DEV, "w"))["apply_run_id"] is None
-    assert await service.get_activations(DEV, "w") == before
+    assert (await service.worlds.get(DEV, "w"))["apply_run_id"] is None
+    assert await service.activation.get_all(DEV, "w") == before
 
 
 async def test_a_conflict_raised_inside_an_apply_stays_a_conflict(service):
-    await service.create_world(DEV, {"world_id": "w", "name": "W"})
+    await service.worlds.create(DEV, {"world_id": "w", "name": "W"})
 
     def hook(phase, world_id, run_id):
         if phase == "drained":
             raise Conflict("someone else took over")
 
-    service.apply_hook = hook
+    service.applies.hook = hook
     with pytest.raises(Conflict, match="took over"):
-        await service.apply(DEV, "w", {"run_id": "c", "plan": {"activate": ["s"]}})
-    assert (await service.get_activations(DEV, "w"))["activations"] == []
+        await service.applies.apply(DEV, "w", {"run_id": "c", "plan": {"activate": ["s"]}})
+    assert (await service.activation.get_all(DEV, "w"))["activations"] == []
     sub = await service.bus.subscribe([TOPIC_ACTIVATION], consumer_id="c", from_beginning=True)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(sub.__anext__(), 0.05)
@@ -94,15 +94,15 @@ async def test_events_held_back_by_a_bus_outage_are_retried_in_order(tmp_path):
 
     bus = Flaky(validator=event_validators())
     await bus.start()
-    db = Database(sqlite_url(tmp_path / "ws.db"))
-    svc = WorldService(Config(), db=db, bus=bus)
+    db = Database(sqlite_url(tmp_path / "worldservice.db"))
+    svc = create_service(Config(), bus=bus, db=db)
     svc.outbox.backoff = (0.01, 0.05)  # retry fast
     await svc.start()
     try:
         sub = await bus.subscribe([TOPIC_ACTIVATION], consumer_id="t")
-        await svc.create_world(DEV, {"world_id": "w", "name": "W"})
-        await svc.apply(DEV, "w", {"run_id": "r1", "plan": {"activate": ["a"]}})  # committed, not published
-        await svc.apply(DEV, "w", {"run_id": "r2", "plan": {"deactivate": ["a"]}})
+        await svc.worlds.create(DEV, {"world_id": "w", "name": "W"})
+        await svc.applies.apply(DEV, "w", {"run_id": "r1", "plan": {"activate": ["a"]}})  # committed, not published
+        await svc.applies.apply(DEV, "w", {"run_id": "r2", "plan": {"deactivate": ["a"]}})
         assert (await svc.health())["outbox_pending"] == 4
         bus.down = False
         got = [await asyncio.wait_for(sub.__anext__(), 2) for _ in range(4)]
@@ -143,19 +143,19 @@ async def test_embedded_sqlite_rolls_back_an_apply_in_flight_at_start_whatever_i
 
     bus = InProcessBus(validator=event_validators())
     await bus.start()
-    db = Database(sqlite_url(tmp_path / "ws.db"))
-    first = WorldService(Config(), db=db, bus=bus)
+    db = Database(sqlite_url(tmp_path / "worldservice.db"))
+    first = create_service(Config(), bus=bus, db=db)
     await first.start()
-    await first.create_world(DEV, {"world_id": "w", "name": "W"})
+    await first.worlds.create(DEV, {"world_id": "w", "name": "W"})
     await first.stop()
     async with db.begin() as conn:  # a process died holding a lease for another hour
         await conn.execute(sa.update(store.worlds).values(
             apply_run_id="gone", apply_owner="dead-process", apply_lease_until=datetime.now(UTC) + timedelta(hours=1)))
-    second = WorldService(Config(), db=db, bus=bus)
+    second = create_service(Config(), bus=bus, db=db)
     await second.start()
     try:
-        assert (await second.get_world(DEV, "w"))["apply_run_id"] is None
-        assert (await second.get_activations(DEV, "w"))["frozen"] is False
+        assert (await second.worlds.get(DEV, "w"))["apply_run_id"] is None
+        assert (await second.activation.get_all(DEV, "w"))["frozen"] is False
     finally:
         await second.stop()
         await db.close()

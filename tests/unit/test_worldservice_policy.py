@@ -10,9 +10,10 @@ import pytest
 from qmtl.common.statehash import activation_state_hash, policy_state_hash
 from qmtl.contracts.loader import load_schema_files
 from qmtl.worldservice import policy as pol
-from qmtl.worldservice.policy import HysteresisState, Policy, StrategyInput
+from qmtl.worldservice.policy import HysteresisState, Policy, PolicyParser, StrategyInput
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+parse_policy = PolicyParser().parse  # the compiled validator, built once for this module
 
 
 def minutes(n: float) -> timedelta:
@@ -39,7 +40,7 @@ hysteresis: {promote_after: 3, demote_after: 2, min_dwell: 1h, max_mode: live}
 
 
 def test_parse_full_policy_and_build():
-    doc = pol.parse_policy(FULL)
+    doc = parse_policy(FULL)
     p = Policy.from_document(doc, version=3)
     assert p.version == 3
     assert p.max_lag == 900 and p.min_samples == 100
@@ -52,18 +53,18 @@ def test_schema_examples_parse_as_policies():
     import yaml
 
     for example in load_schema_files()["policy_document.schema.json"]["examples"]:
-        assert pol.parse_policy(yaml.safe_dump(example)) == example
+        assert parse_policy(yaml.safe_dump(example)) == example
 
 
 def test_empty_mapping_is_a_policy_that_imposes_nothing():
-    p = Policy.from_document(pol.parse_policy("{}"))
+    p = Policy.from_document(parse_policy("{}"))
     j = pol.judge(p, metrics={}, samples=None, data_end=None, now=T0)
     assert j.passed and j.score == 0.0
 
 
 def test_yaml_syntax_error_names_line_and_column():
     with pytest.raises(pol.PolicyError) as info:
-        pol.parse_policy("gates:\n  all: [\n    {metric: a, op: '>', value: 1}\n  oops\n")
+        parse_policy("gates:\n  all: [\n    {metric: a, op: '>', value: 1}\n  oops\n")
     err = info.value.errors[0]
     assert err["line"] == 4 and err["column"] >= 1
     assert "line 4" in str(info.value)
@@ -72,7 +73,7 @@ def test_yaml_syntax_error_names_line_and_column():
 @pytest.mark.parametrize("text,kind", [("", "empty"), ("- a\n- b\n", "list"), ("42", "int")])
 def test_policy_must_be_a_mapping(text, kind):
     with pytest.raises(pol.PolicyError, match=f"mapping, got {kind}"):
-        pol.parse_policy(text)
+        parse_policy(text)
 
 
 @pytest.mark.parametrize(
@@ -89,32 +90,32 @@ def test_policy_must_be_a_mapping(text, kind):
 )
 def test_schema_violations_name_the_json_pointer(text, pointer):
     with pytest.raises(pol.PolicyError) as info:
-        pol.parse_policy(text)
+        parse_policy(text)
     assert info.value.errors[0]["pointer"] == pointer
 
 
 def test_nested_gate_violation_is_reported_inside_the_nesting():
     text = "gates:\n  all:\n    - any:\n        - {metric: a, op: '>', value: x}\n"
     with pytest.raises(pol.PolicyError) as info:
-        pol.parse_policy(text)
+        parse_policy(text)
     pointers = [e["pointer"] for e in info.value.errors]
     assert "/gates/all/0/any/0/value" in pointers
 
 
 def test_duplicate_keys_are_rejected():
     with pytest.raises(pol.PolicyError, match="duplicate key 'gates'"):
-        pol.parse_policy("gates: {metric: a, op: '>', value: 1}\ngates: {metric: b, op: '>', value: 1}\n")
+        parse_policy("gates: {metric: a, op: '>', value: 1}\ngates: {metric: b, op: '>', value: 1}\n")
 
 
 def test_aliases_are_rejected():
     with pytest.raises(pol.PolicyError, match="aliases are not allowed"):
-        pol.parse_policy("score: {weights: &w {a: 1}}\nx: *w\n")
+        parse_policy("score: {weights: &w {a: 1}}\nx: *w\n")
 
 
 @pytest.mark.parametrize("text", ["gates: {metric: a, op: '>', value: .nan}", "score: {bias: .inf}"])
 def test_non_finite_numbers_are_rejected(text):
     with pytest.raises(pol.PolicyError, match="non-finite"):
-        pol.parse_policy(text)
+        parse_policy(text)
 
 
 def test_checksum_is_sha256_of_the_text():
@@ -140,7 +141,7 @@ def test_missing_metric_fails_its_threshold():
 
 
 def test_and_or_nesting():
-    gate = pol.parse_policy(FULL)["gates"]
+    gate = parse_policy(FULL)["gates"]
     assert pol.check_gate(gate, {"sharpe": 1.2, "max_drawdown": 0.1})[0]  # all + any(first)
     assert pol.check_gate(gate, {"sharpe": 1.2, "max_drawdown": 0.5, "win_rate": 0.6})[0]  # any(second)
     ok, desc = pol.check_gate(gate, {"sharpe": 1.2, "max_drawdown": 0.5, "win_rate": 0.5})
@@ -168,7 +169,7 @@ def test_linear_score():
 
 
 def test_judge_passes_with_reason_and_score():
-    p = Policy.from_document(pol.parse_policy(FULL))
+    p = Policy.from_document(parse_policy(FULL))
     j = pol.judge(p, metrics={"sharpe": 1.2, "win_rate": 0.6, "max_drawdown": 0.1}, samples=100, data_end=T0 - minutes(15), now=T0)
     assert j.passed
     assert j.score == pytest.approx(0.1 + 0.6 + 0.6)
@@ -208,7 +209,7 @@ def test_judge_fails_a_score_that_overflows():
 
 
 def test_judge_reports_every_failure():
-    p = Policy.from_document(pol.parse_policy(FULL))
+    p = Policy.from_document(parse_policy(FULL))
     j = pol.judge(p, metrics={"sharpe": 0.1, "win_rate": 0.1}, samples=5, data_end=T0 - timedelta(hours=1), now=T0)
     assert not j.passed
     assert [r.split(":")[0] for r in j.reasons] == ["data stale", "insufficient samples", "gate failed", "score 0.25 < min_score 0.9"]

@@ -27,5 +27,5 @@ def test_defaults_build_a_dev_mode_service_with_its_own_metrics(tmp_path):
     cfg = Config()
     a = create_service(cfg, bus=InProcessBus(), db=Database(sqlite_url(tmp_path / "a.db")))
     b = create_service(cfg, bus=InProcessBus(), db=Database(sqlite_url(tmp_path / "b.db")))
-    assert a.auth.mode == "dev" and a.decision_ttl_seconds == 300
+    assert a.auth.mode == "dev" and a.decisions.ttl_seconds == 300
     assert a.metrics.registry is not b.metrics.registry  # no global registry: services can share a process
