@@ -146,3 +146,9 @@ async def test_consecutive_states_are_one_hset_that_ends_as_they_would_in_turn(r
     assert s["status"] == "completed" and s["queue_map"] == {"n": "t"} and s["updated_at"]
     assert f == {"status": "failed", "error": "boom", "updated_at": f["updated_at"]}
     assert await rq.kv.ttl("p:fsm:s") > 0 and await rq.kv.ttl("p:fsm:f") > 0
+
+
+async def test_an_id_kept_for_the_fallback_queue_gets_its_state_but_is_not_pushed(rq):
+    await asyncio.gather(rq.enqueue_new("a", {}), rq.enqueue_new("b", {}, push=False))
+    assert await rq.get_status("b") == "queued"
+    assert await rq.queued_ids() == {"a"}

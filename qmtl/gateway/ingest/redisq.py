@@ -69,7 +69,7 @@ class RedisIngest:
         self._unlock_script = kv.register_script(_UNLOCK_LUA)
         self._scripting: bool | None = None  # unknown until the first unlock
         # submissions waiting for the next shared enqueue round trip: (id, FSM fields, caller's future)
-        self._enqueues: list[tuple[str, dict[str, str], asyncio.Future[None]]] = []
+        self._enqueues: list[tuple[str, dict[str, str], bool, asyncio.Future[None]]] = []
         self._enqueue_task: asyncio.Task[None] | None = None
 
     def fsm_key(self, sid: str) -> str:
@@ -127,16 +127,17 @@ class RedisIngest:
                     pipe.expire(key, self.terminal_ttl)
             await pipe.execute()
 
-    async def enqueue_new(self, sid: str, extra: Mapping[str, Any]) -> None:
+    async def enqueue_new(self, sid: str, extra: Mapping[str, Any], *, push: bool = True) -> None:
         """State ``queued`` and the id on the FIFO (no MULTI needed: if the push is lost the
-        database mirror still has the strategy and the sweep re-enqueues it).
+        database mirror still has the strategy and the sweep re-enqueues it). ``push=False``
+        sets the state only (the id waits in the Gateway's fallback queue).
 
         Submissions acknowledged together (one mirror commit resolves them all at once) share
         one round trip: every call made before the event loop's next turn joins it, with one
         ``HSET`` each and one ``LPUSH`` of all their ids in call order (FIFO order kept). Each
         caller returns when that round trip is done and gets its error if it failed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueues.append((sid, self._fields(StrategyState.QUEUED, extra, None), fut))
+        self._enqueues.append((sid, self._fields(StrategyState.QUEUED, extra, None), push, fut))
         if self._enqueue_task is None or self._enqueue_task.done():
             self._enqueue_task = asyncio.create_task(self._enqueue_pending(), name="ingest-enqueue")
         await asyncio.shield(fut)  # a cancelled caller does not cancel the others' round trip
@@ -146,22 +147,24 @@ class RedisIngest:
             batch, self._enqueues = self._enqueues, []
             try:
                 async with self.kv.pipeline(transaction=False) as pipe:
-                    for sid, fields, _ in batch:
+                    for sid, fields, _, _ in batch:
                         pipe.hset(self.fsm_key(sid), mapping=fields)
-                    pipe.lpush(self.fifo, *[sid for sid, _, _ in batch])
+                    pushed = [sid for sid, _, push, _ in batch if push]
+                    if pushed:
+                        pipe.lpush(self.fifo, *pushed)
                     await pipe.execute()
             except BaseException as exc:
-                for _, _, fut in batch:
+                for _, _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(f"enqueue interrupted: {exc!r}"))
                 if not isinstance(exc, Exception):
-                    for _, _, fut in self._enqueues:
+                    for _, _, _, fut in self._enqueues:
                         if not fut.done():
                             fut.set_exception(RuntimeError(f"enqueue interrupted: {exc!r}"))
                     self._enqueues = []
                     raise
                 continue
-            for _, _, fut in batch:
+            for _, _, _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
 
