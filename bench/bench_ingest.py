@@ -22,6 +22,9 @@ What runs:
   database mirror to say so, then asks ``GET /strategies/{id}/status`` for every id.
   ``lost`` = accepted ids that did not complete + ``lost_requests_total`` from /metrics.
 
+With ``--split`` the CPU per strategy is also printed per process (Gateway, DAG Manager), and
+``--profile`` runs only the Gateway under cProfile.
+
 Printed: counts (sent, 202, other statuses, errors, lost), p50/p95/p99/max POST→ack, the
 server's own ``gateway_e2e_latency_ms`` p95 (from its histogram), the baseline, the drain
 time, and the ratios to the design goal (G-02: p95 ≤ 150 ms) and the target (≤ 50 ms).
