@@ -22,6 +22,9 @@ What runs:
   database mirror to say so, then asks ``GET /strategies/{id}/status`` for every id.
   ``lost`` = accepted ids that did not complete + ``lost_requests_total`` from /metrics.
 
+With ``--split`` the CPU per strategy is also printed per process (Gateway, DAG Manager), and
+``--profile`` runs only the Gateway under cProfile.
+
 Printed: counts (sent, 202, other statuses, errors, lost), p50/p95/p99/max POST→ack, the
 server's own ``gateway_e2e_latency_ms`` p95 (from its histogram), the baseline, the drain
 time, and the ratios to the design goal (G-02: p95 ≤ 150 ms) and the target (≤ 50 ms).
@@ -229,7 +232,8 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
     qmtl = str(ROOT / ".venv" / "bin" / "qmtl")
     if not Path(qmtl).exists():
         qmtl = shutil.which("qmtl") or "qmtl"
-    if profile:  # the server under cProfile (figures then include the profiler's overhead)
+    plain = qmtl
+    if profile:  # the server (with --split: the Gateway) under cProfile (figures then include the profiler's overhead)
         qmtl = f"{sys.executable}\0-m\0cProfile\0-o\0{profile}\0{qmtl}"
     gw, ws, dm = free_port(), free_port(), free_port()
     env = dict(os.environ, QMTL__LOG_LEVEL="WARNING")
@@ -237,9 +241,9 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the server processes, closed with them
     procs = []
     if split:
-        procs.append(subprocess.Popen([qmtl, "dagmanager", "--data-dir", str(data_dir), "--port", str(dm)],
+        procs.append(subprocess.Popen([plain, "dagmanager", "--data-dir", str(data_dir), "--port", str(dm)],
                                       stdout=log, stderr=log, env=env, start_new_session=True))
-        procs.append(subprocess.Popen([qmtl, "gw", "--data-dir", str(data_dir), "--port", str(gw),
+        procs.append(subprocess.Popen([*qmtl.split("\0"), "gw", "--data-dir", str(data_dir), "--port", str(gw),
                                        "--dagmanager-url", f"http://127.0.0.1:{dm}", "--worldservice-url", f"http://127.0.0.1:{ws}"],
                                       stdout=log, stderr=log, env=env, start_new_session=True))
     else:
@@ -251,15 +255,20 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
 
 def cpu_seconds(procs: list[subprocess.Popen]) -> float:
     """User + system CPU of the server processes so far (Linux /proc)."""
-    total = 0
+    return sum(cpu_each(procs))
+
+
+def cpu_each(procs: list[subprocess.Popen]) -> list[float]:
+    """User + system CPU of each server process so far (Linux /proc), in ``procs`` order."""
     tick = os.sysconf("SC_CLK_TCK")
+    out = []
     for p in procs:
         try:
             fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            out.append((int(fields[11]) + int(fields[12])) / tick)  # utime, stime
         except (OSError, IndexError, ValueError):
-            pass
-    return total / tick
+            out.append(0.0)
+    return out
 
 
 def stop_processes(procs: list[subprocess.Popen]) -> None:
@@ -362,6 +371,7 @@ async def main(args: argparse.Namespace) -> int:
         base_cpu = cpu_seconds(procs) - cpu0
 
         print(f"  burst: POST /strategies at {args.rate:.0f}/s for {args.seconds:.0f} s …", flush=True)
+        each0 = cpu_each(procs)
         cpu0 = cpu_seconds(procs)
         burst = await open_loop(pool, posts, args.rate, True, timeout=args.request_timeout)
         burst_cpu = cpu_seconds(procs) - cpu0
@@ -383,6 +393,7 @@ async def main(args: argparse.Namespace) -> int:
             await asyncio.sleep(1.0)
         drain_s = time.monotonic() - started
         drain_cpu = cpu_seconds(procs) - cpu0
+        each = [b - a for a, b in zip(each0, cpu_each(procs))]  # burst + drain, per process
 
         # verify over HTTP: every accepted id answers completed
         sem = asyncio.Semaphore(32)
@@ -425,6 +436,9 @@ async def main(args: argparse.Namespace) -> int:
                        f"{burst_cpu * 1000 / max(total, 1):.2f} ms per submission incl. diffs running meanwhile); "
                        f"baseline {base_cpu * 1000 / max(base_n, 1):.2f} ms per GET /health; "
                        f"drain {drain_cpu:.1f} s")
+    if args.split:  # procs: [dagmanager, gateway]
+        line("CPU per strategy, by process", f"Gateway {each[1] * 1000 / max(completed + failed, 1):.2f} ms, "
+                                             f"DAG Manager {each[0] * 1000 / max(completed + failed, 1):.2f} ms (burst + drain)")
     line("machine", f"{os.cpu_count()} cores, load average at start {load_at_start[0]:.2f} / {load_at_start[1]:.2f} / {load_at_start[2]:.2f} "
                     "(other processes compete for the cores when it is high)")
     # CPU per completed strategy: everything the server spent from the burst's first POST to
@@ -465,7 +479,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=30.0)
     p.add_argument("--drain-timeout", type=float, default=300.0, help="how long to wait for every accepted id to complete")
     p.add_argument("--split", action="store_true", help="Gateway and DAG Manager as two processes instead of qmtl up")
-    p.add_argument("--profile", metavar="FILE", help="run the server (qmtl up) under cProfile, writing FILE (pstats) at exit")
+    p.add_argument("--profile", metavar="FILE", help="run the server (qmtl up; with --split the Gateway) under cProfile, writing FILE (pstats) at exit")
     p.add_argument("--keep", action="store_true", help="keep the data dir (SQLite files, server log)")
     return p.parse_args(argv)
 

@@ -4,6 +4,8 @@ real Redis is exercised by the integration tests.)"""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from qmtl.gateway.ingest.redisq import RedisIngest
@@ -95,3 +97,58 @@ async def test_unlock_is_a_lua_compare_and_delete_on_real_redis(redis_kv):
     assert await rq.locked("s") and rq._scripting is True
     assert await rq.unlock("s", token)
     assert not await rq.locked("s")
+
+
+async def test_submissions_enqueued_together_share_one_round_trip_in_fifo_order(rq, monkeypatch):
+    trips = []
+    real = rq.kv.pipeline
+
+    def counting(*args, **kwargs):
+        trips.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rq.kv, "pipeline", counting)
+    await asyncio.gather(*(rq.enqueue_new(sid, {"world_id": "w"}) for sid in ("a", "b", "c")))
+    assert len(trips) == 1  # one HSET each and one LPUSH, in one round trip
+    assert [await rq.get_status(s) for s in "abc"] == ["queued"] * 3
+    assert (await rq.get_state("b"))["world_id"] == "w"
+    assert [await rq.pop(0.1) for _ in range(3)] == ["a", "b", "c"]  # FIFO: in call order
+    await rq.enqueue_new("d", {})  # a later call gets a round trip of its own
+    assert len(trips) == 2 and await rq.pop(0.1) == "d"
+
+
+async def test_a_failed_shared_enqueue_fails_every_caller_and_the_next_one_works(rq, monkeypatch):
+    real = rq.kv.pipeline
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(rq.kv, "pipeline", broken)
+    results = await asyncio.gather(rq.enqueue_new("a", {}), rq.enqueue_new("b", {}), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)  # each caller falls back on its own
+    monkeypatch.setattr(rq.kv, "pipeline", real)
+    await rq.enqueue_new("c", {})
+    assert await rq.queued_ids() == {"c"}
+
+
+async def test_more_ids_are_asked_for_only_as_many_as_wait(rq):
+    await rq.push("a", "b")
+    assert await rq.pop(0.1) == "a"
+    assert await rq.pop_more(31) == ["b"]
+    assert await rq.pop_more(31) == []
+    assert await rq.processing_ids() == ["b", "a"]
+
+
+async def test_consecutive_states_are_one_hset_that_ends_as_they_would_in_turn(rq):
+    await rq.set_states_many([("s", [("diffed", {"queue_map": {"n": "t"}, "error": None}), ("completed", None)]),
+                              ("f", [("failed", {"error": "boom"})])])
+    s, f = await rq.get_state("s"), await rq.get_state("f")
+    assert s["status"] == "completed" and s["queue_map"] == {"n": "t"} and s["updated_at"]
+    assert f == {"status": "failed", "error": "boom", "updated_at": f["updated_at"]}
+    assert await rq.kv.ttl("p:fsm:s") > 0 and await rq.kv.ttl("p:fsm:f") > 0
+
+
+async def test_an_id_kept_for_the_fallback_queue_gets_its_state_but_is_not_pushed(rq):
+    await asyncio.gather(rq.enqueue_new("a", {}), rq.enqueue_new("b", {}, push=False))
+    assert await rq.get_status("b") == "queued"
+    assert await rq.queued_ids() == {"a"}

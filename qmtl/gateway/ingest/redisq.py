@@ -16,12 +16,19 @@ Keys (all under the Gateway's ``kv_prefix``):
                   FSM is rebuilt from the database mirror.
 ``rebuild``       short lock so that one Gateway replica rebuilds at a time.
 
+Round trips and commands are what a strategy costs here (each command is parsed and run by
+Redis, or by the in-memory substitute in this process): consecutive states of one strategy are
+one ``HSET`` (the hash ends the same), new submissions acknowledged together share one round
+trip and one ``LPUSH`` (:meth:`RedisIngest.enqueue_new`), and a worker asks for more ids only
+as many as the FIFO holds.
+
 Every function raises ``redis.exceptions.RedisError`` (or ``OSError``) when Redis is down;
 callers decide what that means.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping
@@ -61,6 +68,9 @@ class RedisIngest:
         self.rebuild_key = prefix + "rebuild"
         self._unlock_script = kv.register_script(_UNLOCK_LUA)
         self._scripting: bool | None = None  # unknown until the first unlock
+        # submissions waiting for the next shared enqueue round trip: (id, FSM fields, caller's future)
+        self._enqueues: list[tuple[str, dict[str, str], bool, asyncio.Future[None]]] = []
+        self._enqueue_task: asyncio.Task[None] | None = None
 
     def fsm_key(self, sid: str) -> str:
         return f"{self.prefix}fsm:{sid}"
@@ -78,6 +88,16 @@ class RedisIngest:
             fields[k] = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
         return fields
 
+    @classmethod
+    def _merged(cls, states: list[tuple[str, Mapping[str, Any] | None]], updated_at: str | None) -> dict[str, str]:
+        """Consecutive states as the one ``HSET`` that leaves the hash as they would in turn
+        (later fields win; the status is the last one)."""
+        stamp = updated_at or now_iso()
+        fields: dict[str, str] = {}
+        for status, extra in states:
+            fields.update(cls._fields(status, extra, stamp))
+        return fields
+
     async def set_state(self, sid: str, status: str, extra: Mapping[str, Any] | None = None, *, updated_at: str | None = None,
                         persist: bool = False) -> None:
         await self.set_states(sid, [(status, extra)], updated_at=updated_at, persist=persist)
@@ -87,8 +107,7 @@ class RedisIngest:
         """Consecutive states, in order, in one round trip (the mirror is the durable copy)."""
         key = self.fsm_key(sid)
         async with self.kv.pipeline(transaction=False) as pipe:
-            for status, extra in states:
-                pipe.hset(key, mapping=self._fields(status, extra, updated_at))
+            pipe.hset(key, mapping=self._merged(states, updated_at))
             if states[-1][0] in TERMINAL:
                 pipe.expire(key, self.terminal_ttl)
             elif persist:
@@ -100,21 +119,54 @@ class RedisIngest:
         if not items:
             return
         async with self.kv.pipeline(transaction=False) as pipe:
+            stamp = now_iso()
             for sid, states in items:
                 key = self.fsm_key(sid)
-                for status, extra in states:
-                    pipe.hset(key, mapping=self._fields(status, extra, None))
+                pipe.hset(key, mapping=self._merged(states, stamp))
                 if states[-1][0] in TERMINAL:
                     pipe.expire(key, self.terminal_ttl)
             await pipe.execute()
 
-    async def enqueue_new(self, sid: str, extra: Mapping[str, Any]) -> None:
-        """State ``queued`` and the id on the FIFO, in one round trip (no MULTI needed: if the
-        push is lost the database mirror still has the strategy and the sweep re-enqueues it)."""
-        async with self.kv.pipeline(transaction=False) as pipe:
-            pipe.hset(self.fsm_key(sid), mapping=self._fields(StrategyState.QUEUED, extra, None))
-            pipe.lpush(self.fifo, sid)
-            await pipe.execute()
+    async def enqueue_new(self, sid: str, extra: Mapping[str, Any], *, push: bool = True) -> None:
+        """State ``queued`` and the id on the FIFO (no MULTI needed: if the push is lost the
+        database mirror still has the strategy and the sweep re-enqueues it). ``push=False``
+        sets the state only (the id waits in the Gateway's fallback queue).
+
+        Submissions acknowledged together (one mirror commit resolves them all at once) share
+        one round trip: every call made before the event loop's next turn joins it, with one
+        ``HSET`` each and one ``LPUSH`` of all their ids in call order (FIFO order kept). Each
+        caller returns when that round trip is done and gets its error if it failed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueues.append((sid, self._fields(StrategyState.QUEUED, extra, None), push, fut))
+        if self._enqueue_task is None or self._enqueue_task.done():
+            self._enqueue_task = asyncio.create_task(self._enqueue_pending(), name="ingest-enqueue")
+        await asyncio.shield(fut)  # a cancelled caller does not cancel the others' round trip
+
+    async def _enqueue_pending(self) -> None:
+        while self._enqueues:
+            batch, self._enqueues = self._enqueues, []
+            try:
+                async with self.kv.pipeline(transaction=False) as pipe:
+                    for sid, fields, _, _ in batch:
+                        pipe.hset(self.fsm_key(sid), mapping=fields)
+                    pushed = [sid for sid, _, push, _ in batch if push]
+                    if pushed:
+                        pipe.lpush(self.fifo, *pushed)
+                    await pipe.execute()
+            except BaseException as exc:
+                for _, _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(f"enqueue interrupted: {exc!r}"))
+                if not isinstance(exc, Exception):
+                    for _, _, _, fut in self._enqueues:
+                        if not fut.done():
+                            fut.set_exception(RuntimeError(f"enqueue interrupted: {exc!r}"))
+                    self._enqueues = []
+                    raise
+                continue
+            for _, _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def get_state(self, sid: str) -> dict[str, Any] | None:
         raw = await self.kv.hgetall(self.fsm_key(sid))
@@ -149,6 +201,9 @@ class RedisIngest:
     async def pop_more(self, n: int) -> list[str]:
         """Up to ``n`` more ids from ``fifo`` to ``processing`` without blocking, in one round
         trip (a worker that got one id takes whatever else is waiting: one batch)."""
+        if n <= 0:
+            return []
+        n = min(n, int(await self.kv.llen(self.fifo)))  # no LMOVE that can only come back empty
         if n <= 0:
             return []
         async with self.kv.pipeline(transaction=False) as pipe:

@@ -203,7 +203,7 @@ class Admission:
                 await self.redis.enqueue_new(sid, extra)
                 self.local.wakeup.set()
                 return
-            await self.redis.set_state(sid, StrategyState.QUEUED, extra)
+            await self.redis.enqueue_new(sid, extra, push=False)  # the id waits in the fallback queue
         except TRANSIENT as exc:
             log.warning("ingest: Redis refused strategy %s (%r); keeping it in the fallback queue", sid, exc)
         if not self.fallback.put(sid):
