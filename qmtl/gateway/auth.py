@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.types import Options
 
 from qmtl.common.cache import LRU
 from qmtl.common.errors import Forbidden, ServiceUnavailable, Unauthorized
@@ -184,7 +185,7 @@ class Authenticator:
                     raise Unauthorized(f"token key not found: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
         max_life = float(getattr(self.config, "max_token_lifetime", 0) or 0)
         # PyJWT reads time.time() itself: its time checks are off, _check_times applies them against self.clock
-        options = {"require": ["exp", "sub"], "verify_aud": bool(self.config.audience), "verify_iss": bool(self.config.issuer),
+        options: Options = {"require": ["exp", "sub"], "verify_aud": bool(self.config.audience), "verify_iss": bool(self.config.issuer),
                    "verify_exp": False, "verify_nbf": False, "verify_iat": False}
         last: Exception | None = None
         for key in keys:
