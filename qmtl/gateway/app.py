@@ -49,7 +49,7 @@ def create_service(config: Config, *, bus: ControlBus, kv: Any = None, db: Datab
     kv_prefix = kv_prefix if kv_prefix is not None else g.kv_prefix
     db = db if db is not None else Database(config.db_url("gateway"))
     worldservice, dagmanager = _backends(config, registry, tracer_provider, clock)
-    auth = Authenticator(g.auth) if "auth" in parts else None
+    auth = Authenticator(g.auth, clock=clock.time) if "auth" in parts else None
     worlds = None
     if "worlds" in parts:
         assert auth is not None

@@ -18,13 +18,14 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.types import Options
 
 from qmtl.common.cache import LRU
 from qmtl.common.errors import Forbidden, ServiceUnavailable, Unauthorized
@@ -110,10 +111,11 @@ class _VerifiedTokens:
 
 
 class Authenticator:
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config  # AuthConfig
         self.mode = config.mode
-        self._verified = _VerifiedTokens()
+        self.clock = clock  # wall time: exp/nbf/iat are checked against it, not PyJWT's own time.time()
+        self._verified = _VerifiedTokens(clock=clock)
         self._static_keys = [self._load_pem(p) for p in config.public_keys]
         self._jwks_client = jwt.PyJWKClient(config.jwks_url, cache_keys=True, lifespan=300) if config.jwks_url else None
         self._dev = Identity(config.dev_subject, {"sub": config.dev_subject, "world_roles": dict(config.dev_roles)}, anonymous_dev=True)
@@ -182,17 +184,21 @@ class Authenticator:
                 if not keys:
                     raise Unauthorized(f"token key not found: {exc}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
         max_life = float(getattr(self.config, "max_token_lifetime", 0) or 0)
-        options = {"require": ["exp", "sub"], "verify_aud": bool(self.config.audience), "verify_iss": bool(self.config.issuer)}
+        # PyJWT reads time.time() itself: its time checks are off, _check_times applies them against self.clock
+        options: Options = {"require": ["exp", "sub"], "verify_aud": bool(self.config.audience), "verify_iss": bool(self.config.issuer),
+                   "verify_exp": False, "verify_nbf": False, "verify_iat": False}
         last: Exception | None = None
         for key in keys:
             try:
                 claims = jwt.decode(
                     token, key=key, algorithms=list(self.config.algorithms),
                     audience=self.config.audience or None, issuer=self.config.issuer or None,
-                    options=options, leeway=5,
+                    options=options,
                 )
+                now = self.clock()
+                _check_times(claims, now)
                 if max_life > 0:
-                    _check_lifetime(claims, max_life)
+                    _check_lifetime(claims, max_life, now)
                 return claims
             except jwt.InvalidSignatureError as exc:
                 last = exc
@@ -202,13 +208,42 @@ class Authenticator:
         raise Unauthorized(f"invalid token: {last or 'no key verifies it'}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
-def _check_lifetime(claims: Mapping[str, Any], max_life: float) -> None:
+LEEWAY = 5.0  # seconds of clock skew tolerated on exp/nbf/iat (PyJWT's ``leeway``)
+
+
+def _invalid(message: str) -> Unauthorized:
+    return Unauthorized(f"invalid token: {message}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _invalid(f"the {name!r} claim must be a number")
+    return float(value)
+
+
+def _check_times(claims: Mapping[str, Any], now: float) -> None:
+    """PyJWT's exp/nbf/iat checks (same leeway, same messages) against the injected clock."""
+    exp = _numeric(claims, "exp")
+    if exp is not None and exp <= now - LEEWAY:
+        raise _invalid("Signature has expired")
+    nbf = _numeric(claims, "nbf")
+    if nbf is not None and nbf > now + LEEWAY:
+        raise _invalid("The token is not yet valid (nbf)")
+    iat = _numeric(claims, "iat")
+    if iat is not None and iat > now + LEEWAY:
+        raise _invalid("The token is not yet valid (iat)")
+
+
+def _check_lifetime(claims: Mapping[str, Any], max_life: float, now: float) -> None:
     """A token may not claim to live longer than ``gateway.auth.max_token_lifetime``:
     ``exp - iat``, or ``exp - now`` when it has no ``iat``."""
     exp = claims.get("exp")
     iat = claims.get("iat")
-    start = float(iat) if isinstance(iat, (int, float)) and not isinstance(iat, bool) else time.time()
-    if isinstance(exp, (int, float)) and float(exp) - start > max_life + 5:  # 5 s: the verification leeway
+    start = float(iat) if isinstance(iat, (int, float)) and not isinstance(iat, bool) else now
+    if isinstance(exp, (int, float)) and float(exp) - start > max_life + LEEWAY:
         raise Unauthorized(
             f"the token's lifetime ({float(exp) - start:.0f} s) exceeds the allowed {max_life:.0f} s (gateway.auth.max_token_lifetime)",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},

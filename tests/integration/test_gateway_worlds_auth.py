@@ -3,8 +3,8 @@ over HTTP against a real WorldService process (``rbac: enforce``)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 import uuid
 
 import pytest
@@ -13,7 +13,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from qmtl.bus.inproc import InProcessBus
+from qmtl.common.clock import ManualClock
 from qmtl.gateway.app import create_app
+from tests.helpers.clocked import clocked_gateway
 from tests.helpers.server import serve
 from tests.helpers.wsproc import (
     SERVICE_TOKEN,
@@ -181,7 +183,19 @@ def test_auth_flags_on_gw_and_up_and_the_config_file(tmp_path):
     assert (env.mode, env.issuer) == ("jwt", "https://env.test")
 
 
-async def test_tokens_are_checked_on_the_cache_hit_fast_path(gw, idp):
+@pytest.fixture
+async def clocked_gw(ws, tmp_path, idp):
+    """``gw`` on a ManualClock that starts at the issuer's real time (its tokens' ``exp`` is real)."""
+    ws.start()
+    cfg = gateway_config(tmp_path, ws.url, auth={"mode": "jwt", "public_keys": [str(idp.pem_path)], "issuer": idp.issuer,
+                                                  "audience": idp.audience})
+    clock = ManualClock(time.time())
+    async with serve(clocked_gateway(cfg, clock, bus=InProcessBus(), parts=WORLDS_PARTS)) as url, client(url) as c:
+        yield c, clock
+
+
+async def test_tokens_are_checked_on_the_cache_hit_fast_path(clocked_gw, idp):
+    gw, clock = clocked_gw
     w = wid()
     alice = bearer(idp.token("alice", world_roles=OWNER_ALL))
     assert (await gw.post("/worlds", json={"world_id": w, "name": w}, headers=alice)).status_code == 201
@@ -192,5 +206,5 @@ async def test_tokens_are_checked_on_the_cache_hit_fast_path(gw, idp):
     is_problem(await gw.get(f"/worlds/{w}/decide"), 401)
     short = idp.token("alice", world_roles=OWNER_ALL, ttl=2)
     assert (await gw.get(f"/worlds/{w}/decide", headers=bearer(short))).headers["x-qmtl-cache"] == "hit"
-    await asyncio.sleep(2.1 + 5)  # past exp and PyJWT's 5 s leeway: the same token is refused, cache hit or not
+    clock.advance(2.1 + 5)  # past exp and the 5 s leeway: the same token is refused, cache hit or not
     is_problem(await gw.get(f"/worlds/{w}/decide", headers=bearer(short)), 401)

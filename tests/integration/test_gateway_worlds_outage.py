@@ -279,13 +279,14 @@ async def test_breaker_opens_half_opens_and_closes_seen_in_status(ws_ttl2, tmp_p
 async def test_status_dependency_health_is_cached_briefly(ws_ttl2, tmp_path, dagmanager_standin):
     dm_url, hits = dagmanager_standin
     cfg = gateway_config(tmp_path, ws_ttl2.url, dagmanager_url=dm_url, status_cache_ttl=0.5)
-    app = create_app(cfg, bus=InProcessBus(), parts=WORLDS_PARTS)
+    clock = ManualClock()
+    app = clocked_gateway(cfg, clock, bus=InProcessBus(), parts=WORLDS_PARTS)
     async with serve(app) as url, client(url) as c:
         first = await c.get("/status")
         burst = await asyncio.gather(*(c.get("/status") for _ in range(20)))
         assert first.json()["cached"] is False and all(r.json()["cached"] is True for r in burst)
         assert hits["n"] == 1  # 21 calls, one probe
         assert app.service.status.level() == "NORMAL"
-        await asyncio.sleep(0.6)
+        clock.advance(0.6)  # past the status cache ttl (0.5 s)
         again = await c.get("/status")
         assert again.json()["cached"] is False and hits["n"] == 2

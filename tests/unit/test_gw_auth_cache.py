@@ -64,3 +64,23 @@ def test_cache_entries_end_at_the_token_expiry_and_are_bounded():
     for i in range(5):
         cache.put(f"k{i}", Identity("e", {"exp": 10_000}))
     assert len(cache._data) == 2
+
+
+async def test_exp_nbf_iat_are_checked_against_the_injected_clock_with_5s_leeway(keys):
+    from qmtl.common.clock import ManualClock
+
+    key, pem = keys
+    short = token(key, ttl=2)
+    clock = ManualClock(jwt.decode(short, options={"verify_signature": False})["iat"])  # the token's own "now"
+    auth = Authenticator(AuthConfig(mode="jwt", public_keys=[pem], issuer="i", audience="a"), clock=clock.time)
+    assert (await auth.verify(short))["sub"] == "alice"
+    clock.advance(2 + 4.9)  # inside the leeway
+    assert (await auth.verify(short))["sub"] == "alice"
+    clock.advance(0.2)
+    with pytest.raises(Unauthorized, match="expired"):
+        await auth.verify(short)
+    early = token(key, ttl=600, nbf=int(clock.time()) + 60)
+    with pytest.raises(Unauthorized, match="nbf"):
+        await auth.verify(early)
+    clock.advance(60)
+    assert (await auth.verify(early))["sub"] == "alice"
