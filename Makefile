@@ -29,7 +29,7 @@ up: $(STAMP)
 
 test: $(STAMP) $(TOOLS)
 	$(BIN)/ruff check .
-	$(BIN)/mypy qmtl/sdk qmtl/common
+	$(BIN)/mypy qmtl handlers
 	scripts/ensure-services.sh
 	scripts/ensure-test-tools.sh
 	$(BIN)/qmtl check-specs

@@ -136,9 +136,7 @@ def create_app(
         config.dagmanager.service_token, header=api_key_header("dagmanager", "serviceToken"), open_when_unset=True)}
     app = build_app("dagmanager", dm_service, lifespan=lifespan, validate_responses=config.dagmanager.validate_responses,
                     access_log=config.access_log, tracer_provider=tracer_provider, security=verifiers, limits=config.dagmanager.limits)
-    # the HTTP server's refusals (qmtl.contracts.server); build_app sets ``guard`` on the Dispatcher it
-    # returns without declaring it (qmtl/contracts is another engineer's)
-    register_guard(dm_service.metrics.registry, app.guard)  # type: ignore[attr-defined]
+    register_guard(dm_service.metrics.registry, app.guard)  # the HTTP server's refusals (qmtl.contracts.server)
     return app
 
 

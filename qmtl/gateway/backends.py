@@ -161,8 +161,11 @@ class Backend:
             hdrs[correlation.HEADER] = cid
 
         async def attempt() -> httpx.Response:
-            extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout * 4)}  # the budget cuts first
-            resp = await self.client.request(method, path, params=params, json=json, content=content, headers=hdrs, **extra)
+            if timeout is None:
+                resp = await self.client.request(method, path, params=params, json=json, content=content, headers=hdrs)
+            else:  # the budget cuts first
+                resp = await self.client.request(method, path, params=params, json=json, content=content, headers=hdrs,
+                                                 timeout=httpx.Timeout(timeout * 4))
             if resp.status_code >= 500 or resp.status_code == 429:
                 raise _Retryable(resp)
             return resp

@@ -20,6 +20,7 @@ API used by the rest of the Gateway:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -337,7 +338,7 @@ class EventsComponent:
         if not await self.wait_ready():
             raise ServiceUnavailable("the Gateway is still rebuilding its event state", retry_after=2)
         if TOPIC_ALIASES.get(topic, topic) == StreamTopic.QUEUES:
-            key = st.normalise_queue_key(kw.get("tags"), kw.get("interval"), kw.get("match_mode"))
+            key = st.normalise_queue_key(kw.get("tags") or (), kw.get("interval"), kw.get("match_mode"))
             await self.resolve_queue_keys([key])
             h = self.state.queue_hash(key)
             assert h is not None
@@ -353,7 +354,7 @@ class EventsComponent:
         for key in keys:
             if self.state.queue_hash(key) is not None:
                 continue
-            await self._resolving.do(key, lambda k=key: self._fetch_queue_set(k))
+            await self._resolving.do(key, functools.partial(self._fetch_queue_set, key))
 
     async def _fetch_queue_set(self, key: tuple) -> None:
         from qmtl.gateway.backends import BackendUnavailable

@@ -99,6 +99,9 @@ class ControlBusConsumer:
         self._task = asyncio.create_task(self._run(), name=f"controlbus-consumer[{self.consumer_id}]")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="controlbus-consumer-metrics")
 
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def stop(self) -> None:
         self._stopping = True
         if self._watchdog is not None:
@@ -147,7 +150,7 @@ class ControlBusConsumer:
                     n += 1
                     if n % self.yield_every == 0:
                         await asyncio.sleep(0)  # let the writers run during a burst
-                if self._stopping:
+                if self.stopping():  # stop() ended the subscription
                     break
                 raise ConnectionError("the ControlBus subscription ended")
             except asyncio.CancelledError:

@@ -188,6 +188,13 @@ class StateStore:
         self.queues: dict[QueueKey, _Queues] = {}
         self.sentinels: dict[str, tuple[float, float | None]] = {}
 
+    def stamp(self, value: Any) -> float:
+        """:meth:`when` for an event that always gets an ordering time (the Gateway's clock
+        when its ``ts`` is absent or unparsable)."""
+        parsed = parse_ts(value)
+        now = self._clock()
+        return now if parsed is None else min(parsed, now + self.max_skew)
+
     def when(self, value: Any, *, default_now: bool = True) -> float | None:
         """An event's ``ts`` as ordering time: parsed, capped at the Gateway's clock plus
         ``max_skew``; absent or unparsable → the Gateway's clock (``None`` when not
@@ -205,7 +212,7 @@ class StateStore:
         if world is None:
             world = self.worlds[world_id] = _World()
         key = (event["strategy_id"], event["side"])
-        ts = self.when(event.get("ts"))
+        ts = self.stamp(event.get("ts"))
         etag = event["etag"]
         current = world.entries.get(key)
         if current is not None:
@@ -246,7 +253,7 @@ class StateStore:
         world_id = event["world_id"]
         versions = self.policies.setdefault(world_id, {})
         version = int(event["policy_version"])
-        ts = self.when(event.get("ts"))
+        ts = self.stamp(event.get("ts"))
         incoming = _Policy(dict(event), ts)
         current = versions.get(version)
         if current is not None:
@@ -287,7 +294,7 @@ class StateStore:
     ) -> tuple[str, str]:
         """Apply a queue set. ``ts`` absent (legacy callback, DAG Manager lookup): the
         Gateway's receive time stands in, so an older in-flight event cannot undo it."""
-        when = self.when(ts)
+        when = self.stamp(ts)
         current = self.queues.get(key)
         new_set = tuple(sorted(set(queues)))
         if current is not None:

@@ -155,7 +155,7 @@ def _is_missing_id_field(error: Any) -> bool:
     if error.validator != "required" or len(path) != 2 or path[0] != "nodes":
         return False
     m = _REQUIRED_RE.match(error.message)
-    return bool(m) and m.group(1) in NODE_ID_FIELDS
+    return m is not None and m.group(1) in NODE_ID_FIELDS
 
 
 _REQUIRED_RE = re.compile(r"^'([^']+)' is a required property$")

@@ -150,11 +150,10 @@ class IngestStore:
         self._task: asyncio.Task | None = None
         self.commits = 0
         self.batched_ops = 0
-        if db.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        self._insert_strategy = dialect_insert(strategies).on_conflict_do_nothing()
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        self._insert_strategy = (sqlite.insert(strategies).on_conflict_do_nothing() if db.is_sqlite
+                                 else postgresql.insert(strategies).on_conflict_do_nothing())
         self._insert_event = strategy_events.insert()
         self._owners = sa.select(strategies.c.content_hash, strategies.c.strategy_id).where(
             strategies.c.content_hash.in_(sa.bindparam("hashes", expanding=True)))
