@@ -168,6 +168,8 @@ def _finite_float(text: str) -> float:
 class JSONBody2020Validator(AbstractRequestBodyValidator):
     """Request body validator: JSON, Draft 2020-12, 422 with JSON pointers."""
 
+    takes_compiled = True  # the stack hands it the schema compiled once per operation
+
     def __init__(self, *, schema: dict, compiled: CompiledSchema | None = None, **kwargs: t.Any) -> None:
         super().__init__(schema=schema, **kwargs)
         self._compiled = compiled if compiled is not None and compiled.schema is schema else CompiledSchema(schema)
@@ -206,6 +208,8 @@ class JSONBody2020Validator(AbstractRequestBodyValidator):
 
 class JSONResponse2020Validator(AbstractResponseBodyValidator):
     """Response body validator: Draft 2020-12 (a non-conforming response is our bug: 500)."""
+
+    takes_compiled = True  # the stack hands it the schema compiled once per operation
 
     def __init__(self, scope: t.Any, *, schema: dict, compiled: CompiledSchema | None = None, **kwargs: t.Any) -> None:
         super().__init__(scope, schema=schema, **kwargs)

@@ -151,9 +151,10 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
         if schema:
             body_validator = _validator_for(self._validator_map["body"], mime_type)
             if body_validator is not None:
+                extra = {"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {}
                 validator = body_validator(
                     schema=schema,
-                    compiled=compiled,
+                    **extra,
                     required=self._required,
                     nullable=utils.is_nullable(self._operation.body_definition(mime_type)),
                     encoding=encoding,
@@ -202,10 +203,12 @@ class CompiledResponseValidationOperation(ResponseValidationOperation):
                 body_validator = _validator_for(self._validator_map["response"], mime_type)
                 if body_validator is not None:
                     compiled = self._compiled.get((status, mime_type))
+                    # Connexion's own validators (form data, streams) take no compiled schema
+                    extra = {"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {}
                     validator = body_validator(
                         scope,
                         schema=compiled.schema if compiled is not None else self._operation.response_schema(status, mime_type),
-                        compiled=compiled,
+                        **extra,
                         nullable=utils.is_nullable(definition),
                         encoding=encoding,
                     )
