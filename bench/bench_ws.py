@@ -507,7 +507,7 @@ def report(results: list[dict]) -> int:
                                with_stall <= bound))
         for text, passed in checks:
             ok &= bool(passed)
-            print(f"  [{'ok' if passed else 'MISS'}] {bus}: {text}")
+            print(f"  [{'ok' if passed else 'MISSED'}] {bus}: {text}")
     print("\nCPU cost per delivered frame (independent of other load on the machine): " + "; ".join(
         f"{r['bus']} server {r['server_cpu_us_per_msg']:.1f} us (= {1e6 / max(r['server_cpu_us_per_msg'], 1e-9):,.0f} msg/s per "
         f"server core), client {r['client_cpu_us_per_msg']:.1f} us" for r in results if r["phase"] == "burst"))
