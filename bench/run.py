@@ -1,8 +1,9 @@
 """Run every benchmark in bench/, one after another, and print each one's output.
 
     make bench                       # all of them
-    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, wsmem, ingest, statehash, ops, flood,
-                                     # slowloris, outage, tracing, labels, replicas, watch)
+    make bench ARGS="decide diff"    # a subset, by name (decide, diff, ws, wsmem, ingest, ingestcpu,
+                                     # diffcpu, relay, statehash, ops, flood, slowloris, outage, tracing,
+                                     # labels, replicas, watch)
 
 Each benchmark measures its own in-run baseline and prints ratios (these machines are
 noisy; absolute figures drift). They run one at a time so they do not slow each other.
