@@ -48,6 +48,7 @@ again.
 
 from __future__ import annotations
 
+import collections
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -87,6 +88,17 @@ _INSERT_TAGGED_QUEUES_SQL = (
     "FROM r JOIN unnest($10::int4[], $11::text[], $12::int4[]) AS g(nid, tag, interval) ON g.nid = r.nid) "
     "SELECT array_agg(r.qid), array_agg(r.nid), array_agg(r.topic) FROM r"
 )
+
+
+@dataclass
+class _Queues:
+    """Queues being created by one transaction (``creator`` = ``token``)."""
+
+    token: str
+    created: dict[str, str] = field(default_factory=dict)  # node → topic
+    qids: dict[str, int] = field(default_factory=dict)  # node → qid of a created queue
+    tagged: set[str] = field(default_factory=set)  # created queues whose tag rows are written
+    concurrent: dict[str, str] = field(default_factory=dict)  # node → topic created by another transaction
 
 
 class _OneByOne(Exception):
@@ -336,9 +348,11 @@ class Differ:
         queue is new to that diff, reused by the later ones), a tag query does not see
         the queues of later diffs, a watch is new to the first diff that has it.
 
-        Raises :class:`_OneByOne` (the caller rolls back and applies the diffs one by one)
-        where sequential application would differ or needs the per-diff path: a strategy
-        or sentinel that exists, a queue name clash (renaming depends on the order)."""
+        Queue names are decided up front as the diffs one by one would get them (see
+        :meth:`_create_batch_queues`). Raises :class:`_OneByOne` (the caller rolls back
+        and applies the diffs one by one) where the per-diff path is needed: a strategy
+        or sentinel that exists (a re-diff, or a 409), a name a concurrent transaction
+        took."""
         now = self.clock()
         sim = plans[0].sim
         async with self.txn.write() as conn:
@@ -357,16 +371,18 @@ class Differ:
 
             owner: dict[str, int] = {}  # a missing queue → the index of the first diff that needs it
             queue_nodes: dict[str, PlanNode] = {}
+            missing: list[list[str]] = [[] for _ in plans]
             for j, plan in enumerate(plans):
                 for node_id in plan.queue_nodes:
                     if node_id not in known and node_id not in owner:
                         owner[node_id] = j
                         queue_nodes[node_id] = plan.nodes[node_id]
+                        missing[j].append(node_id)
             created: dict[str, str] = {}
             concurrent: dict[str, str] = {}
             if owner:
-                created, concurrent = await self._create_queues(
-                    conn, sim, queue_nodes, sorted(owner, key=lambda n: (owner[n], n)), nids, now, renames=False)
+                created, concurrent = await self._create_batch_queues(
+                    conn, sim, queue_nodes, [sorted(group) for group in missing if group], nids, now)
             topic_of = {**known, **concurrent, **created}
 
             if not await self.strategies.record_new(conn, plans, [{nids[n] for n in p.graph_nodes} for p in plans], now):
@@ -447,26 +463,18 @@ class Differ:
 
     async def _create_queues(
         self, conn: Any, sim: bool, nodes: Mapping[str, PlanNode], missing: list[str], nids: Mapping[str, int], now: float,
-        *, renames: bool = True,
     ) -> tuple[dict[str, str], dict[str, str]]:
-        """Create queues for ``missing`` nodes (in namespace ``sim``, in priority order: of
-        two nodes with one short name the first gets it). Returns (created by this diff,
-        created by a concurrent one).
+        """Create queues for ``missing`` nodes (in namespace ``sim``, node-id order).
+        Returns (created by this diff, created by a concurrent one).
 
         Each node tries its short name straight away — one INSERT ``ON CONFLICT DO
         NOTHING RETURNING``, rows in node-id order; a node whose short name an earlier
-        node of this batch has waits for the next round (without ``renames`` a clash
-        raises :class:`_OneByOne` instead). Only the rows not returned are
-        read back: a queue carrying another diff's
-        ``creator`` token lost this diff the race for the node (unique ``(nid, sim)``) and
-        is reused; no queue means the name is taken (unique ``topic``), and the node gets
-        the shortest free longer name (:meth:`_assign_names`) in the next round."""
-        token = uuid.uuid4().hex
-        created: dict[str, str] = {}
-        created_qids: dict[str, int] = {}
-        tagged: set[str] = set()  # created queues whose tag rows are written
-        concurrent: dict[str, str] = {}
-        node_of = {nids[node_id]: node_id for node_id in missing}
+        node of this diff has waits for the next round. Only the rows not returned are
+        read back: a queue carrying another diff's ``creator`` token lost this diff the
+        race for the node (unique ``(nid, sim)``) and is reused; no queue means the name
+        is taken (unique ``topic``), and the node gets the shortest free longer name
+        (:meth:`_assign_names`) in the next round."""
+        out = _Queues(uuid.uuid4().hex)
         names: dict[str, str] = {}
         later: list[str] = []
         short: set[str] = set()
@@ -478,61 +486,114 @@ class Differ:
                 short.add(name)
                 names[node_id] = name
         for _round in range(_MAX_NAME_ROUNDS):
-            if later and not renames:
-                raise _OneByOne("two new queues of the batch share a short name")
-            batch = [nodes[node_id] for node_id in sorted(names)]
-            values = {
-                "topic": [names[n.node_id] for n in batch], "nid": [nids[n.node_id] for n in batch], "sim": sim,
-                "node_type": [n.node_type for n in batch], "tags": [n.tags_json for n in batch],
-                "interval": [n.queue_interval for n in batch], "created_at": now, "ttl_seconds": self.queue_ttl_seconds,
-                "released_at": None, "creator": token,
-            }
-            if self.sql.is_sqlite:
-                inserted = await self.sql.insert_ignore(conn, store.queues, values, returning=("qid", "nid", "topic"))
-            else:  # with the tag rows of the queues it inserted, in the same statement
-                inserted = await self._insert_tagged_queues(conn, values, batch)
-                tagged.update(node_of[nid_int] for nid_int in inserted[1])
-            for qid, nid_int, topic in zip(*inserted) if inserted else ():
-                node_id = node_of[nid_int]
-                created[node_id] = topic
-                created_qids[node_id] = qid
-            unseen = [nids[node_id] for node_id in names if node_id not in created]
-            if unseen:
-                for qid, nid_int, topic, creator in await self._queues_of(conn, unseen, sim):
-                    node_id = node_of[nid_int]
-                    if creator == token:
-                        created[node_id] = topic
-                        created_qids[node_id] = qid
-                    else:
-                        concurrent[node_id] = topic
-            # a node with no queue now lost its name (to another node, or to an earlier node of this batch)
-            pending = sorted(later + [node_id for node_id in names if node_id not in created and node_id not in concurrent])
+            await self._insert_queues(conn, sim, nodes, names, nids, now, out)
+            # a node with no queue now lost its name (to another node, or to an earlier node of this diff)
+            pending = sorted(later + [n for n in names if n not in out.created and n not in out.concurrent])
             if not pending:
                 break
-            if not renames:
-                raise _OneByOne("a new queue's short name is taken")
             self.metrics.name_clashes.inc(len(pending))
             names = await self._assign_names(conn, nodes, pending)
             later = []
         else:
             raise ServiceUnavailable(f"could not assign queue names for {len(pending)} node(s) under contention; retry")
-        if concurrent:
-            log.debug("%d queue(s) were created by a concurrent diff; reusing them", len(concurrent))
-        untagged = {node_id: qid for node_id, qid in created_qids.items() if node_id not in tagged}
-        if untagged:
-            tags: list[str] = []
-            intervals: list[int] = []
-            qids: list[int] = []
-            for node_id, qid in untagged.items():
-                n = nodes[node_id]
-                interval = n.queue_interval
-                for tag in n.tags:
-                    tags.append(tag)
-                    intervals.append(interval)
-                    qids.append(qid)
-            # only this diff's new queues: no other transaction can hold these rows
-            await self.sql.insert_new(conn, store.queue_tags, {"tag": tags, "interval": intervals, "sim": sim, "qid": qids})
-        return created, concurrent
+        await self._insert_tags(conn, sim, nodes, out)
+        return out.created, out.concurrent
+
+    async def _create_batch_queues(
+        self, conn: Any, sim: bool, nodes: Mapping[str, PlanNode], missing: Sequence[Sequence[str]], nids: Mapping[str, int],
+        now: float,
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """:meth:`_create_queues` for a batch: ``missing`` holds each diff's missing nodes
+        (node-id order), in the batch's order. The names are decided before one INSERT of
+        all the queues, as the diffs one by one would get them: one SELECT of the short
+        names taken and, on a clash, one of the clashing nodes' longer names. Raises
+        :class:`_OneByOne` where that cannot be decided up front (a concurrent
+        transaction took a name)."""
+        first = {n: nodes[n].first_name for group in missing for n in group}
+        taken = await self._taken(conn, sorted(set(first.values())))
+        counts = collections.Counter(first.values())
+        maybe = sorted(n for n, name in first.items() if name in taken or counts[name] > 1)
+        cands = {n: nodes[n].candidates() for n in maybe}
+        if maybe:
+            taken |= await self._taken(conn, sorted({c for options in cands.values() for c in options}))
+        names: dict[str, str] = {}
+        used: set[str] = set()  # names the batch's earlier queues got
+        for group in missing:
+            later: list[str] = []
+            short: set[str] = set()
+            for node_id in group:  # round one: the short names
+                name = first[node_id]
+                if name in short or name in taken or name in used:
+                    later.append(node_id)
+                else:
+                    short.add(name)
+                    names[node_id] = name
+            used |= short
+            if later:
+                self.metrics.name_clashes.inc(len(later))
+            for node_id in sorted(later):  # round two: the shortest free longer name
+                name = next((c for c in cands.get(node_id, ()) if c not in taken and c not in used), "")
+                if not name:
+                    raise _OneByOne("a new queue's name is not decided by the batch's names")
+                used.add(name)
+                names[node_id] = name
+        out = _Queues(uuid.uuid4().hex)
+        await self._insert_queues(conn, sim, nodes, names, nids, now, out)
+        if len(out.created) + len(out.concurrent) < len(names):
+            raise _OneByOne("a new queue's name was taken by a concurrent transaction")
+        await self._insert_tags(conn, sim, nodes, out)
+        return out.created, out.concurrent
+
+    async def _insert_queues(
+        self, conn: Any, sim: bool, nodes: Mapping[str, PlanNode], names: Mapping[str, str], nids: Mapping[str, int],
+        now: float, out: _Queues,
+    ) -> None:
+        """One INSERT ``ON CONFLICT DO NOTHING RETURNING`` of the queues ``names`` (node →
+        topic), rows in node-id order; the rows not returned are read back."""
+        batch = [nodes[node_id] for node_id in sorted(names)]
+        node_of = {nids[n.node_id]: n.node_id for n in batch}
+        values = {
+            "topic": [names[n.node_id] for n in batch], "nid": [nids[n.node_id] for n in batch], "sim": sim,
+            "node_type": [n.node_type for n in batch], "tags": [n.tags_json for n in batch],
+            "interval": [n.queue_interval for n in batch], "created_at": now, "ttl_seconds": self.queue_ttl_seconds,
+            "released_at": None, "creator": out.token,
+        }
+        if self.sql.is_sqlite:
+            inserted = await self.sql.insert_ignore(conn, store.queues, values, returning=("qid", "nid", "topic"))
+        else:  # with the tag rows of the queues it inserted, in the same statement
+            inserted = await self._insert_tagged_queues(conn, values, batch)
+            out.tagged.update(node_of[nid_int] for nid_int in inserted[1])
+        for qid, nid_int, topic in zip(*inserted) if inserted else ():
+            node_id = node_of[nid_int]
+            out.created[node_id] = topic
+            out.qids[node_id] = qid
+        unseen = [nids[node_id] for node_id in names if node_id not in out.created]
+        if unseen:
+            for qid, nid_int, topic, creator in await self._queues_of(conn, unseen, sim):
+                node_id = node_of[nid_int]
+                if creator == out.token:
+                    out.created[node_id] = topic
+                    out.qids[node_id] = qid
+                else:
+                    out.concurrent[node_id] = topic
+                    log.debug("queue %s was created by a concurrent diff; reusing it", topic)
+
+    async def _insert_tags(self, conn: Any, sim: bool, nodes: Mapping[str, PlanNode], out: _Queues) -> None:
+        """The tag rows of the created queues not tagged yet (only this transaction's new
+        queues: no other transaction can hold these rows)."""
+        tags: list[str] = []
+        intervals: list[int] = []
+        qids: list[int] = []
+        for node_id, qid in out.qids.items():
+            if node_id in out.tagged:
+                continue
+            n = nodes[node_id]
+            interval = n.queue_interval
+            for tag in n.tags:
+                tags.append(tag)
+                intervals.append(interval)
+                qids.append(qid)
+        await self.sql.insert_new(conn, store.queue_tags, {"tag": tags, "interval": intervals, "sim": sim, "qid": qids})
 
     async def _insert_tagged_queues(self, conn: Any, values: Mapping[str, Any], batch: Sequence[PlanNode]) -> list[list]:
         """PostgreSQL: INSERT of queues (``values`` as for :meth:`SqlHelpers.insert_ignore`)

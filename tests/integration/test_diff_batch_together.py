@@ -121,6 +121,32 @@ async def test_each_answer_is_the_one_by_one_answer(twins, monkeypatch):
     assert fourth["new_queues"] == []
 
 
+async def test_queue_names_that_clash_are_the_one_by_one_names(twins, monkeypatch):
+    together: list[bool] = []
+    original = Differ._diff_together
+
+    async def spy(self: Differ, plans: Any) -> Any:
+        results = await original(self, plans)
+        together.append(results is not None)
+        return results
+
+    monkeypatch.setattr(Differ, "_diff_together", spy)
+    held = node("Compute", "abc123ff", config_hash="held")
+    await setup_both(twins, [{"strategy_id": "s-owner", "dag": {"nodes": [held]}}])
+    together.clear()
+    same = [node("Compute", "abc123ff", config_hash=f"k{i}") for i in range(4)]  # one short name, the owner's
+    other = [node("Compute", "abc124ee", config_hash=f"k{i}") for i in range(3)]  # another one, free
+    got, expected = await both(twins, [
+        {"strategy_id": "s-1", "dag": {"nodes": [same[0], same[1]]}},  # both renamed (the name is taken)
+        {"strategy_id": "s-2", "dag": {"nodes": [other[0], other[1], same[2]]}},  # one gets the free name
+        {"strategy_id": "s-3", "dag": {"nodes": [other[2], same[3], same[0]]}},
+    ])
+    assert together == [True]
+    assert got == expected
+    topics = [t for x in got for t in x["body"]["new_queues"]]
+    assert len(topics) == len(set(topics)) == 7
+
+
 async def test_a_failing_diff_fails_alone_and_the_others_answer_as_one_by_one(twins):
     a = node("Compute", "fa01", tags=["btc"])
     taken = sentinel("s-owner", [a["node_id"]])
