@@ -57,6 +57,21 @@ async def twins(request, tmp_path, pg_schema):
             await drop_schema(pg_schema[0], schema)
 
 
+@pytest.fixture
+def together(monkeypatch) -> list[bool]:
+    """Whether each POST /diff/batch since was applied in one transaction (True) or one by one."""
+    seen: list[bool] = []
+    original = Differ._diff_together
+
+    async def spy(self: Differ, plans: Any) -> Any:
+        results = await original(self, plans)
+        seen.append(results is not None)
+        return results
+
+    monkeypatch.setattr(Differ, "_diff_together", spy)
+    return seen
+
+
 def sentinel(sid: str, inputs: list[str]) -> dict:
     return {"node_id": f"{sid}-sentinel-v2", "node_type": "VersionSentinel", "version": "v2", "inputs": inputs}
 
@@ -90,16 +105,7 @@ async def setup_both(twins: Any, diffs: list[dict]) -> None:
             assert (await client.post("/diff", json=d)).status_code == 200
 
 
-async def test_each_answer_is_the_one_by_one_answer(twins, monkeypatch):
-    together: list[bool] = []
-    original = Differ._diff_together
-
-    async def spy(self: Differ, plans: Any) -> Any:
-        results = await original(self, plans)
-        together.append(results is not None)
-        return results
-
-    monkeypatch.setattr(Differ, "_diff_together", spy)
+async def test_each_answer_is_the_one_by_one_answer(twins, together):
     owned = node("Compute", "eq01", tags=["btc"])
     await setup_both(twins, [{"strategy_id": "s-owner", "dag": {"nodes": [owned]}}])
     b, c, d = node("Compute", "eq02", tags=["btc"]), node("Compute", "eq03", tags=["btc", "eth"]), node("Compute", "eq04", tags=["eth"])
@@ -121,16 +127,7 @@ async def test_each_answer_is_the_one_by_one_answer(twins, monkeypatch):
     assert fourth["new_queues"] == []
 
 
-async def test_queue_names_that_clash_are_the_one_by_one_names(twins, monkeypatch):
-    together: list[bool] = []
-    original = Differ._diff_together
-
-    async def spy(self: Differ, plans: Any) -> Any:
-        results = await original(self, plans)
-        together.append(results is not None)
-        return results
-
-    monkeypatch.setattr(Differ, "_diff_together", spy)
+async def test_queue_names_that_clash_are_the_one_by_one_names(twins, together):
     held = node("Compute", "abc123ff", config_hash="held")
     await setup_both(twins, [{"strategy_id": "s-owner", "dag": {"nodes": [held]}}])
     together.clear()
@@ -147,7 +144,7 @@ async def test_queue_names_that_clash_are_the_one_by_one_names(twins, monkeypatc
     assert len(topics) == len(set(topics)) == 7
 
 
-async def test_a_failing_diff_fails_alone_and_the_others_answer_as_one_by_one(twins):
+async def test_a_failing_diff_fails_alone_and_the_others_answer_as_one_by_one(twins, together):
     a = node("Compute", "fa01", tags=["btc"])
     taken = sentinel("s-owner", [a["node_id"]])
     await setup_both(twins, [{"strategy_id": "s-owner", "dag": {"nodes": [a, taken]}},
@@ -177,6 +174,8 @@ async def test_a_failing_diff_fails_alone_and_the_others_answer_as_one_by_one(tw
         assert got == expected, diffs
         statuses.append([x["status"] for x in got])
     assert statuses == [[200, 409, 200], [200, 200], [200, 200], [200, 200], [200, 422, 200], [200, 200]]
+    # one transaction where it applies: not with the 409, the re-diff, two namespaces, one strategy twice
+    assert together == [False, False, True, False, True, False]
 
 
 async def test_two_dag_managers_batching_the_same_dags_converge(pg_schema):
