@@ -97,6 +97,7 @@ DIFF_REQUEST_SCHEMA = operation("dagmanager", "diff").request_schema
 log = logging.getLogger(__name__)
 
 _MAX_NAME_ROUNDS = 8
+_BATCH_CANDIDATES = 8  # names looked up per clashing queue in a batch (6 to 20 hash characters)
 
 # Queues (one array per column; only this diff's rows are tagged: no other transaction
 # can hold a tag row of a queue this statement inserted, hence no ON CONFLICT there).
@@ -534,7 +535,7 @@ class Differ:
         taken = await self._taken(conn, sorted(set(first.values())))
         counts = collections.Counter(first.values())
         maybe = sorted(n for n, name in first.items() if name in taken or counts[name] > 1)
-        cands = {n: nodes[n].candidates() for n in maybe}
+        cands = {n: nodes[n].candidates(_BATCH_CANDIDATES) for n in maybe}
         if maybe:
             taken |= await self._taken(conn, sorted({c for options in cands.values() for c in options}))
         names: dict[str, str] = {}
@@ -554,8 +555,8 @@ class Differ:
                 self.metrics.name_clashes.inc(len(later))
             for node_id in sorted(later):  # round two: the shortest free longer name
                 name = next((c for c in cands.get(node_id, ()) if c not in taken and c not in used), "")
-                if not name:
-                    raise _OneByOne("a new queue's name is not decided by the batch's names")
+                if not name:  # (rare: the one-by-one path looks further)
+                    raise _OneByOne(f"no free name among a clashing queue's first {_BATCH_CANDIDATES}")
                 used.add(name)
                 names[node_id] = name
         out = _Queues(uuid.uuid4().hex)

@@ -4,6 +4,7 @@ nodes and tag queries in DAG order, the namespace (``sim``), asset, version and 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,10 @@ class PlanNode:
     def first_name(self) -> str:
         return next(naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim))
 
-    def candidates(self) -> list[str]:
-        return list(naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim))
+    def candidates(self, limit: int | None = None) -> list[str]:
+        """The node's queue names, shortest first (the first ``limit`` of them)."""
+        names = naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim)
+        return list(itertools.islice(names, limit))
 
 
 @dataclass
