@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -76,15 +77,22 @@ def sentinel(sid: str, inputs: list[str]) -> dict:
     return {"node_id": f"{sid}-sentinel-v2", "node_type": "VersionSentinel", "version": "v2", "inputs": inputs}
 
 
+JSON = {"Content-Type": "application/json"}
+
+
+def as_json(body: Any) -> bytes:
+    return json.dumps(body).encode()  # ASCII, escapes included (a lone surrogate too)
+
+
 async def both(twins: Any, diffs: list[dict]) -> tuple[list[dict], list[dict]]:
     """The batch's results from the first DAG Manager, and POST /diff's answers to the same
     diffs one by one from the second, in the batch's result shape."""
     batched, single = twins
-    r = await batched.post("/diff/batch", json={"diffs": diffs})
+    r = await batched.post("/diff/batch", content=as_json({"diffs": diffs}), headers=JSON)
     assert r.status_code == 200, r.text
     expected = []
     for d in diffs:
-        one = await single.post("/diff", json=d)
+        one = await single.post("/diff", content=as_json(d), headers=JSON)
         if one.status_code == 200:
             expected.append({"status": 200, "body": one.json()})
         else:
@@ -167,15 +175,19 @@ async def test_a_failing_diff_fails_alone_and_the_others_answer_as_one_by_one(tw
          {"strategy_id": "s-11", "dag": {"nodes": [node("Compute", "fa09", tags=["btc"]), tag_query("faq2", ["btc"])]}}],
         [{"strategy_id": "s-12", "dag": {"nodes": [b]}},
          {"strategy_id": "s-12", "dag": {"nodes": [b, c]}}],  # one strategy twice in a batch
+        [{"strategy_id": "s-13", "dag": {"nodes": [node("Compute", "fa10")]}},
+         {"strategy_id": "s-14", "dag": {"nodes": [dict(node("Compute", "fa11"), code_hash="fa11\udc00")]}},  # refused: 422
+         {"strategy_id": "s-15", "dag": {"nodes": [node("Compute", "fa12"), b]}}],
     ]
     statuses = []
     for diffs in batches:
         got, expected = await both(twins, diffs)
         assert got == expected, diffs
         statuses.append([x["status"] for x in got])
-    assert statuses == [[200, 409, 200], [200, 200], [200, 200], [200, 200], [200, 422, 200], [200, 200]]
-    # one transaction where it applies: not with the 409, the re-diff, two namespaces, one strategy twice
-    assert together == [False, False, True, False, True, False]
+    assert statuses == [[200, 409, 200], [200, 200], [200, 200], [200, 200], [200, 422, 200], [200, 200], [200, 422, 200]]
+    # one transaction where it applies: not with the 409, the re-diff, two namespaces, one strategy twice,
+    # a string the database refuses
+    assert together == [False, False, True, False, True, False, False]
 
 
 async def test_two_dag_managers_batching_the_same_dags_converge(pg_schema):
@@ -208,3 +220,23 @@ async def test_two_dag_managers_batching_the_same_dags_converge(pg_schema):
             assert refs == 4 * 18 * 4
         finally:
             await conn.close()
+
+
+@pytest.mark.parametrize("count", [3, 1001])
+async def test_watches_are_registered_once_and_only_new_ones_reported(tmp_path, count):
+    from qmtl.dagmanager import store
+    from qmtl.dagmanager.tagindex import TagKey, register_watches
+
+    db = Database(sqlite_url(tmp_path / "w.db"))  # beyond 1,000 rows SQLite's bulk INSERT does not say which are new
+    try:
+        await db.create_all(store.metadata)
+        helpers = store.SqlHelpers(db)
+        keys = {TagKey.of([f"t{i}"], 60, "any"): [f"q{i}"] for i in range(count)}
+        async with db.begin() as conn:
+            assert await register_watches(conn, helpers, dict(list(keys.items())[:1]), 1.0) == list(keys)[:1]
+        async with db.begin() as conn:
+            assert await register_watches(conn, helpers, keys, 2.0) == list(keys)[1:]
+        async with db.begin() as conn:
+            assert await register_watches(conn, helpers, keys, 3.0) == []
+    finally:
+        await db.close()
