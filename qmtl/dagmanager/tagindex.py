@@ -301,12 +301,13 @@ async def register_watches(conn: Any, helpers: store.SqlHelpers, keys: dict[TagK
     """Record watches (with the etag of the set just computed); return the new ones."""
     if not keys:
         return []
+    ordered = sorted(keys, key=lambda k: k.watch_key)  # rows in key order: concurrent diffs lock them in the same order
     values = {
-        "watch_key": [k.watch_key for k in keys],
-        "tags": [store.dumps(list(k.tags)) for k in keys],
-        "interval": [k.interval for k in keys],
-        "match_mode": [k.match_mode for k in keys],
-        "etag": [etag_of(k, queues) for k, queues in keys.items()],
+        "watch_key": [k.watch_key for k in ordered],
+        "tags": [store.dumps(list(k.tags)) for k in ordered],
+        "interval": [k.interval for k in ordered],
+        "match_mode": [k.match_mode for k in ordered],
+        "etag": [etag_of(k, keys[k]) for k in ordered],
         "updated_at": now,
     }
     if helpers.is_sqlite and len(keys) > store.SQLITE_RETURNING_ROWS:  # (SQLite's bulk path would not say which are new)
