@@ -23,7 +23,8 @@ What runs:
   ``lost`` = accepted ids that did not complete + ``lost_requests_total`` from /metrics.
 
 With ``--split`` the CPU per strategy is also printed per process (Gateway, DAG Manager), and
-``--profile`` runs only the Gateway under cProfile.
+``--profile`` runs only the Gateway under cProfile; ``--profile-dm FILE`` runs the DAG Manager
+under cProfile (with ``--split``).
 
 Printed: counts (sent, 202, other statuses, errors, lost), p50/p95/p99/max POST→ack, the
 server's own ``gateway_e2e_latency_ms`` p95 (from its histogram), the baseline, the drain
@@ -228,11 +229,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | None = None) -> tuple[list[subprocess.Popen], int]:
+def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | None = None,
+                    profile_dm: str | None = None) -> tuple[list[subprocess.Popen], int]:
     qmtl = str(ROOT / ".venv" / "bin" / "qmtl")
     if not Path(qmtl).exists():
         qmtl = shutil.which("qmtl") or "qmtl"
     plain = qmtl
+    dm_cmd = [sys.executable, "-m", "cProfile", "-o", profile_dm, qmtl] if profile_dm else [plain]
     if profile:  # the server (with --split: the Gateway) under cProfile (figures then include the profiler's overhead)
         qmtl = f"{sys.executable}\0-m\0cProfile\0-o\0{profile}\0{qmtl}"
     gw, ws, dm = free_port(), free_port(), free_port()
@@ -241,7 +244,7 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the server processes, closed with them
     procs = []
     if split:
-        procs.append(subprocess.Popen([plain, "dagmanager", "--data-dir", str(data_dir), "--port", str(dm)],
+        procs.append(subprocess.Popen([*dm_cmd, "dagmanager", "--data-dir", str(data_dir), "--port", str(dm)],
                                       stdout=log, stderr=log, env=env, start_new_session=True))
         procs.append(subprocess.Popen([*qmtl.split("\0"), "gw", "--data-dir", str(data_dir), "--port", str(gw),
                                        "--dagmanager-url", f"http://127.0.0.1:{dm}", "--worldservice-url", f"http://127.0.0.1:{ws}"],
@@ -349,7 +352,9 @@ async def main(args: argparse.Namespace) -> int:
     load_at_start = os.getloadavg()
     data_dir = Path(tempfile.mkdtemp(prefix="qmtl-bench-ingest-"))
     log_path = data_dir / "server.log"
-    procs, port = start_processes(data_dir, args.split, log_path, args.profile)
+    if args.profile_dm and not args.split:
+        raise SystemExit("--profile-dm needs --split (qmtl up is one process: use --profile)")
+    procs, port = start_processes(data_dir, args.split, log_path, args.profile, args.profile_dm)
     pool = Pool("127.0.0.1", port, args.connections)
     try:
         await wait_up(port)
@@ -480,6 +485,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=300.0, help="how long to wait for every accepted id to complete")
     p.add_argument("--split", action="store_true", help="Gateway and DAG Manager as two processes instead of qmtl up")
     p.add_argument("--profile", metavar="FILE", help="run the server (qmtl up; with --split the Gateway) under cProfile, writing FILE (pstats) at exit")
+    p.add_argument("--profile-dm", metavar="FILE", help="with --split: run the DAG Manager under cProfile, writing FILE (pstats) at exit")
     p.add_argument("--keep", action="store_true", help="keep the data dir (SQLite files, server log)")
     return p.parse_args(argv)
 

@@ -4,6 +4,7 @@ nodes and tag queries in DAG order, the namespace (``sim``), asset, version and 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,10 @@ class PlanNode:
     def first_name(self) -> str:
         return next(naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim))
 
-    def candidates(self) -> list[str]:
-        return list(naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim))
+    def candidates(self, limit: int | None = None) -> list[str]:
+        """The node's queue names, shortest first (the first ``limit`` of them)."""
+        names = naming.candidates(self.asset, self.node_type, self.code_hash, self.version, node_id=self.node_id, sim=self.sim)
+        return list(itertools.islice(names, limit))
 
 
 @dataclass
@@ -88,20 +91,20 @@ class Plan:
     graph_nodes: list[str]  # queue nodes + tag queries, DAG order
     tag_queries: dict[str, TagKey]
 
-    def node_values(self, node_ids: Sequence[str], now: float) -> dict[str, Any]:
-        """The ``dm_nodes`` rows of ``node_ids``, column by column (see ``SqlHelpers.insert_ignore``)."""
-        batch = [self.nodes[node_id] for node_id in node_ids]
-        return {
-            "node_id": list(node_ids),
-            "node_type": [n.node_type for n in batch],
-            "code_hash": [n.code_hash for n in batch],
-            "config_hash": [n.raw.get("config_hash") or "" for n in batch],
-            "schema_hash": [n.raw.get("schema_hash") or "" for n in batch],
-            "interval": [n.int_field("interval") for n in batch],
-            "period": [n.int_field("period") for n in batch],
-            "tags": [n.tags_json for n in batch],
-            "created_at": now,
-        }
+
+def node_values(batch: Sequence[PlanNode], now: float) -> dict[str, Any]:
+    """The ``dm_nodes`` rows of ``batch``, column by column (see ``SqlHelpers.insert_ignore``)."""
+    return {
+        "node_id": [n.node_id for n in batch],
+        "node_type": [n.node_type for n in batch],
+        "code_hash": [n.code_hash for n in batch],
+        "config_hash": [n.raw.get("config_hash") or "" for n in batch],
+        "schema_hash": [n.raw.get("schema_hash") or "" for n in batch],
+        "interval": [n.int_field("interval") for n in batch],
+        "period": [n.int_field("period") for n in batch],
+        "tags": [n.tags_json for n in batch],
+        "created_at": now,
+    }
 
 
 def make_plan(strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None, asset: str | None, version: str | None) -> Plan:
@@ -166,4 +169,4 @@ def make_plan(strategy_id: str, dag: Mapping[str, Any], *, run_type: str | None,
 
 
 
-__all__ = ["DEFAULT_RUN_TYPE", "SIM_RUN_TYPES", "TAG_QUERY_NODE", "VERSION_SENTINEL", "Plan", "PlanNode", "make_plan"]
+__all__ = ["DEFAULT_RUN_TYPE", "SIM_RUN_TYPES", "TAG_QUERY_NODE", "VERSION_SENTINEL", "Plan", "PlanNode", "make_plan", "node_values"]

@@ -65,6 +65,41 @@ class StrategyReferences:
             await self._record_strategy(conn, plan, new_nids, now)
         await self._record_sentinel(conn, plan, new_nids, now)
 
+    async def record_new(self, conn: Any, plans: Sequence[Plan], nids: Sequence[set[int]], now: float) -> bool:
+        """In a batch's transaction: new strategies (``plans``, distinct strategy and
+        sentinel ids), their sentinels and the node references of both, one statement
+        each. False when a strategy or sentinel existed (nothing is to be kept then: the
+        caller rolls back), rows in strategy-id order otherwise."""
+        order = sorted(range(len(plans)), key=lambda j: plans[j].strategy_id)
+        batch = [plans[j] for j in order]
+        inserted = await self.sql.insert_ignore(conn, store.strategies, {
+            "strategy_id": [p.strategy_id for p in batch], "sentinel_id": [p.sentinel_id for p in batch],
+            "run_type": [p.run_type for p in batch], "sim": batch[0].sim, "version": [p.version for p in batch],
+            "created_at": now, "updated_at": now,
+        }, conflict=("strategy_id",), returning=("sid", "strategy_id"))
+        if not inserted or len(inserted[0]) < len(batch):
+            return False
+        sids = dict(zip(inserted[1], inserted[0]))
+        inserted = await self.sql.insert_ignore(conn, store.sentinels, {
+            "sentinel_id": [p.sentinel_id for p in batch], "strategy_id": [p.strategy_id for p in batch],
+            "version": [p.version for p in batch], "created_at": now,
+        }, conflict=("sentinel_id",), returning=("snid", "sentinel_id"))
+        if not inserted or len(inserted[0]) < len(batch):
+            return False
+        snids = dict(zip(inserted[1], inserted[0]))
+        heads: list[int] = []
+        sentinel_heads: list[int] = []
+        tails: list[int] = []
+        for j in order:
+            plan, refs = plans[j], sorted(nids[j])
+            heads.extend([sids[plan.strategy_id]] * len(refs))
+            sentinel_heads.extend([snids[plan.sentinel_id]] * len(refs))
+            tails.extend(refs)
+        # rows of strategies and sentinels this transaction created: no other can hold them
+        await self.sql.insert_new(conn, store.strategy_nodes, {"sid": heads, "nid": tails})
+        await self.sql.insert_new(conn, store.sentinel_nodes, {"snid": sentinel_heads, "nid": tails})
+        return True
+
     async def _insert_new(self, conn: Any, plan: Plan, nids: list[int], now: float) -> tuple[int | None, int | None]:
         """PostgreSQL: a new strategy, its sentinel and the edges of both, in one statement.
         Returns (sid, snid); None where the row existed (nothing of it, nor of the

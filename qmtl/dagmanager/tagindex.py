@@ -301,19 +301,21 @@ async def register_watches(conn: Any, helpers: store.SqlHelpers, keys: dict[TagK
     """Record watches (with the etag of the set just computed); return the new ones."""
     if not keys:
         return []
-    rows = [
-        {
-            "watch_key": k.watch_key,
-            "tags": store.dumps(list(k.tags)),
-            "interval": k.interval,
-            "match_mode": k.match_mode,
-            "etag": etag_of(k, queues),
-            "updated_at": now,
-        }
-        for k, queues in keys.items()
-    ]
-    inserted = await helpers.insert_ignore_returning(conn, store.tag_watches, rows, [store.tag_watches.c.watch_key])
-    new = {r[0] for r in inserted}
+    ordered = sorted(keys, key=lambda k: k.watch_key)  # rows in key order: concurrent diffs lock them in the same order
+    values = {
+        "watch_key": [k.watch_key for k in ordered],
+        "tags": [store.dumps(list(k.tags)) for k in ordered],
+        "interval": [k.interval for k in ordered],
+        "match_mode": [k.match_mode for k in ordered],
+        "etag": [etag_of(k, keys[k]) for k in ordered],
+        "updated_at": now,
+    }
+    if helpers.is_sqlite and len(keys) > store.SQLITE_RETURNING_ROWS:  # (SQLite's bulk path would not say which are new)
+        rows = [dict(zip(values, row)) for row in zip(*(v if isinstance(v, list) else [v] * len(keys) for v in values.values()))]
+        new = {r[0] for r in await helpers.insert_ignore_returning(conn, store.tag_watches, rows, [store.tag_watches.c.watch_key])}
+    else:  # driver SQL: one statement string per dialect, not compiled per call
+        inserted = await helpers.insert_ignore(conn, store.tag_watches, values, returning=("watch_key",))
+        new = set(inserted[0]) if inserted else set()
     return [k for k in keys if k.watch_key in new]
 
 
