@@ -29,15 +29,28 @@ checks the installed Connexion is one they were written for before any app is bu
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import typing as t
 
 from connexion import utils
 from connexion.apps.asynchronous import AsyncApi, AsyncASGIApp
+from connexion.context import context as connexion_context
 from connexion.datastructures import MediaTypeDict
 from connexion.decorators import StarletteDecorator
+from connexion.decorators.parameter import (
+    CONTEXT_NAME,
+    _get_body_argument,
+    _get_query_defaults,
+    _get_val_from_param,
+    pythonic,
+    sanitized,
+    unwrap_decorators,
+)
 from connexion.exceptions import UnsupportedMediaTypeProblem
+from connexion.http_facts import FORM_CONTENT_TYPES
+from connexion.lifecycle import ConnexionRequest
 from connexion.middleware.main import ConnexionMiddleware
 from connexion.middleware.request_validation import (
     RequestValidationAPI,
@@ -51,6 +64,8 @@ from connexion.middleware.response_validation import (
 )
 from connexion.middleware.security import SecurityMiddleware
 from connexion.middleware.swagger_ui import SwaggerUIMiddleware
+from connexion.operations import OpenAPIOperation
+from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qmtl.contracts.connexion31 import VALIDATOR_MAP, CompiledSchema
@@ -64,25 +79,120 @@ logger = logging.getLogger("connexion.middleware.validation")  # where Connexion
 
 # --------------------------------------------------------------------------- the handlers
 
+PARSED_REQUEST = "qmtl.parsed_request"
+"""``scope["extensions"]`` key under which request validation leaves the request whose
+parameters it parsed (:meth:`~qmtl.contracts.connexion31.Parameter2020Validator.validate`),
+with the operation it was parsed for, so the handler stage does not parse them again."""
+
+
+def parsed_request(scope: Scope, operation_id: str | None) -> ConnexionRequest | None:
+    """The request whose path and query parameters request validation parsed for
+    ``operation_id`` (None when validation did not run for it)."""
+    found = (scope.get("extensions") or {}).get(PARSED_REQUEST)
+    if found is not None and found[0] == operation_id:
+        return t.cast(ConnexionRequest, found[1])
+    return None
+
 
 class ContractOperation:
-    """What Connexion's ``AsyncOperation`` does per request (build a ``StarletteDecorator``,
-    run its ``decorate()``: parameter and response decorators, ``inspect.signature`` of the
-    handler; build a URI parser), done once per operation. The request is read from the
-    ``scope``/``receive`` the router passes, the same objects Connexion's context holds."""
+    """The handler stage of one operation, built once (Connexion 3.3's ``AsyncOperation``
+    builds a ``StarletteDecorator`` and runs its ``decorate()`` — ``inspect.signature`` of
+    the handler, the parameter and response decorators, a URI parser — on every request).
+
+    The handler's keyword arguments are those of Connexion's parameter decorator
+    (``connexion.decorators.parameter.prep_kwargs``: path parameters, query parameters
+    over their defaults, the body, the security context), computed from a plan made once
+    per operation — which arguments the handler takes, their sanitised names, the query
+    defaults — and from the path and query parameters request validation already parsed
+    (:data:`PARSED_REQUEST`); the coercions are Connexion's own functions. The return
+    value goes through Connexion's response decorator unchanged. A request with a form or
+    multipart body (files, form fields typed from the schema) takes Connexion's decorator
+    chain as it is."""
 
     def __init__(self, operation: AbstractOperation, *, jsonifier: Jsonifier, pythonic_params: bool) -> None:
         self.operation_id = operation.operation_id
+        self._operation = operation
         decorator = StarletteDecorator(pythonic_params=pythonic_params, jsonifier=jsonifier)
         self._framework = decorator.framework
-        self._handler = decorator.decorate(operation.function)
+        self._handler = decorator.decorate(operation.function)  # Connexion's chain (form bodies)
+        function = decorator._sync_async_decorator(operation.function)
+        self._call = decorator._response_decorator_cls(framework=decorator.framework, jsonifier=jsonifier)(function)
         self._uri_parser = operation.uri_parser_class(operation.parameters, operation.body_definition())
+        # what AsyncParameterDecorator works out from the operation and the handler
+        arguments, has_kwargs = utils.inspect_function_arguments(unwrap_decorators(function))
+        sanitize = pythonic if pythonic_params else sanitized
+        self._arguments, self._has_kwargs, self._sanitize = arguments, has_kwargs, sanitize
+        self._path = {p["name"]: p for p in operation.parameters if p["in"] == "path"}
+        self._path_names = {name: sanitize(name) for name in self._path}
+        query = {p["name"]: p for p in operation.parameters if p["in"] == "query"}
+        self._query_defaults = _get_query_defaults(query)
+        self._query = {name: (sanitize(name), p) for name, p in query.items()
+                       if has_kwargs or sanitize(name) in arguments}  # the others are never passed
+        self._reads_body = sanitize(operation.body_name(None)) in arguments or has_kwargs
+        self._body_argument = (operation.method.upper() != "TRACE" and operation.is_request_body_defined
+                               and (len(arguments) > 0 or has_kwargs))
+        self._context_name = CONTEXT_NAME in arguments
+        self._planned = isinstance(operation, OpenAPIOperation)  # body_name() ignores the content type
         functools.update_wrapper(self, operation.function)  # Starlette's Route reads __name__
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = self._framework.get_request(uri_parser=self._uri_parser, scope=scope, receive=receive)
-        response = await self._handler(request)
+        request = parsed_request(scope, self.operation_id)
+        if request is None:
+            request = ConnexionRequest(scope, uri_parser=self._uri_parser)
+        content_type = _header(scope, b"content-type")
+        mimetype = _mimetype(content_type) if content_type is not None else "application/octet-stream"
+        if mimetype in FORM_CONTENT_TYPES or not self._planned:
+            response = await self._handler(self._framework.get_request(uri_parser=self._uri_parser, scope=scope, receive=receive))
+        else:
+            response = await self._call(**await self._kwargs(scope, receive, request, mimetype))
         await response(scope, receive, send)
+
+    async def _kwargs(self, scope: Scope, receive: Receive, parsed: ConnexionRequest, mimetype: str) -> dict[str, t.Any]:
+        """``prep_kwargs`` of Connexion's parameter decorator, for a request without a form body."""
+        body = None
+        if self._reads_body:
+            body = await ConnexionRequest(scope, receive, uri_parser=self._uri_parser).get_body()
+        kwargs: dict[str, t.Any] = {}
+        for name, value in parsed.path_params.items():
+            definition = self._path.get(name)
+            if definition is not None:
+                kwargs[self._path_names[name]] = _get_val_from_param(value, definition)
+            else:  # Connexion passes path parameters the spec does not declare as they are
+                kwargs[self._sanitize(name)] = value
+        if self._query:
+            query = parsed.query_params
+            if self._query_defaults:
+                query = utils.deep_merge(copy.deepcopy(self._query_defaults), query)
+            for name, value in query.items():
+                wanted = self._query.get(name)
+                if wanted is not None:
+                    kwargs[wanted[0]] = _get_val_from_param(value, wanted[1])
+        if self._body_argument:
+            kwargs.update(_get_body_argument(body, operation=self._operation, arguments=self._arguments,
+                                             has_kwargs=self._has_kwargs, sanitize=self._sanitize, content_type=mimetype))
+        context = (scope.get("extensions") or {}).get("connexion_context")
+        if context:
+            for key, value in context.items():
+                if self._has_kwargs or key in self._arguments:
+                    kwargs[key] = value
+        if self._context_name:
+            kwargs[CONTEXT_NAME] = connexion_context.context
+        return kwargs
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first ``name`` header of the request (Starlette's ``Headers.get``: the server lower-cases names)."""
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return t.cast(bytes, value).decode("latin-1")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _mimetype(content_type: str) -> str:
+    """``ConnexionRequest.mimetype``."""
+    mimetype, _ = parse_options_header(content_type)
+    return mimetype.decode()
 
 
 class ContractApi(AsyncApi):
@@ -136,6 +246,7 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
         self._consumes = MediaTypeDict([(c.lower(), None) for c in operation.consumes]) if operation.consumes else None
         self._bodies = _compiled_bodies(operation)
         self._required = operation.request_body.get("required", False)
+        self._content_types: dict[bytes | None, tuple[str, str]] = {}
 
     def validate_mime_type(self, mime_type: str) -> None:
         if self._consumes is not None and mime_type.lower() not in self._consumes:
@@ -143,8 +254,11 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
                                                      f"expected {self._operation.consumes}")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._parameters.validate(scope)
-        mime_type, encoding = self.extract_content_type(scope["headers"])
+        # ParameterValidator.validate(scope), the request it parses left for the handler stage
+        request = ConnexionRequest(scope, uri_parser=self._uri_parser)
+        self._parameters.validate_request(request)
+        scope.setdefault("extensions", {})[PARSED_REQUEST] = (self._operation.operation_id, request)
+        mime_type, encoding = self._content_types.get(_content_type(scope["headers"])) or self._content_type(scope["headers"])
         self.validate_mime_type(mime_type)
         compiled = self._bodies.get(mime_type)
         schema = compiled.schema if compiled is not None else self._operation.body_schema(mime_type)
@@ -163,6 +277,24 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
                 )
                 receive, scope = await validator.wrap_receive(receive, scope=scope)
         await self.next_app(scope, receive, send)
+
+    def _content_type(self, headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
+        """``extract_content_type`` (Connexion's), remembered per Content-Type value."""
+        found = self.extract_content_type(headers)
+        if len(self._content_types) < _CACHED_CONTENT_TYPES:
+            self._content_types[_content_type(headers)] = found
+        return found
+
+
+_CACHED_CONTENT_TYPES = 32  # distinct Content-Type values remembered per operation (clients choose them)
+
+
+def _content_type(headers: t.Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The Content-Type value ``connexion.utils.extract_content_type`` reads: the first header so named, any case."""
+    for key, value in headers:
+        if key.lower() == b"content-type":
+            return value
+    return None
 
 
 class CompiledRequestValidationAPI(RequestValidationAPI):
@@ -188,34 +320,62 @@ class CompiledResponseValidationOperation(ResponseValidationOperation):
                 schema = operation.response_schema(str(status), media_type)
                 if isinstance(schema, dict) and schema:
                     self._compiled[(str(status), media_type)] = CompiledSchema(schema, _components(operation))
+        self._plans: dict[tuple[int, bytes | None], _ResponsePlan] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_send(message: t.MutableMapping[str, t.Any]) -> None:
             nonlocal send
             if message["type"] == "http.response.start":
                 headers = message["headers"]
-                mime_type, encoding = self.extract_content_type(headers)
-                if message["status"] < 400:
-                    self.validate_mime_type(mime_type)
-                status = str(message["status"])
-                definition = self._operation.response_definition(status, mime_type)
-                self.validate_required_headers(headers, definition)
-                body_validator = _validator_for(self._validator_map["response"], mime_type)
-                if body_validator is not None:
-                    compiled = self._compiled.get((status, mime_type))
-                    # Connexion's own validators (form data, streams) take no compiled schema
-                    extra = {"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {}
-                    validator = body_validator(
-                        scope,
-                        schema=compiled.schema if compiled is not None else self._operation.response_schema(status, mime_type),
-                        **extra,
-                        nullable=utils.is_nullable(definition),
-                        encoding=encoding,
-                    )
-                    send = validator.wrap_send(send)
+                status = message["status"]
+                plan = self._plans.get((status, _content_type(headers))) or self._plan(status, headers)
+                if plan.required_headers:
+                    self.validate_required_headers(headers, plan.definition)
+                if plan.validator is None:
+                    logger.info("Skipping validation. No validator registered for content type: %s.", plan.mime_type)
+                else:
+                    send = plan.validator(scope, schema=plan.schema, **plan.extra, nullable=plan.nullable,
+                                          encoding=plan.encoding).wrap_send(send)
             await send(message)
 
         await self.next_app(scope, receive, wrapped_send)
+
+    def _plan(self, status: int, headers: list[tuple[bytes, bytes]]) -> _ResponsePlan:
+        """What Connexion's response validation works out from a response's status and
+        Content-Type (checking the content type is one the operation produces), remembered
+        per (status, Content-Type value)."""
+        mime_type, encoding = self.extract_content_type(headers)
+        if status < 400:
+            self.validate_mime_type(mime_type)
+        code = str(status)
+        definition = self._operation.response_definition(code, mime_type)
+        body_validator = _validator_for(self._validator_map["response"], mime_type)
+        compiled = self._compiled.get((code, mime_type))
+        plan = _ResponsePlan(
+            mime_type=mime_type,
+            definition=definition,
+            required_headers=any(v.get("required", False) for v in definition.get("headers", {}).values()),
+            validator=body_validator,
+            schema=compiled.schema if compiled is not None else self._operation.response_schema(code, mime_type),
+            # Connexion's own validators (form data, streams) take no compiled schema
+            extra={"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {},
+            nullable=utils.is_nullable(definition),
+            encoding=encoding,
+        )
+        if len(self._plans) < _CACHED_CONTENT_TYPES:
+            self._plans[(status, _content_type(headers))] = plan
+        return plan
+
+
+class _ResponsePlan(t.NamedTuple):
+    mime_type: str
+    definition: dict
+    required_headers: bool
+    validator: t.Any
+    schema: t.Any
+    extra: dict
+    nullable: bool
+    encoding: str
 
 
 class CompiledResponseValidationAPI(ResponseValidationAPI):
