@@ -8,14 +8,18 @@ its own work.
   documented way to put its stack in front of any ASGI app) around :class:`ContractASGIApp`,
   with :func:`middlewares` as its ``middlewares`` list.
 * :class:`ContractASGIApp` — Connexion's ``AsyncASGIApp`` with ``api_cls`` set to an API
-  whose ``make_operation`` returns a :class:`ContractOperation`: the handler's decorator
-  chain (parameters in, response out) and its URI parser are built once per operation
-  (Connexion 3.3's ``AsyncOperation`` rebuilds both on every request).
+  whose ``make_operation`` returns a :class:`ContractOperation`: what Connexion's parameter
+  decorator works out from the handler and the operation (arguments, sanitised names, query
+  defaults) is planned once per operation, and the handler is called with the keyword
+  arguments that decorator would build, from the parameters request validation already
+  parsed (:data:`PARSED_REQUEST`); Connexion 3.3's ``AsyncOperation`` rebuilds its decorator
+  chain on every request and parses the parameters a second time.
 * :class:`CompiledRequestValidation` / :class:`CompiledResponseValidation` — Connexion's
   validation middlewares (same ``RoutedMiddleware`` slots, same checks, same problems) whose
   per-operation objects build the URI parser, the parameter validator and the compiled
   body schemas of every documented media type (:class:`~qmtl.contracts.connexion31.CompiledSchema`)
-  once, instead of on every request and every response.
+  once, instead of on every request and every response, and remember what they decided
+  for each Content-Type value (and response status).
 * :func:`middlewares` — Connexion's default list minus ``SwaggerUIMiddleware`` (the docs are
   served by :mod:`qmtl.contracts.docs`), with ``SecurityMiddleware`` replaced by
   :class:`~qmtl.contracts.security.SpecSecurity` and the two validation middlewares by the
@@ -24,7 +28,9 @@ its own work.
 The subclasses lean on Connexion internals that are not a published API (``api_cls``,
 ``make_operation``, the operation classes' constructors); :mod:`qmtl.contracts.connexion_patch`
 checks the installed Connexion is one they were written for before any app is built, and
-``tests/unit/test_connexion_stack.py`` checks those hooks still exist and behave.
+``tests/unit/test_connexion_stack.py`` checks those hooks still exist and behave, and
+``tests/unit/test_connexion_stack_parity.py`` that this stack answers every request of a
+table exactly as Connexion's stock one does.
 """
 
 from __future__ import annotations
@@ -62,10 +68,12 @@ from connexion.middleware.response_validation import (
     ResponseValidationMiddleware,
     ResponseValidationOperation,
 )
+from connexion.middleware.routing import RoutingMiddleware
 from connexion.middleware.security import SecurityMiddleware
 from connexion.middleware.swagger_ui import SwaggerUIMiddleware
 from connexion.operations import OpenAPIOperation
 from python_multipart.multipart import parse_options_header
+from starlette.routing import BaseRoute, Match, Mount, Route, Router, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qmtl.contracts.connexion31 import VALIDATOR_MAP, CompiledSchema
@@ -389,6 +397,78 @@ class CompiledResponseValidation(ResponseValidationMiddleware):
     api_cls = CompiledResponseValidationAPI
 
 
+# --------------------------------------------------------------------------- routing
+
+# regexes of the path convertors that never match "/" (Starlette's and Connexion's int and float)
+_ONE_SEGMENT = {"[^/]+", "[0-9]+", r"[0-9]+(\.[0-9]+)?", r"[+-]?[0-9]*(\.[0-9]*)?", r"[+-]?[0-9]+",
+                "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"}
+
+
+class _Shape(t.NamedTuple):
+    """What a route's path template says about the paths it can match: ``segments`` of
+    them, the first and last literal (None: a parameter there); ``None`` for a route that
+    may match any path (a convertor that matches "/", a route that is not a Route)."""
+
+    segments: int
+    first: str | None
+    last: str | None
+
+
+def _shape(route: t.Any) -> _Shape | None:
+    if not isinstance(route, Route) or any(type(c).regex not in _ONE_SEGMENT for c in route.param_convertors.values()):
+        return None
+    parts = route.path.split("/")
+    if len(parts) < 2 or parts[0]:
+        return None
+    return _Shape(len(parts), None if "{" in parts[1] else parts[1], None if "{" in parts[-1] else parts[-1])
+
+
+class ShapedRouter(Router):
+    """The router of one API's operations (Connexion's ``RoutingAPI`` router, same routes, same
+    default): a request first tries, in their order, only the routes whose template can match
+    its path — the same number of segments, the same literal first and last segment — and the
+    first that matches it fully (path and method) serves it, as in Starlette's ``Router``,
+    since a route left out cannot match. Anything else (no full match: a 405, a redirect, the
+    default) is Starlette's ``Router.app`` over every route."""
+
+    def __init__(self, router: Router) -> None:
+        super().__init__(routes=router.routes, default=router.default, redirect_slashes=router.redirect_slashes)
+        self._indexed = -1
+        self._shapes: list[tuple[_Shape | None, BaseRoute]] = []
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if self._indexed != len(self.routes):
+                self._shapes = [(_shape(r), r) for r in self.routes]
+                self._indexed = len(self.routes)
+            parts = get_route_path(scope).split("/")
+            n, first, last = len(parts), parts[1] if len(parts) > 1 else None, parts[-1]
+            for shape, route in self._shapes:
+                if shape is not None and (shape.segments != n or shape.first not in (None, first)
+                                          or shape.last not in (None, last)):
+                    continue
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    if "router" not in scope:
+                        scope["router"] = self
+                    scope["route"] = route
+                    scope.update(child_scope)
+                    await route.handle(scope, receive, send)
+                    return
+        await super().app(scope, receive, send)
+
+
+class ShapedRouting(RoutingMiddleware):
+    """Connexion's routing middleware, each API's router a :class:`ShapedRouter`."""
+
+    def add_api(self, specification: t.Any, base_path: str | None = None, arguments: dict | None = None,
+                **kwargs: t.Any) -> None:
+        super().add_api(specification, base_path=base_path, arguments=arguments, **kwargs)
+        mount = self.router.routes[-1]  # the Mount add_api just added
+        if isinstance(mount, Mount) and type(mount._base_app) is Router and mount.app is mount._base_app:
+            mount._base_app = mount.app = ShapedRouter(mount._base_app)
+
+
 # --------------------------------------------------------------------------- the stack
 
 
@@ -397,6 +477,7 @@ def middlewares(security: t.Callable[[ASGIApp], ASGIApp]) -> list[t.Any]:
     Order kept: errors, routing, security (after routing, before validation), validation,
     lifespan, context."""
     replace: dict[t.Any, t.Any] = {
+        RoutingMiddleware: ShapedRouting,
         SecurityMiddleware: security,
         RequestValidationMiddleware: CompiledRequestValidation,
         ResponseValidationMiddleware: CompiledResponseValidation,

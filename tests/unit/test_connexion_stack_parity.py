@@ -263,6 +263,17 @@ REQUESTS: list[tuple[str, str, dict]] = [
     # routing
     ("GET", "/nowhere", {}),
     ("DELETE", "/things", {}),
+    ("GET", "/things/", {}),
+    ("POST", "/things/", {"json": {"n": 1}}),
+    ("HEAD", "/items/3", {}),
+    ("PUT", "/items/3", {}),
+    ("GET", "/items/3/", {}),
+    ("GET", "/items/3/extra", {}),
+    ("GET", "/items/", {}),
+    ("GET", "/items//", {}),
+    ("GET", "/items/+3", {}),
+    ("GET", "/anything/a%2Fb?opt=o", {}),
+    ("GET", "/replies/ok/", {}),
 ]
 
 
@@ -289,6 +300,13 @@ async def test_our_stack_answers_as_connexion_stock_stack(method: str, url: str,
             answers.append([_comparable(await _send(client, method, url, options)) for _ in range(2)])
     ours, stock = answers
     assert ours == stock
+
+
+def test_our_stack_routes_with_shaped_routers() -> None:
+    app = _ours()
+    _, stack = app._build_middleware_stack()
+    routing = next(m for m in stack if isinstance(m, connexion_stack.ShapedRouting))
+    assert isinstance(routing.router.routes[-1].app, connexion_stack.ShapedRouter)
 
 
 async def test_the_table_reaches_the_handlers_through_our_plan() -> None:
