@@ -35,6 +35,7 @@ table exactly as Connexion's stock one does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -254,7 +255,8 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
         self._consumes = MediaTypeDict([(c.lower(), None) for c in operation.consumes]) if operation.consumes else None
         self._bodies = _compiled_bodies(operation)
         self._required = operation.request_body.get("required", False)
-        self._content_types: dict[bytes | None, tuple[str, str]] = {}
+        self._operation_id = operation.operation_id
+        self._plans: dict[bytes | None, _RequestPlan] = {}
 
     def validate_mime_type(self, mime_type: str) -> None:
         if self._consumes is not None and mime_type.lower() not in self._consumes:
@@ -265,33 +267,49 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
         # ParameterValidator.validate(scope), the request it parses left for the handler stage
         request = ConnexionRequest(scope, uri_parser=self._uri_parser)
         self._parameters.validate_request(request)
-        scope.setdefault("extensions", {})[PARSED_REQUEST] = (self._operation.operation_id, request)
-        mime_type, encoding = self._content_types.get(_content_type(scope["headers"])) or self._content_type(scope["headers"])
-        self.validate_mime_type(mime_type)
-        compiled = self._bodies.get(mime_type)
-        schema = compiled.schema if compiled is not None else self._operation.body_schema(mime_type)
-        if schema:
-            body_validator = _validator_for(self._validator_map["body"], mime_type)
-            if body_validator is not None:
-                extra = {"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {}
-                validator = body_validator(
-                    schema=schema,
-                    **extra,
+        scope.setdefault("extensions", {})[PARSED_REQUEST] = (self._operation_id, request)
+        plan = self._plans.get(_content_type(scope["headers"])) or self._plan(scope["headers"])
+        if plan.schema:
+            if plan.validator is None:
+                logger.info("Skipping validation. No validator registered for content type: %s.", plan.mime_type)
+            else:
+                validator = plan.validator(
+                    schema=plan.schema,
+                    **plan.extra,
                     required=self._required,
-                    nullable=utils.is_nullable(self._operation.body_definition(mime_type)),
-                    encoding=encoding,
+                    nullable=plan.nullable,
+                    encoding=plan.encoding,
                     strict_validation=self.strict_validation,
                     uri_parser=self._uri_parser,
                 )
                 receive, scope = await validator.wrap_receive(receive, scope=scope)
         await self.next_app(scope, receive, send)
 
-    def _content_type(self, headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
-        """``extract_content_type`` (Connexion's), remembered per Content-Type value."""
-        found = self.extract_content_type(headers)
-        if len(self._content_types) < _CACHED_CONTENT_TYPES:
-            self._content_types[_content_type(headers)] = found
-        return found
+    def _plan(self, headers: list[tuple[bytes, bytes]]) -> _RequestPlan:
+        """What Connexion's request validation works out from the request's Content-Type
+        (checking it is one the operation accepts), remembered per Content-Type value."""
+        mime_type, encoding = self.extract_content_type(headers)
+        self.validate_mime_type(mime_type)
+        compiled = self._bodies.get(mime_type)
+        schema = compiled.schema if compiled is not None else self._operation.body_schema(mime_type)
+        body_validator = None
+        with contextlib.suppress(KeyError):
+            body_validator = self._validator_map["body"][mime_type]
+        plan = _RequestPlan(mime_type=mime_type, encoding=encoding, schema=schema, validator=body_validator,
+                            extra={"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {},
+                            nullable=utils.is_nullable(self._operation.body_definition(mime_type)))
+        if len(self._plans) < _CACHED_CONTENT_TYPES:
+            self._plans[_content_type(headers)] = plan
+        return plan
+
+
+class _RequestPlan(t.NamedTuple):
+    mime_type: str
+    encoding: str
+    schema: t.Any
+    validator: t.Any
+    extra: dict
+    nullable: bool
 
 
 _CACHED_CONTENT_TYPES = 32  # distinct Content-Type values remembered per operation (clients choose them)
@@ -434,18 +452,25 @@ class ShapedRouter(Router):
     def __init__(self, router: Router) -> None:
         super().__init__(routes=router.routes, default=router.default, redirect_slashes=router.redirect_slashes)
         self._indexed = -1
-        self._shapes: list[tuple[_Shape | None, BaseRoute]] = []
+        self._by_length: dict[int, list[tuple[_Shape | None, BaseRoute]]] = {}
+        self._any_length: list[tuple[_Shape | None, BaseRoute]] = []
+
+    def _index(self) -> None:
+        """Each path length → the routes that may match a path of that many segments, in order."""
+        shapes = [(_shape(r), r) for r in self.routes]
+        self._any_length = [(shape, r) for shape, r in shapes if shape is None]
+        self._by_length = {n: [(shape, r) for shape, r in shapes if shape is None or shape.segments == n]
+                           for n in {shape.segments for shape, _ in shapes if shape is not None}}
+        self._indexed = len(self.routes)
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if self._indexed != len(self.routes):
-                self._shapes = [(_shape(r), r) for r in self.routes]
-                self._indexed = len(self.routes)
+                self._index()
             parts = get_route_path(scope).split("/")
-            n, first, last = len(parts), parts[1] if len(parts) > 1 else None, parts[-1]
-            for shape, route in self._shapes:
-                if shape is not None and (shape.segments != n or shape.first not in (None, first)
-                                          or shape.last not in (None, last)):
+            first, last = parts[1] if len(parts) > 1 else None, parts[-1]
+            for shape, route in self._by_length.get(len(parts), self._any_length):
+                if shape is not None and (shape.first not in (None, first) or shape.last not in (None, last)):
                     continue
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
