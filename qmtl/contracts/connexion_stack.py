@@ -185,7 +185,7 @@ class ContractOperation:
                 if self._has_kwargs or key in self._arguments:
                     kwargs[key] = value
         if self._context_name:
-            kwargs[CONTEXT_NAME] = connexion_context.context
+            kwargs[CONTEXT_NAME] = connexion_context
         return kwargs
 
 

@@ -112,6 +112,13 @@ SPEC: dict[str, t.Any] = {
                 "responses": OK,
             },
         },
+        "/context/{world_id}": {
+            "get": {
+                "operationId": "with_context",
+                "parameters": [_param("world_id", "path", {"type": "string"}, required=True)],
+                "responses": OK,
+            },
+        },
         "/replies/{kind}": {
             "get": {
                 "operationId": "reply",
@@ -167,6 +174,10 @@ async def any_kwargs(**kwargs):
     return _json({"kwargs": _typed(kwargs)})
 
 
+async def with_context(world_id, context_):
+    return _json({"kwargs": _typed({"world_id": world_id, "context_": dict(context_)})})
+
+
 async def reply(kind):
     from connexion.lifecycle import ConnexionResponse
 
@@ -183,7 +194,7 @@ async def reply(kind):
     return "plain", 200, {"X-Required": "yes"}
 
 
-HANDLERS = {f.__name__: f for f in (get_item, get_name, post_thing, put_named, post_form, any_kwargs, reply)}
+HANDLERS = {f.__name__: f for f in (get_item, get_name, post_thing, put_named, post_form, any_kwargs, with_context, reply)}
 HANDLERS["any_kwargs_get"] = any_kwargs
 
 
@@ -254,6 +265,7 @@ REQUESTS: list[tuple[str, str, dict]] = [
     ("POST", "/anything/w1?opt=o&undeclared=1", {"json": {"k": [1, 2]}}),
     ("POST", "/anything/w1", {}),
     ("GET", "/anything/w1?opt=o", {}),
+    ("GET", "/context/w1", {}),
     # responses: headers, statuses, content types the spec does not allow
     ("GET", "/replies/ok", {}),
     ("GET", "/replies/missing-header", {}),
