@@ -296,11 +296,23 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
         with contextlib.suppress(KeyError):
             body_validator = self._validator_map["body"][mime_type]
         plan = _RequestPlan(mime_type=mime_type, encoding=encoding, schema=schema, validator=body_validator,
-                            extra={"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {},
+                            extra=_compiled_for(body_validator, compiled, schema, self._operation),
                             nullable=utils.is_nullable(self._operation.body_definition(mime_type)))
         if len(self._plans) < _CACHED_CONTENT_TYPES:
             self._plans[_content_type(headers)] = plan
         return plan
+
+
+def _compiled_for(validator: t.Any, compiled: CompiledSchema | None, schema: t.Any, operation: AbstractOperation) -> dict:
+    """The ``compiled`` argument of one of our body validators: the schema compiled when the
+    operation was built, or — a schema that was not (a 304's, a media type matched by a
+    wildcard) — compiled now, once per plan, instead of by the validator on every request.
+    Connexion's own validators (form data, streams) take no compiled schema."""
+    if not getattr(validator, "takes_compiled", False):
+        return {}
+    if compiled is None and isinstance(schema, dict):
+        compiled = CompiledSchema(schema, _components(operation))
+    return {"compiled": compiled}
 
 
 class _RequestPlan(t.NamedTuple):
@@ -377,14 +389,14 @@ class CompiledResponseValidationOperation(ResponseValidationOperation):
         definition = self._operation.response_definition(code, mime_type)
         body_validator = _validator_for(self._validator_map["response"], mime_type)
         compiled = self._compiled.get((code, mime_type))
+        schema = compiled.schema if compiled is not None else self._operation.response_schema(code, mime_type)
         plan = _ResponsePlan(
             mime_type=mime_type,
             definition=definition,
             required_headers=any(v.get("required", False) for v in definition.get("headers", {}).values()),
             validator=body_validator,
-            schema=compiled.schema if compiled is not None else self._operation.response_schema(code, mime_type),
-            # Connexion's own validators (form data, streams) take no compiled schema
-            extra={"compiled": compiled} if getattr(body_validator, "takes_compiled", False) else {},
+            schema=schema,
+            extra=_compiled_for(body_validator, compiled, schema, self._operation),
             nullable=utils.is_nullable(definition),
             encoding=encoding,
         )

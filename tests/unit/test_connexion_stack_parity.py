@@ -191,6 +191,10 @@ async def reply(kind):
         return ConnexionResponse(status_code=200, body=b"hi", content_type="text/csv", headers={"X-Required": "y"})
     if kind == "empty":
         return None, 204
+    if kind == "no-content":  # a status whose schema is compiled by the plan, not with the operation
+        return ConnexionResponse(status_code=204, body=b"", content_type="application/json")
+    if kind == "undocumented":
+        return _json({"any": "thing"}, 202)
     return "plain", 200, {"X-Required": "yes"}
 
 
@@ -273,6 +277,8 @@ REQUESTS: list[tuple[str, str, dict]] = [
     ("GET", "/replies/bad-type", {}),
     ("GET", "/replies/empty", {}),
     ("GET", "/replies/plain", {}),
+    ("GET", "/replies/no-content", {}),
+    ("GET", "/replies/undocumented", {}),
     # routing
     ("GET", "/nowhere", {}),
     ("DELETE", "/things", {}),
