@@ -96,8 +96,8 @@ with the operation it was parsed for, so the handler stage does not parse them a
 
 def parsed_request(scope: Scope, operation_id: str | None) -> ConnexionRequest | None:
     """The request whose path and query parameters request validation parsed for
-    ``operation_id`` (None when validation did not run for it)."""
-    found = (scope.get("extensions") or {}).get(PARSED_REQUEST)
+    ``operation_id`` (None when validation did not run for it), taken out of the scope."""
+    found = (scope.get("extensions") or {}).pop(PARSED_REQUEST, None)  # it holds the scope: no cycle left behind
     if found is not None and found[0] == operation_id:
         return t.cast(ConnexionRequest, found[1])
     return None
@@ -267,23 +267,27 @@ class CompiledRequestValidationOperation(RequestValidationOperation):
         # ParameterValidator.validate(scope), the request it parses left for the handler stage
         request = ConnexionRequest(scope, uri_parser=self._uri_parser)
         self._parameters.validate_request(request)
-        scope.setdefault("extensions", {})[PARSED_REQUEST] = (self._operation_id, request)
-        plan = self._plans.get(_content_type(scope["headers"])) or self._plan(scope["headers"])
-        if plan.schema:
-            if plan.validator is None:
-                logger.info("Skipping validation. No validator registered for content type: %s.", plan.mime_type)
-            else:
-                validator = plan.validator(
-                    schema=plan.schema,
-                    **plan.extra,
-                    required=self._required,
-                    nullable=plan.nullable,
-                    encoding=plan.encoding,
-                    strict_validation=self.strict_validation,
-                    uri_parser=self._uri_parser,
-                )
-                receive, scope = await validator.wrap_receive(receive, scope=scope)
-        await self.next_app(scope, receive, send)
+        extensions = scope.setdefault("extensions", {})
+        extensions[PARSED_REQUEST] = (self._operation_id, request)
+        try:
+            plan = self._plans.get(_content_type(scope["headers"])) or self._plan(scope["headers"])
+            if plan.schema:
+                if plan.validator is None:
+                    logger.info("Skipping validation. No validator registered for content type: %s.", plan.mime_type)
+                else:
+                    validator = plan.validator(
+                        schema=plan.schema,
+                        **plan.extra,
+                        required=self._required,
+                        nullable=plan.nullable,
+                        encoding=plan.encoding,
+                        strict_validation=self.strict_validation,
+                        uri_parser=self._uri_parser,
+                    )
+                    receive, scope = await validator.wrap_receive(receive, scope=scope)
+            await self.next_app(scope, receive, send)
+        finally:  # the handler stage takes it out; a request that never gets there leaves no cycle either
+            extensions.pop(PARSED_REQUEST, None)
 
     def _plan(self, headers: list[tuple[bytes, bytes]]) -> _RequestPlan:
         """What Connexion's request validation works out from the request's Content-Type
