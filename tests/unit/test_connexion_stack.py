@@ -24,6 +24,7 @@ from connexion.middleware.swagger_ui import SwaggerUIMiddleware
 from connexion.operations import OpenAPIOperation
 from connexion.resolver import Resolver
 from connexion.spec import OpenAPISpecification, Specification
+from connexion.validators import ParameterValidator
 
 from qmtl.contracts import connexion31, connexion_patch, connexion_stack
 from qmtl.contracts.connexion_patch import ConnexionVersionError, check_version
@@ -101,6 +102,16 @@ def test_the_hooks_the_stack_plugs_into_exist():
     for name in ("extract_content_type", "validate_mime_type", "validate_required_headers"):
         assert hasattr(ResponseValidationOperation, name)
     assert callable(StarletteDecorator.decorate) and StarletteDecorator.framework.get_request
+    # what ContractOperation plans from (Connexion's parameter decorator and its helpers)
+    from connexion.decorators import parameter
+
+    assert "prep_kwargs(" in inspect.getsource(parameter.AsyncParameterDecorator.__call__)
+    for name in ("CONTEXT_NAME", "_get_body_argument", "_get_query_defaults", "_get_val_from_param", "sanitized",
+                 "pythonic", "unwrap_decorators", "_get_path_arguments", "_get_query_arguments"):
+        assert hasattr(parameter, name), name
+    decorator = StarletteDecorator(pythonic_params=False, jsonifier=None)
+    assert callable(decorator._sync_async_decorator) and decorator._response_decorator_cls.__name__ == "AsyncResponseDecorator"
+    assert "ConnexionRequest(scope, uri_parser=self.uri_parser)" in inspect.getsource(ParameterValidator.validate)
     # why CompiledSchema strips "components": Connexion inserts it into the schemas it hands out
     assert 'schema["schema"]["components"] = self.components' in inspect.getsource(OpenAPIOperation.with_definitions)
 
