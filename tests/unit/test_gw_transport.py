@@ -151,3 +151,43 @@ async def test_failures_are_httpx_exceptions():
     async with httpx.AsyncClient(base_url=url, transport=LeanTransport()) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get("/")
+
+
+REDIRECT = (b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nSet-Cookie: s=1; Path=/\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 11\r\n\r\n{\"ok\":true}")
+
+
+async def test_a_backend_sends_through_the_lean_transport_as_its_client_would():
+    """Backend.request skips httpx's client layers (auth, redirects, cookie jar) and calls
+    the lean transport itself: the request still carries the base URL, params, JSON body,
+    the backend's default headers and the correlation id; a redirect is answered, not
+    followed (httpx's default); a Set-Cookie is not kept; the per-call timeout applies."""
+    from qmtl.common import correlation
+    from qmtl.gateway.backends import Backend, BackendUnavailable
+
+    box: list[Server] = []
+    server = Server(keep_alive(REDIRECT, box))
+    box.append(server)
+    async with server as url:
+        backend = Backend("worldservice", url + "/base", timeout=1.0, retries=0, default_headers={"X-Service-Token": "t"})
+        token = correlation.correlation_id.set("c0ffee00c0ffee00c0ffee00c0ffee00")
+        try:
+            r = await backend.request("POST", "/worlds", params={"q": "a b"}, json={"n": 1})
+        finally:
+            correlation.correlation_id.reset(token)
+        assert r.status_code == 302 and r.json() == {"ok": True} and r.request.url.path == "/base/worlds"
+        assert len(server.requests) == 1 and not backend.client.cookies
+        head, body = server.requests[0]
+        assert head.startswith(b"POST /base/worlds?q=a+b HTTP/1.1\r\n") and body == b'{"n":1}'
+        assert b"x-service-token: t" in head.lower() and b"x-correlation-id: c0ffee00c0ffee00c0ffee00c0ffee00" in head.lower()
+        await backend.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async with Server(silent) as url:
+        backend = Backend("worldservice", url, timeout=0.2, retries=0)
+        with pytest.raises(BackendUnavailable, match="no answer within 200 ms"):  # the budget cut it
+            await backend.request("GET", "/slow")
+        await backend.close()
