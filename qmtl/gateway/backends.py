@@ -99,15 +99,15 @@ class Backend:
         self.operations = operations  # an OperationTable: one breaker per operation
         self._breakers: dict[str, AsyncCircuitBreaker] = {}
         self.policy = RetryPolicy(timeout=timeout, retries=retries)
-        # Our own client sends through the lean transport directly (see :meth:`request`); an
-        # injected client (tests: httpx.MockTransport) is used as given.
-        self._direct: LeanTransport | None = None
+        # Our own client sends through the lean transport directly (see :meth:`request`); a
+        # client injected, or put in its place later (tests: httpx.MockTransport), is used as given.
+        self._direct: tuple[httpx.AsyncClient, LeanTransport] | None = None
         if client is None:
-            self._direct = LeanTransport(max_connections=200, max_keepalive=50)
+            lean = LeanTransport(max_connections=200, max_keepalive=50)
             # trust_env=False: a backend is called at its configured URL, never through a proxy
             # from HTTP_PROXY/ALL_PROXY (the direct send below would not honour one either)
-            client = httpx.AsyncClient(base_url=self.base_url, transport=self._direct, timeout=httpx.Timeout(timeout * 4),
-                                       trust_env=False)
+            client = httpx.AsyncClient(base_url=self.base_url, transport=lean, timeout=httpx.Timeout(timeout * 4), trust_env=False)
+            self._direct = (client, lean)
         self.client = client
         self.default_headers = dict(default_headers or {})
         if metrics:
@@ -170,12 +170,12 @@ class Backend:
         per_call = httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(timeout * 4)  # the budget cuts first
 
         async def attempt() -> httpx.Response:
-            if self._direct is not None:
-                resp = await self._send_direct(self._direct, self.client.build_request(
+            client = self.client
+            if self._direct is not None and self._direct[0] is client:
+                resp = await self._send_direct(self._direct[1], client.build_request(
                     method, path, params=params, json=json, content=content, headers=hdrs, timeout=per_call))
             else:
-                resp = await self.client.request(method, path, params=params, json=json, content=content, headers=hdrs,
-                                                 timeout=per_call)
+                resp = await client.request(method, path, params=params, json=json, content=content, headers=hdrs, timeout=per_call)
             if resp.status_code >= 500 or resp.status_code == 429:
                 raise _Retryable(resp)
             return resp
