@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import re
+import time as _time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["SPECVERSION", "encode", "is_cloudevent", "make_event"]
+__all__ = ["SPECVERSION", "encode", "encode_text", "is_cloudevent", "make_event"]
 
 SPECVERSION = "1.0"
 
@@ -24,6 +25,22 @@ _RESERVED = frozenset(
 )
 # Stateless, built once: json.dumps(**kwargs) would build a new encoder per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _now_rfc3339() -> str:
+    """``_rfc3339(datetime.now(UTC))`` without building a datetime per frame: the part up to
+    the second is formatted once per second."""
+    sec, ns = divmod(_time.time_ns(), 1_000_000_000)
+    global _second, _second_text
+    if sec != _second:
+        _second, _second_text = sec, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(sec))
+    return f"{_second_text}.{ns // 1000:06d}Z"
+
+
+_second = -1
+_second_text = ""
+# Extension names already checked (they come from code: a handful per process).
+_CHECKED_NAMES: set[str] = set()
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -60,15 +77,18 @@ def make_event(
         "id": id if id is not None else uuid.uuid4().hex,
         "source": source,
         "type": type,
-        "time": _rfc3339(time if time is not None else datetime.now(UTC)),
+        "time": _rfc3339(time) if time is not None else _now_rfc3339(),
         "datacontenttype": "application/json",
     }
     if subject is not None:
         event["subject"] = subject
     if extensions:
         for name, value in extensions.items():
-            if not isinstance(name, str) or not _EXTENSION_NAME.fullmatch(name) or name in _RESERVED:
-                raise ValueError(f"invalid CloudEvents extension attribute name: {name!r}")
+            if name not in _CHECKED_NAMES:
+                if not isinstance(name, str) or not _EXTENSION_NAME.fullmatch(name) or name in _RESERVED:
+                    raise ValueError(f"invalid CloudEvents extension attribute name: {name!r}")
+                if len(_CHECKED_NAMES) < 256:
+                    _CHECKED_NAMES.add(name)
             if not isinstance(value, (str, int)):  # bool is an int
                 raise ValueError(f"extension {name!r} must be a str, int or bool, not {value.__class__.__name__}")
             event[name] = value
@@ -79,6 +99,11 @@ def make_event(
 def encode(event: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON of ``event`` (no whitespace, non-ASCII kept as is)."""
     return _ENCODER.encode(event).encode()
+
+
+def encode_text(event: Mapping[str, Any]) -> str:
+    """:func:`encode` as text (a WebSocket text frame takes ``str``)."""
+    return _ENCODER.encode(event)
 
 
 def is_cloudevent(obj: Any) -> bool:

@@ -31,9 +31,13 @@ __all__ = ["NO_POLICY_STATUS", "activation_entry_digest", "activation_hash_of_su
 NO_POLICY_STATUS = "NONE"
 
 
+# Stateless, built once (json.dumps with these options would build an encoder per call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(value).encode("utf-8")
 
 
 def _sha256(value: Any) -> str:

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from qmtl.common.cloudevents import encode, is_cloudevent, make_event
+from qmtl.common.cloudevents import encode, encode_text, is_cloudevent, make_event
 
 T0 = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
 
@@ -94,3 +94,26 @@ def test_is_cloudevent():
     assert not is_cloudevent({"type": "queue_update", "data": {}})  # legacy frame
     assert not is_cloudevent("not a dict")
     assert not is_cloudevent(None)
+
+
+def test_now_is_microseconds_with_z_and_moves_across_seconds(monkeypatch):
+    import qmtl.common.cloudevents as ce
+
+    stamps = iter([1714566615_123456_789, 1714566615_999999_999, 1714566616_000001_000])
+    monkeypatch.setattr(ce._time, "time_ns", lambda: next(stamps))
+    got = [make_event("t", 1, source="s")["time"] for _ in range(3)]
+    assert got == ["2024-05-01T12:30:15.123456Z", "2024-05-01T12:30:15.999999Z", "2024-05-01T12:30:16.000001Z"]
+
+
+def test_a_refused_extension_name_stays_refused_and_an_accepted_one_stays_accepted():
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            make_event("t", 1, source="s", extensions={"Bad-Name": "v"})
+        assert make_event("t", 1, source="s", extensions={"goodname": "v"})["goodname"] == "v"
+    with pytest.raises(ValueError):  # the value is still checked for a name seen before
+        make_event("t", 1, source="s", extensions={"goodname": None})
+
+
+def test_encode_text_is_encode_as_text():
+    ev = make_event("progress", {"msg": "ünïcode ✓"}, source="s", id="x", time=T0)
+    assert encode_text(ev) == encode(ev).decode()

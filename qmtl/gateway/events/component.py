@@ -138,6 +138,7 @@ class EventsComponent:
         self._seeded_worlds: set[str] = set()
         self._seeding: SingleFlight[str] = SingleFlight()
         self._world_listeners: list[WorldChangeListener] = []
+        self._handled_children: dict[tuple[str, str, str], Any] = {}
 
     def on_world_change(self, listener: WorldChangeListener) -> Callable[[], None]:
         """Call ``listener`` for every world event applied; returns the unsubscribe function."""
@@ -233,10 +234,18 @@ class EventsComponent:
             raise ValueError(f"no relay rule for topic {topic!r}")
         if topic != TOPIC_QUEUES and self._world_listeners:
             self._world_changed(topic, event, outcome, source)
-        self.metrics.controlbus_events.labels(topic, outcome, source).inc()
+        self._handled(topic, outcome, source).inc()
         if relay:
             self.metrics.relay_seconds.observe(time.perf_counter() - t0)
         return outcome, delivered
+
+    def _handled(self, topic: str, outcome: str, source: str) -> Any:
+        """controlbus_events' child for these labels (each from a small fixed set), looked up once."""
+        key = (topic, outcome, source)
+        child = self._handled_children.get(key)
+        if child is None:
+            child = self._handled_children[key] = self.metrics.controlbus_events.labels(topic, outcome, source)
+        return child
 
     def _apply_queues(self, key: tuple, queues: Iterable[str], *, etag: str | None, ts: Any, relay: bool) -> tuple[str, int]:
         outcome, h = self.state.apply_queues(key, queues, etag=etag, ts=ts)
@@ -259,13 +268,13 @@ class EventsComponent:
         """The legacy ``queue_update`` body ``{tags, interval, queues, match_mode?, etag?, ts?}``."""
         key = st.normalise_queue_key(data["tags"], data["interval"], data.get("match_mode"))
         outcome, delivered = self._apply_queues(key, data["queues"], etag=data.get("etag"), ts=data.get("ts"), relay=True)
-        self.metrics.controlbus_events.labels(TOPIC_QUEUES, outcome, source).inc()
+        self._handled(TOPIC_QUEUES, outcome, source).inc()
         return outcome, delivered
 
     def _reconcile_queues(self, key: tuple, queues: Iterable[str], *, etag: str | None, ts: Any) -> str:
         """A DAG Manager answer offered by a ``/queues/watch`` reconcile (see :mod:`.feed`)."""
         outcome, _delivered = self._apply_queues(key, queues, etag=etag, ts=ts, relay=True)
-        self.metrics.controlbus_events.labels(TOPIC_QUEUES, outcome, "reconcile").inc()
+        self._handled(TOPIC_QUEUES, outcome, "reconcile").inc()
         return outcome
 
     def apply_sentinel_weight(self, data: Mapping[str, Any], *, source: str = "callback") -> tuple[str, int]:
@@ -290,7 +299,7 @@ class EventsComponent:
             changed_at = st.parse_ts(data.get("ts"))
             if changed_at is not None:
                 self.metrics.sentinel_skew_seconds.observe(max(0.0, time.time() - changed_at))
-        self.metrics.controlbus_events.labels("sentinel", outcome, source).inc()
+        self._handled("sentinel", outcome, source).inc()
         return outcome, delivered
 
     async def relay_local(self, type: str, data: Mapping[str, Any], *, key: str, world_id: str | None = None) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from qmtl.common.cloudevents import encode, make_event
+from qmtl.common.cloudevents import encode_text, make_event
 from qmtl.contracts.constants import StreamTopic
 
 from .memory import MemoryTrimmer
@@ -207,6 +207,7 @@ class Hub:
         self._hb_count = itertools.count(1)
         self._fanout = {k: metrics.event_fanout.labels(k) for k in (KIND_ACTIVATION, KIND_POLICY, KIND_QUEUES, KIND_SENTINEL, KIND_INGEST, KIND_HEARTBEAT)}
         self._gauges: dict[str, Any] = {}
+        self._relayed: dict[str, Any] = {}  # events_relayed's child per frame type (a few types)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -226,7 +227,7 @@ class Hub:
     # -- frames ----------------------------------------------------------------------------
     def frame(self, type_: str, data: Any, *, id_: str, subject: str | None = None, extensions: dict | None = None) -> str:
         event = make_event(type_, data, source=self.source, id=id_, subject=subject, extensions=extensions)
-        return encode(event).decode()
+        return encode_text(event)
 
     def publish(self, type_: str, data: Any, meta: Meta, *, subject: str | None = None, extensions: dict | None = None) -> int:
         """Number, encode once and fan out one event; returns how many subscribers got it."""
@@ -252,7 +253,10 @@ class Hub:
                 self.drop(sub)
         if delivered:
             self._fanout[meta[0]].inc(delivered)
-        self.metrics.events_relayed.labels(type_).inc()
+        relayed = self._relayed.get(type_)
+        if relayed is None:
+            relayed = self._relayed[type_] = self.metrics.events_relayed.labels(type_)
+        relayed.inc()
         return delivered
 
     # -- subscribers ----------------------------------------------------------------------
