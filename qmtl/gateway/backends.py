@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from qmtl.common import correlation
 from qmtl.common.resilience import AsyncCircuitBreaker, CircuitOpen, RetryPolicy
-from qmtl.gateway.transport import LeanTransport
+from qmtl.gateway.transport import DirectRequests, LeanTransport
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ class Backend:
         self.policy = RetryPolicy(timeout=timeout, retries=retries)
         # Our own client sends through the lean transport directly (see :meth:`request`); a
         # client injected, or put in its place later (tests: httpx.MockTransport), is used as given.
-        self._direct: tuple[httpx.AsyncClient, LeanTransport] | None = None
+        self._direct: tuple[httpx.AsyncClient, LeanTransport, DirectRequests] | None = None
         if client is None:
             lean = LeanTransport(max_connections=200, max_keepalive=50)
             # trust_env=False: a backend is called at its configured URL, never through a proxy
             # from HTTP_PROXY/ALL_PROXY (the direct send below would not honour one either)
             client = httpx.AsyncClient(base_url=self.base_url, transport=lean, timeout=httpx.Timeout(timeout * 4), trust_env=False)
-            self._direct = (client, lean)
+            self._direct = (client, lean, DirectRequests(client))
         self.client = client
         self.default_headers = dict(default_headers or {})
         if metrics:
@@ -172,8 +172,14 @@ class Backend:
         async def attempt() -> httpx.Response:
             client = self.client
             if self._direct is not None and self._direct[0] is client:
-                resp = await self._send_direct(self._direct[1], client.build_request(
-                    method, path, params=params, json=json, content=content, headers=hdrs, timeout=per_call))
+                plain = self._direct[2]
+                message = plain.message(method, path, json=json, content=content, headers=hdrs) if params is None else None
+                if message is not None:  # the same bytes, without building httpx's request objects
+                    limit = self.policy.timeout * 4 if timeout is None else timeout * 4
+                    resp = await self._send_plain(self._direct[1], plain.origin, message, method == "HEAD", limit)
+                else:
+                    resp = await self._send_direct(self._direct[1], client.build_request(
+                        method, path, params=params, json=json, content=content, headers=hdrs, timeout=per_call))
             else:
                 resp = await client.request(method, path, params=params, json=json, content=content, headers=hdrs, timeout=per_call)
             if resp.status_code >= 500 or resp.status_code == 429:
@@ -227,6 +233,17 @@ class Backend:
             await response.aread()
         finally:
             await response.aclose()
+        return response
+
+    @staticmethod
+    async def _send_plain(transport: LeanTransport, origin: tuple[str, int], message: bytes, head_only: bool,
+                          limit: float) -> httpx.Response:
+        """:meth:`_send_direct` for a request built by :class:`DirectRequests` (the answer has
+        no ``request`` attached: nothing here reads it)."""
+        status, headers, content = await transport.exchange(origin, message, head_only=head_only, connect_timeout=limit,
+                                                            read_timeout=limit)
+        response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), extensions={"http_version": b"HTTP/1.1"})
+        response.read()
         return response
 
     def _count_error(self, status: str) -> None:

@@ -191,3 +191,69 @@ async def test_a_backend_sends_through_the_lean_transport_as_its_client_would():
         with pytest.raises(BackendUnavailable, match="no answer within 200 ms"):  # the budget cut it
             await backend.request("GET", "/slow")
         await backend.close()
+
+
+def _parts(message: bytes) -> tuple[bytes, list[bytes], bytes]:
+    head, _, body = message.partition(b"\r\n\r\n")
+    line, *headers = head.split(b"\r\n")
+    return line, sorted(h.lower() for h in headers), body
+
+
+PLAIN_CALLS = [
+    ("GET", "/worlds/w1/decide", None, None, {"X-QMTL-Subject": "alice", "X-Correlation-ID": "c0ffee"}),
+    ("GET", "/worlds/a%20b/activation", None, None, {}),
+    ("POST", "/worlds", {"world_id": "w✓", "n": [1, 2.5, None], "ok": True}, None, {"X-Service-Token": "t"}),
+    ("POST", "/diff/batch", None, b'{"diffs":[]}', {"Content-Type": "application/json"}),
+    ("POST", "/strategies/s1/release", None, None, {}),
+    ("PUT", "/worlds/w1/policies/3", {"a": "b"}, None, {"accept": "application/json"}),
+    ("DELETE", "/worlds/w1", None, None, {"If-Match": '"e1"'}),
+    ("HEAD", "/health", None, None, {}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "content", "headers"), PLAIN_CALLS)
+async def test_direct_requests_write_what_the_client_would(method, path, body, content, headers):
+    """DirectRequests (the backends' plain calls) builds the bytes the lean transport writes
+    for ``client.build_request`` of the same call: request line, headers (as a set) and body."""
+    from qmtl.gateway.transport import DirectRequests, http_message
+
+    for base in ("http://127.0.0.1:8001", "http://worldservice:8001/base/"):
+        client = httpx.AsyncClient(base_url=base, transport=LeanTransport(), timeout=httpx.Timeout(1.0), trust_env=False)
+        direct = DirectRequests(client).message(method, path, json=body, content=content, headers=headers)
+        request = client.build_request(method, path, json=body, content=content, headers=headers)
+        expected = http_message(method.encode(), request.url.raw_path, request.headers.raw, await request.aread())
+        assert direct is not None
+        assert _parts(direct) == _parts(expected)
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/worlds/a b", {}), ("/worlds?x=1", {}), ("/worlds/w#f", {}), ("/worlds/%zz", {}), ("worlds", {}),
+    ("/worlds/ü", {}), ("/worlds", {"X-QMTL-Subject": "ünï"}),
+])
+def test_direct_requests_leave_anything_else_to_the_client(path, headers):
+    from qmtl.gateway.transport import DirectRequests
+
+    client = httpx.AsyncClient(base_url="http://127.0.0.1:8001", transport=LeanTransport(), trust_env=False)
+    assert DirectRequests(client).message("GET", path, headers=headers) is None
+
+
+async def test_a_header_that_would_split_the_request_is_never_sent():
+    """A header value with CR/LF (a forwarded claim, say) cannot add a header or a request:
+    the call fails as a transport error and nothing reaches the backend."""
+    from qmtl.gateway.backends import Backend, BackendUnavailable
+
+    box: list[Server] = []
+    server = Server(keep_alive(OK, box))
+    box.append(server)
+    async with server as url:
+        backend = Backend("worldservice", url, timeout=1.0, retries=0)
+        for path in ("/worlds/w1/decide", "/worlds/w 1/decide"):  # the plain path and the client's
+            with pytest.raises(BackendUnavailable, match="CR, LF or NUL"):
+                await backend.request("GET", path, headers={"X-QMTL-Subject": "alice\r\nX-QMTL-Roles: admin"})
+        assert server.requests == []
+        r = await backend.request("GET", "/worlds/w1/decide", headers={"X-QMTL-Subject": "alice"})
+        assert (r.status_code, r.json(), r.headers["etag"]) == (200, {"ok": True}, '"e1"')
+        head, _ = server.requests[0]
+        assert head.startswith(b"GET /worlds/w1/decide HTTP/1.1\r\n") and b"x-qmtl-subject: alice\r\n" in head.lower()
+        await backend.close()
