@@ -4,19 +4,66 @@ SQLAlchemy Core, async: ``postgresql+asyncpg://`` or ``sqlite+aiosqlite:///file.
 Each service declares its tables on its own ``MetaData`` and calls
 :meth:`Database.create_all` at start. A PostgreSQL ``schema`` (namespace) may be
 given so that tests and co-hosted services get their own fresh set of tables.
+
+:meth:`Database.sqlite_writer` gives hot write paths on a SQLite file a
+:class:`SqliteWriter`: a whole transaction runs on one dedicated thread with a plain
+``pysqlite`` connection to the same file (same pragmas), so it costs one thread hand-off
+instead of aiosqlite's one per cursor, statement, close and commit (each hand-off also wakes
+the event loop through its self-pipe, and SQLAlchemy's async adaptation switches greenlets
+per call: ~1.2 ms of CPU per group commit of one row, ~0.2 ms in one hand-off).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 _CREATE_LOCK = 0x716D746C  # "qmtl": the advisory lock that serialises create_all across processes
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SQLITE_TIMEOUT = 30  # seconds a statement waits for another connection's write lock
+T = TypeVar("T")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class SqliteWriter:
+    """Transactions on a SQLite file, each run whole on one dedicated thread (see the module
+    docstring). The connection is a second one to the file next to the async engine's: SQLite
+    serialises the writers (``timeout`` 30 s, as for the async engine), and what one commits
+    the other reads at its next statement (WAL)."""
+
+    def __init__(self, path: str) -> None:
+        self.engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.StaticPool,
+                                       connect_args={"timeout": _SQLITE_TIMEOUT, "check_same_thread": False})
+        sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+
+    async def transaction(self, fn: Callable[[sa.Connection], T]) -> T:
+        """``fn(conn)`` inside one transaction (committed when it returns, rolled back when it
+        raises), on the writer's thread. The transaction completes even when the caller is
+        cancelled meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn)
+
+    def _run(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    def close(self) -> None:
+        self._executor.submit(self.engine.dispose).result()
+        self._executor.shutdown(wait=True)
 
 
 def normalise_url(url: str) -> str:
@@ -44,7 +91,7 @@ class Database:
             path = self.url.split(":///", 1)[1] if ":///" in self.url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30}
+            kwargs["connect_args"] = {"timeout": _SQLITE_TIMEOUT}
         else:
             if schema is not None:
                 if not _SCHEMA_RE.match(schema):
@@ -54,13 +101,18 @@ class Database:
             kwargs["pool_size"] = 10
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
-            @sa.event.listens_for(self.engine.sync_engine, "connect")
-            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.close()
+            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    def sqlite_writer(self) -> SqliteWriter | None:
+        """A :class:`SqliteWriter` on this database's file; None for PostgreSQL (asyncpg has no
+        thread hand-offs to save) and for an in-memory or URI-parameterised SQLite database
+        (a second connection would not see the same data)."""
+        if not self.is_sqlite or ":///" not in self.url:
+            return None
+        path = self.url.split(":///", 1)[1]
+        if not path or path == ":memory:" or "?" in path or path.startswith("file:"):
+            return None
+        return SqliteWriter(path)
 
     async def create_all(self, metadata: sa.MetaData) -> None:
         async with self.engine.begin() as conn:
