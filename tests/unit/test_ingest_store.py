@@ -77,3 +77,51 @@ async def test_a_failed_write_fails_only_its_caller(store, monkeypatch):
     results = await asyncio.gather(store.append("s-1", "boom"), store.append("s-1", "processing"), return_exceptions=True)
     assert isinstance(results[0], RuntimeError) and results[1] is None
     assert [s for s, _at, _d in await store.history("s-1")] == ["queued", "processing"]
+
+
+async def test_on_a_sqlite_file_commits_go_through_the_writer_thread(store):
+    """The group commit runs on the SqliteWriter's own connection (one thread hand-off per
+    commit); what it commits is read back through the async engine as before."""
+    assert store._sync is not None
+    calls = {"n": 0}
+    original = store._sync.transaction
+
+    async def counting(fn):
+        calls["n"] += 1
+        return await original(fn)
+
+    store._sync.transaction = counting
+    owners = await asyncio.gather(store.accept(rec("s-1", "h1")), store.accept(rec("s-2", "h1")), store.accept(rec("s-3", "h3")))
+    assert owners == ["s-1", "s-1", "s-3"] and calls["n"] == 1  # one commit, the duplicate found in it
+    await store.append_batch([("s-1", "processing", None), ("s-3", "failed", {"error": "x"})])
+    assert calls["n"] == 2
+    r = await store.record("s-1")
+    assert r.meta == {"name": "s-1"} and r.created_at is not None
+    assert [s for s, _at, _d in await store.history("s-3")] == ["queued", "failed"]
+    assert (await store.state("s-3")).detail == {"error": "x"}
+
+
+async def test_the_writer_rolls_back_a_failed_transaction(tmp_path):
+    db = Database(sqlite_url(tmp_path / "w.db"))
+    writer = db.sqlite_writer()
+    assert writer is not None
+    try:
+        await writer.transaction(lambda conn: conn.exec_driver_sql("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+
+        def insert_twice(conn):
+            conn.exec_driver_sql("INSERT INTO t VALUES ('a')")
+            conn.exec_driver_sql("INSERT INTO t VALUES ('a')")  # violates the key: the first insert goes too
+
+        with pytest.raises(Exception, match="UNIQUE"):
+            await writer.transaction(insert_twice)
+        await writer.transaction(lambda conn: conn.exec_driver_sql("INSERT INTO t VALUES ('b')"))
+        async with db.connect() as conn:  # the async engine sees what the writer committed
+            assert [r[0] for r in (await conn.exec_driver_sql("SELECT k FROM t")).all()] == ["b"]
+    finally:
+        writer.close()
+        await db.close()
+
+
+def test_no_writer_thread_for_postgresql_or_an_in_memory_sqlite():
+    assert Database("sqlite+aiosqlite:///:memory:").sqlite_writer() is None
+    assert Database("postgresql://u:p@127.0.0.1:5432/test").sqlite_writer() is None
