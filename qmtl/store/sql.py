@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 _CREATE_LOCK = 0x716D746C  # "qmtl": the advisory lock that serialises create_all across processes
@@ -41,28 +43,52 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
 
 class SqliteWriter:
     """Transactions on a SQLite file, each run whole on one dedicated thread (see the module
-    docstring). The connection is a second one to the file next to the async engine's: SQLite
-    serialises the writers (``timeout`` 30 s, as for the async engine), and what one commits
-    the other reads at its next statement (WAL)."""
+    docstring) with the driver's own connection (``sqlite3``, autocommit mode: the writer
+    issues ``BEGIN IMMEDIATE`` / ``COMMIT`` / ``ROLLBACK`` itself; no SQLAlchemy engine, pool
+    or reset-on-return on this path). It is a second connection to the file next to the
+    async engine's: SQLite serialises the writers (``timeout`` 30 s, as for the async
+    engine), and what one commits the other reads at its next statement (WAL).
+    ``dialect`` is SQLAlchemy's SQLite dialect, for callers that bind values the way the
+    async engine would (``TypeEngine.bind_processor``)."""
 
     def __init__(self, path: str) -> None:
-        self.engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.StaticPool,
-                                       connect_args={"timeout": _SQLITE_TIMEOUT, "check_same_thread": False})
-        sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.path = path
+        self.dialect = sqlite_dialect.dialect()
+        self._conn: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
 
-    async def transaction(self, fn: Callable[[sa.Connection], T]) -> T:
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(conn)`` inside one transaction (committed when it returns, rolled back when it
-        raises), on the writer's thread. The transaction completes even when the caller is
-        cancelled meanwhile."""
+        raises), on the writer's thread. Driver errors come out as SQLAlchemy's wrappers
+        (``sqlalchemy.exc.OperationalError``, ``IntegrityError``, ...), as from the async
+        engine. The transaction completes even when the caller is cancelled meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn)
 
-    def _run(self, fn: Callable[[sa.Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = sqlite3.connect(self.path, timeout=_SQLITE_TIMEOUT, isolation_level=None, check_same_thread=False)
+            _sqlite_pragmas(conn)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:  # as the async engine raises it (sqlalchemy.exc.OperationalError, IntegrityError, ...)
+            raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+        return result
 
     def close(self) -> None:
-        self._executor.submit(self.engine.dispose).result()
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._executor.submit(shut).result()
         self._executor.shutdown(wait=True)
 
 

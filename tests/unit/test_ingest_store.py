@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy.exc
 
 from qmtl.gateway.ingest.store import IngestStore, StrategyRecord
 from qmtl.store import Database, sqlite_url
@@ -106,15 +107,15 @@ async def test_the_writer_rolls_back_a_failed_transaction(tmp_path):
     writer = db.sqlite_writer()
     assert writer is not None
     try:
-        await writer.transaction(lambda conn: conn.exec_driver_sql("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+        await writer.transaction(lambda conn: conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
 
         def insert_twice(conn):
-            conn.exec_driver_sql("INSERT INTO t VALUES ('a')")
-            conn.exec_driver_sql("INSERT INTO t VALUES ('a')")  # violates the key: the first insert goes too
+            conn.execute("INSERT INTO t VALUES ('a')")
+            conn.execute("INSERT INTO t VALUES ('a')")  # violates the key: the first insert goes too
 
-        with pytest.raises(Exception, match="UNIQUE"):
+        with pytest.raises(sqlalchemy.exc.IntegrityError, match="UNIQUE"):  # as the async engine raises it
             await writer.transaction(insert_twice)
-        await writer.transaction(lambda conn: conn.exec_driver_sql("INSERT INTO t VALUES ('b')"))
+        await writer.transaction(lambda conn: conn.execute("INSERT INTO t VALUES ('b')"))
         async with db.connect() as conn:  # the async engine sees what the writer committed
             assert [r[0] for r in (await conn.exec_driver_sql("SELECT k FROM t")).all()] == ["b"]
     finally:
@@ -125,3 +126,33 @@ async def test_the_writer_rolls_back_a_failed_transaction(tmp_path):
 def test_no_writer_thread_for_postgresql_or_an_in_memory_sqlite():
     assert Database("sqlite+aiosqlite:///:memory:").sqlite_writer() is None
     assert Database("postgresql://u:p@127.0.0.1:5432/test").sqlite_writer() is None
+
+
+async def test_the_writer_stores_the_same_rows_as_the_async_engine(tmp_path):
+    """The writer thread's statements (built from the tables, values bound by SQLAlchemy's
+    SQLite types) leave the same rows as the SQLAlchemy Core path PostgreSQL uses."""
+    from datetime import UTC, datetime
+
+    at = datetime(2026, 12, 5, 12, 0, 0, 123456, tzinfo=UTC)
+    rows = {}
+    for name, use_writer in (("thread", True), ("engine", False)):
+        s = IngestStore(Database(sqlite_url(tmp_path / f"{name}.db")))
+        await s.start()
+        try:
+            if not use_writer:
+                await asyncio.to_thread(s._sync.close)
+                s._sync = None
+            r = rec("s-1", "h1")
+            r.created_at = at
+            assert await s.accept(r) == "s-1"
+            assert await s.accept(rec("s-2", "h1")) == "s-1"
+            await s.append("s-1", "diffed", {"queue_map": {"n": "q"}, "tag_queries": {}}, at=at)
+            async with s.db.connect() as conn:
+                strat = (await conn.exec_driver_sql("SELECT * FROM gw_strategies")).all()
+                events = (await conn.exec_driver_sql("SELECT strategy_id, status, at, detail FROM gw_strategy_events ORDER BY id")).all()
+            rows[name] = (strat, events)
+        finally:
+            await s.stop()
+            await s.db.close()
+    assert rows["thread"] == rows["engine"]
+    assert len(rows["thread"][0]) == 1 and [e[1] for e in rows["thread"][1]] == ["queued", "diffed"]
