@@ -4,6 +4,7 @@ unique content hash, the append-only mirror and what is read back from it."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import sqlalchemy.exc
@@ -116,8 +117,18 @@ async def test_the_writer_rolls_back_a_failed_transaction(tmp_path):
         with pytest.raises(sqlalchemy.exc.IntegrityError, match="UNIQUE"):  # as the async engine raises it
             await writer.transaction(insert_twice)
         await writer.transaction(lambda conn: conn.execute("INSERT INTO t VALUES ('b')"))
+
+        def slow_insert(conn):
+            time.sleep(0.2)
+            conn.execute("INSERT INTO t VALUES ('c')")
+
+        task = asyncio.ensure_future(writer.transaction(slow_insert))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the caller gives up; the transaction on the thread still commits
+        await writer.transaction(lambda conn: None)  # runs after it (one thread, in order)
+        assert task.cancelled()
         async with db.connect() as conn:  # the async engine sees what the writer committed
-            assert [r[0] for r in (await conn.exec_driver_sql("SELECT k FROM t")).all()] == ["b"]
+            assert [r[0] for r in (await conn.exec_driver_sql("SELECT k FROM t ORDER BY k")).all()] == ["b", "c"]
     finally:
         writer.close()
         await db.close()
