@@ -22,6 +22,13 @@ What runs:
   database mirror to say so, then asks ``GET /strategies/{id}/status`` for every id.
   ``lost`` = accepted ids that did not complete + ``lost_requests_total`` from /metrics.
 
+``--acks-only`` runs the Gateway with no ingest workers (``gateway.workers: 0``, through
+``QMTL__GATEWAY__WORKERS=0``): accepted strategies stay ``queued``, nothing completes, so the
+burst's server CPU is the acks' alone (persist, enqueue, the TagQueryNode queue lookups at the
+DAG Manager) and is printed per ack (per process with ``--split``). There is no drain then;
+the bench checks over HTTP that every accepted id answers ``queued``. The completion's own
+CPU per strategy is the default run's figure minus this one.
+
 With ``--split`` the CPU per strategy is also printed per process (Gateway, DAG Manager), and
 ``--profile`` runs only the Gateway under cProfile; ``--profile-dm FILE`` runs the DAG Manager
 under cProfile (with ``--split``).
@@ -230,7 +237,7 @@ def free_port() -> int:
 
 
 def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | None = None,
-                    profile_dm: str | None = None) -> tuple[list[subprocess.Popen], int]:
+                    profile_dm: str | None = None, workers: int | None = None) -> tuple[list[subprocess.Popen], int]:
     qmtl = str(ROOT / ".venv" / "bin" / "qmtl")
     if not Path(qmtl).exists():
         qmtl = shutil.which("qmtl") or "qmtl"
@@ -241,6 +248,8 @@ def start_processes(data_dir: Path, split: bool, log_path: Path, profile: str | 
     gw, ws, dm = free_port(), free_port(), free_port()
     env = dict(os.environ, QMTL__LOG_LEVEL="WARNING")
     env.pop("QMTL_CONFIG", None)
+    if workers is not None:
+        env["QMTL__GATEWAY__WORKERS"] = str(workers)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the server processes, closed with them
     procs = []
     if split:
@@ -354,12 +363,14 @@ async def main(args: argparse.Namespace) -> int:
     log_path = data_dir / "server.log"
     if args.profile_dm and not args.split:
         raise SystemExit("--profile-dm needs --split (qmtl up is one process: use --profile)")
-    procs, port = start_processes(data_dir, args.split, log_path, args.profile, args.profile_dm)
+    procs, port = start_processes(data_dir, args.split, log_path, args.profile, args.profile_dm,
+                                  workers=0 if args.acks_only else None)
     pool = Pool("127.0.0.1", port, args.connections)
     try:
         await wait_up(port)
         total = int(args.rate * args.seconds)
-        print(f"bench_ingest: {'qmtl gw + qmtl dagmanager' if args.split else 'qmtl up'} (embedded defaults), "
+        print(f"bench_ingest: {'qmtl gw + qmtl dagmanager' if args.split else 'qmtl up'} (embedded defaults"
+              f"{'; gateway.workers 0: acks only, nothing completes' if args.acks_only else ''}), "
               f"data dir {data_dir}", flush=True)
         print(f"  preparing {total} unique submissions …", flush=True)
         bodies = submissions(total, uuid.uuid4().hex[:6])
@@ -380,17 +391,19 @@ async def main(args: argparse.Namespace) -> int:
         cpu0 = cpu_seconds(procs)
         burst = await open_loop(pool, posts, args.rate, True, timeout=args.request_timeout)
         burst_cpu = cpu_seconds(procs) - cpu0
+        burst_each = [b - a for a, b in zip(each0, cpu_each(procs))]
 
         accepted: set[str] = set()
         for status, body in burst.bodies:
             if status == 202:
                 accepted.add(json.loads(body)["strategy_id"])
-        print(f"  drain: waiting for {len(accepted)} accepted strategies to complete (≤ {args.drain_timeout:.0f} s) …", flush=True)
+        if not args.acks_only:
+            print(f"  drain: waiting for {len(accepted)} accepted strategies to complete (≤ {args.drain_timeout:.0f} s) …", flush=True)
         started = time.monotonic()
         states: dict[str, str] = {}
         db_path = data_dir / "gateway.db"
         cpu0 = cpu_seconds(procs)
-        while time.monotonic() - started < args.drain_timeout:
+        while not args.acks_only and time.monotonic() - started < args.drain_timeout:
             states = await asyncio.to_thread(mirror_states, db_path, accepted)
             done = sum(1 for s in states.values() if s in ("completed", "failed"))
             if done == len(accepted):
@@ -416,6 +429,9 @@ async def main(args: argparse.Namespace) -> int:
         pool.close()
         stop_processes(procs)
 
+    if args.acks_only:
+        return report_acks(args, total, burst, burst_cpu, burst_each, accepted, verified, metrics_text, data_dir, log_path,
+                           load_at_start)
     completed = sum(1 for s in verified.values() if s == "completed")
     failed = sum(1 for s in verified.values() if s == "failed")
     lost_metric = metric(metrics_text, "lost_requests_total") or 0.0
@@ -475,6 +491,38 @@ async def main(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def report_acks(args: argparse.Namespace, total: int, burst: RunResult, burst_cpu: float, burst_each: list[float],
+                accepted: set[str], verified: dict[str, str], metrics_text: str, data_dir: Path, log_path: Path,
+                load_at_start: tuple[float, float, float]) -> int:
+    """``--acks-only``: no worker completes anything, so the burst's CPU is the acks'."""
+    queued = sum(1 for s in verified.values() if s == "queued")
+    lost_metric = metric(metrics_text, "lost_requests_total") or 0.0
+    lost = (len(accepted) - queued) + int(lost_metric)
+    non_202 = {s: n for s, n in sorted(burst.statuses.items()) if s != 202}
+    acks = burst.statuses.get(202, 0)
+    p50, p95, p99 = pct(burst.latencies_ms, 50), pct(burst.latencies_ms, 95), pct(burst.latencies_ms, 99)
+    print()
+    print("results (acks only: gateway.workers 0)")
+    line("offered load", f"{total} POST /strategies at {args.rate:.0f}/s over {args.seconds:.0f} s "
+                          f"(sent in {burst.wall_s:.2f} s; send lag p95 {pct(burst.send_lag_ms, 95):.1f} ms, max {max(burst.send_lag_ms):.1f} ms)")
+    line("answers", f"202: {acks}   other: {non_202 or 'none'}   transport errors: {burst.errors or 'none'}")
+    line("queued after the burst", f"{queued} of {len(accepted)} accepted (lost_requests_total {lost_metric:.0f})")
+    line("POST→ack latency", f"p50 {p50:.1f} ms   p95 {p95:.1f} ms   p99 {p99:.1f} ms   max {max(burst.latencies_ms or [0]):.1f} ms")
+    line("server CPU", f"burst {burst_cpu:.2f} s ({burst_cpu / max(burst.wall_s, 1e-9):.2f} cores)")
+    if args.split:  # procs: [dagmanager, gateway]
+        line("CPU per ack, by process", f"Gateway {burst_each[1] * 1000 / max(acks, 1):.3f} ms, "
+                                        f"DAG Manager {burst_each[0] * 1000 / max(acks, 1):.3f} ms (TagQueryNode queue lookups)")
+    line("machine", f"{os.cpu_count()} cores, load average at start {load_at_start[0]:.2f} / {load_at_start[1]:.2f} / {load_at_start[2]:.2f}")
+    per_ack = (burst_each[1] if args.split else burst_cpu) * 1000 / max(acks, 1)
+    print()
+    print("goals (issue 16; CPU of the server processes from /proc)")
+    line("Gateway CPU per ack", f"{per_ack:.3f} ms  (goal ≤ 0.5 ms: {'met' if per_ack <= 0.5 else 'MISSED'})")
+    print(f"\n  server log: {log_path}")
+    if not args.keep:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return 0 if lost == 0 and not burst.errors and not non_202 else 1
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=1000.0, help="submissions per second (default 1000)")
@@ -486,6 +534,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", action="store_true", help="Gateway and DAG Manager as two processes instead of qmtl up")
     p.add_argument("--profile", metavar="FILE", help="run the server (qmtl up; with --split the Gateway) under cProfile, writing FILE (pstats) at exit")
     p.add_argument("--profile-dm", metavar="FILE", help="with --split: run the DAG Manager under cProfile, writing FILE (pstats) at exit")
+    p.add_argument("--acks-only", action="store_true",
+                   help="run the Gateway with gateway.workers 0: nothing completes, the burst's CPU is the acks' (printed per ack)")
     p.add_argument("--keep", action="store_true", help="keep the data dir (SQLite files, server log)")
     return p.parse_args(argv)
 
