@@ -17,7 +17,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from qmtl.bus.base import ControlBus
-from qmtl.common import tracing
 from qmtl.common.clock import SYSTEM_CLOCK, Clock
 from qmtl.common.config import Config
 from qmtl.common.tracing import make_tracer_provider
@@ -134,8 +133,8 @@ def _backends(config: Config, registry: CollectorRegistry, tracer_provider: Any,
         default_headers=headers,  # the DAG Manager authenticates every write by the same service token
         monotonic=clock.monotonic,
     )
-    tracing.instrument_httpx(worldservice.client, tracer_provider)
-    tracing.instrument_httpx(dagmanager.client, tracer_provider)
+    worldservice.instrument(tracer_provider)
+    dagmanager.instrument(tracer_provider)
     return worldservice, dagmanager
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from qmtl.common import correlation
+from qmtl.common import correlation, tracing
 from qmtl.common.resilience import AsyncCircuitBreaker, CircuitOpen, RetryPolicy
 from qmtl.gateway.transport import DirectRequests, LeanTransport
 
@@ -101,7 +101,7 @@ class Backend:
         self.policy = RetryPolicy(timeout=timeout, retries=retries)
         # Our own client sends through the lean transport directly (see :meth:`request`); a
         # client injected, or put in its place later (tests: httpx.MockTransport), is used as given.
-        self._direct: tuple[httpx.AsyncClient, LeanTransport, DirectRequests] | None = None
+        self._direct: tuple[httpx.AsyncClient, LeanTransport, DirectRequests | None] | None = None
         if client is None:
             lean = LeanTransport(max_connections=200, max_keepalive=50)
             # trust_env=False: a backend is called at its configured URL, never through a proxy
@@ -173,8 +173,10 @@ class Backend:
             client = self.client
             if self._direct is not None and self._direct[0] is client:
                 plain = self._direct[2]
-                message = plain.message(method, path, json=json, content=content, headers=hdrs) if params is None else None
-                if message is not None:  # the same bytes, without building httpx's request objects
+                message = None
+                if plain is not None and params is None:
+                    message = plain.message(method, path, json=json, content=content, headers=hdrs)
+                if plain is not None and message is not None:  # the same bytes, without building httpx's request objects
                     limit = self.policy.timeout * 4 if timeout is None else timeout * 4
                     resp = await self._send_plain(self._direct[1], plain.origin, message, method == "HEAD", limit)
                 else:
@@ -234,6 +236,16 @@ class Backend:
         finally:
             await response.aclose()
         return response
+
+    def instrument(self, tracer_provider: Any) -> None:
+        """Client spans and ``traceparent`` on this backend's calls (``tracing.instrument_httpx``:
+        the instrumentation wraps the client's transport, so with a provider every call goes
+        through the transport's own entry point, never the plain path's bytes)."""
+        if tracer_provider is None:
+            return
+        tracing.instrument_httpx(self.client, tracer_provider)
+        if self._direct is not None:
+            self._direct = (self._direct[0], self._direct[1], None)
 
     @staticmethod
     async def _send_plain(transport: LeanTransport, origin: tuple[str, int], message: bytes, head_only: bool,
