@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -107,10 +108,14 @@ class Gateway:
 
     async def stop(self) -> None:
         for name, part in reversed(list(self.parts().items())):
+            started = time.monotonic()
             try:
                 await part.stop()
             except Exception:  # keep stopping the others
                 log.exception("stopping gateway component %s failed", name)
+            took = time.monotonic() - started
+            if took > 2.0:  # a slow stop is named (a shutdown should take well under a second)
+                log.warning("stopping gateway component %s took %.1f s", name, took)
         await self.worldservice.close()
         await self.dagmanager.close()
         with contextlib.suppress(Exception):
