@@ -137,6 +137,13 @@ class MirroredState:
     diff: dict | None  # detail of the latest ``diffed`` event
 
 
+def _queued_events(accepts: list[StrategyRecord], owners: dict[str, str]) -> list[dict]:
+    """The ``queued`` event of each accepted record that owns its content hash (a duplicate
+    inserted nothing and gets none)."""
+    return [{"strategy_id": rec.strategy_id, "status": StrategyState.QUEUED, "at": rec.created_at, "detail": '{"reason":"accepted"}'}
+            for rec in accepts if owners.get(rec.content_hash) == rec.strategy_id]
+
+
 class _SqliteSql:
     """:meth:`IngestStore._write` for the SQLite driver's connection on the writer thread: the
     same statements, built from the tables (columns in table order; the event id is SQLite's
@@ -179,11 +186,7 @@ class _SqliteSql:
                     found = conn.execute(self.owners_of, (chash,)).fetchone()
                     if found is not None:
                         owners[found[0]] = found[1]
-            events = list(events)
-            for rec in accepts:
-                if owners.get(rec.content_hash) == rec.strategy_id:
-                    events.append({"strategy_id": rec.strategy_id, "status": StrategyState.QUEUED, "at": rec.created_at,
-                                   "detail": '{"reason":"accepted"}'})
+            events = [*events, *_queued_events(accepts, owners)]
         if events:
             conn.executemany(self.insert_event, [self._values(self._e, e) for e in events])
         return owners
@@ -359,11 +362,7 @@ class IngestStore:
             else:  # a duplicate, or a driver that does not count executemany rows: ask
                 res = conn.execute(self._owners, {"hashes": list({r["content_hash"] for r in rows})})
                 owners = {k: v for k, v in res}  # noqa: C416 - a CursorResult has keys(): dict(res) would read it as a mapping
-            events = list(events)
-            for rec in accepts:
-                if owners.get(rec.content_hash) == rec.strategy_id:
-                    events.append({"strategy_id": rec.strategy_id, "status": StrategyState.QUEUED, "at": rec.created_at,
-                                   "detail": '{"reason":"accepted"}'})
+            events = [*events, *_queued_events(accepts, owners)]
         if events:
             conn.execute(self._insert_event, events if len(events) > 1 else events[0])
         return owners
